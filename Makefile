@@ -1,0 +1,46 @@
+# fedssd: the few commands a person types. Each target sets up what it needs by itself.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of PyTorch; GPU users can install their own build first: make TORCH=torch ...
+TORCH ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv data demo smoke test lint clean
+
+help:  ## list the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)  ## create .venv and install fedssd with its dev tools
+
+data: $(STAMP)  ## make Fashion-MNIST available (Debian package, else download with checksums)
+	@$(PY) -m fedssd.cli data fashion_mnist || { \
+	  echo "Installing Debian's dataset-fashion-mnist package..."; \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
+	  (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null); \
+	  $(PY) -m fedssd.cli data fashion_mnist --download; }
+
+demo: data  ## train SSD and FedAlignUniform on Fashion-MNIST and compare them (<10 min on 2 CPU cores)
+	$(PY) -m fedssd.cli demo --config configs/demo.toml --out runs/demo
+
+smoke: $(STAMP)  ## a run that takes seconds
+	$(PY) -m fedssd.cli train --config configs/smoke.toml --out runs/smoke --overwrite
+
+test: data  ## run the whole test suite
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff and mypy
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+	$(PY) -m mypy
+
+clean:  ## remove the virtual environment and run outputs
+	rm -rf $(VENV) runs

@@ -1,0 +1,247 @@
+"""The ``fedssd`` command line: a thin layer over :func:`fedssd.api.train`.
+
+Every error a user can cause ends with one sentence on standard error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fedssd import __version__
+from fedssd.errors import ConfigError, FedSSDError
+
+EXIT_USAGE = 2
+
+# The columns of the comparison table: (summary key, header, scale, format).
+TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
+    ("linear_probe_acc", "LP acc %", 100.0, "{:.2f}"),
+    ("knn_acc", "kNN acc %", 100.0, "{:.2f}"),
+    ("uniformity_global", "-L_unif global", 1.0, "{:.3f}"),
+    ("uniformity_inter_mean", "-L_unif inter", 1.0, "{:.3f}"),
+    ("uniformity_intra_mean", "-L_unif intra", 1.0, "{:.3f}"),
+    ("alignment", "L_align", 1.0, "{:.3f}"),
+    ("effective_rank", "eff. rank", 1.0, "{:.1f}"),
+    ("uniformity_global_z", "-L_unif global (z)", 1.0, "{:.3f}"),
+    ("train_seconds", "train s", 1.0, "{:.0f}"),
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors in one line with exit code 2."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, f"fedssd: error: {message} (see '{self.prog} --help').\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every sub-command."""
+    parser = _Parser(
+        prog="fedssd",
+        description=(
+            "Federated unsupervised representation learning: SSD (Soft Separation and "
+            "Distillation, ICCV 2025) and its baselines, simulated in one process."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fedssd {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add_run_options(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument(
+            "--config",
+            required=True,
+            type=Path,
+            metavar="FILE",
+            help="TOML experiment file (see configs/); keys left out take their defaults",
+        )
+        sub.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config key, e.g. --set federation.rounds=5 (repeatable)",
+        )
+        sub.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace the files of an earlier run in the output folder",
+        )
+        sub.add_argument("--quiet", action="store_true", help="print no progress lines")
+
+    train = commands.add_parser(
+        "train",
+        help="run one configured experiment",
+        description=(
+            "Train one federated experiment and evaluate the final global model. Writes "
+            "config.toml (resolved), metrics.jsonl (one line per round), partition.json, "
+            "summary.json (final evaluation) and model.safetensors into the output folder."
+        ),
+    )
+    add_run_options(train)
+    train.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default: runs/<config name>-<method>-<date-time>)",
+    )
+
+    compare = commands.add_parser(
+        "compare",
+        help="run the same experiment with several methods and print a table",
+        description=(
+            "Run one experiment per method (same data, split, seed and initial weights) into "
+            "DIR/<method>/ and print their final evaluations side by side."
+        ),
+    )
+    add_run_options(compare)
+    compare.add_argument(
+        "--methods",
+        nargs="+",
+        default=["ssd", "fedalignuniform"],
+        metavar="NAME",
+        help="methods to compare (default: ssd fedalignuniform)",
+    )
+    compare.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="output folder (default: runs/<config name>-compare-<date-time>)",
+    )
+
+    data = commands.add_parser(
+        "data",
+        help="find a dataset locally, or download and verify it",
+        description=(
+            "Report where a dataset's verified files are. Looks in --path, then --root (or "
+            "$FEDSSD_DATA), then Debian's dataset-fashion-mnist location; with --download, "
+            "fetches the official files and checks their checksums. Exit 2 if not available."
+        ),
+    )
+    data.add_argument("name", help="fashion_mnist, mnist, cifar10, cifar100 or tiny_imagenet")
+    data.add_argument("--path", type=Path, help="a file or folder holding a local copy")
+    data.add_argument(
+        "--root", type=Path, help="data root (default: $FEDSSD_DATA or ~/.cache/fedssd)"
+    )
+    data.add_argument("--download", action="store_true", help="download when no copy is found")
+
+    commands.add_parser(
+        "methods", help="list the registered methods", description="List the registered methods."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fedssd`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        if args.command == "train":
+            return _train(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "data":
+            return _data(args)
+        return _methods()
+    except FedSSDError as error:
+        print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedssd: interrupted; files written so far are kept.", file=sys.stderr)
+        return 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fedssd.api import load_config, stderr_log, train
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or _default_out(args.config, config.method.name)
+    result = train(
+        config, out=out, overwrite=args.overwrite, log=None if args.quiet else stderr_log
+    )
+    print(format_table({result.config.method.name: result.summary}))
+    print(f"\nrun written to {result.out_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from fedssd.api import load_config, stderr_log, train
+
+    configs = {
+        name: load_config(args.config, [*args.overrides, f"method.name={name}"])
+        for name in dict.fromkeys(args.methods)
+    }
+    out = args.out or _default_out(args.config, "compare")
+    log = None if args.quiet else stderr_log
+    summaries: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for name, config in configs.items():
+        result = train(config, out=out / name, overwrite=args.overwrite, log=log)
+        summaries[name] = result.summary
+    print(format_table(summaries))
+    print(f"\n{len(summaries)} runs in {time.perf_counter() - started:.0f}s, written to {out}/")
+    return 0
+
+
+def _data(args: argparse.Namespace) -> int:
+    from fedssd.api import stderr_log
+    from fedssd.data.datasets import DATASET_NAMES, fetch_dataset, locate_dataset
+
+    if args.name not in DATASET_NAMES or args.name == "npz":
+        names = ", ".join(n for n in DATASET_NAMES if n != "npz")
+        raise ConfigError(f"unknown dataset {args.name!r}; choose one of: {names}.")
+    found = locate_dataset(args.name, path=args.path, root=args.root)
+    if found is None and args.download:
+        found = fetch_dataset(args.name, root=args.root, log=stderr_log)
+    if found is None:
+        print(
+            f"fedssd: {args.name} was not found locally; pass --download to fetch it "
+            "(or see 'fedssd data --help').",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    print(found)
+    return 0
+
+
+def _methods() -> int:
+    from fedssd.methods import METHODS
+
+    width = max(len(name) for name in METHODS)
+    for name, spec in METHODS.items():
+        print(f"{name:<{width}}  {spec.summary}")
+    return 0
+
+
+def format_table(summaries: dict[str, dict[str, Any]]) -> str:
+    """A Markdown table with one row per method and one column per headline metric."""
+    columns = [c for c in TABLE_COLUMNS if any(c[0] in s for s in summaries.values())]
+    header = ["method", *(c[1] for c in columns)]
+    rows = [header, ["---"] * len(header)]
+    for name, summary in summaries.items():
+        cells = [name]
+        for key, _title, scale, fmt in columns:
+            value = summary.get(key)
+            cells.append("n/a" if value is None else fmt.format(value * scale))
+        rows.append(cells)
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _default_out(config_path: Path, label: str) -> Path:
+    return Path("runs") / f"{config_path.stem}-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _sentence(error: BaseException) -> str:
+    """The error's message as one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())

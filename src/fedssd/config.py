@@ -1,0 +1,404 @@
+"""Experiment configuration: frozen dataclasses and the one function that parses them.
+
+A configuration is a TOML file whose tables mirror the dataclasses below (``[data]``,
+``[model]``, ``[method]``, ``[federation]``, ``[evaluation]``) plus the top-level ``seed``,
+``device`` and ``precision``. :func:`load` reads a file, applies ``key=value`` overrides
+(``federation.rounds=5``), rejects unknown keys, wrong types and out-of-range values with a
+:class:`~fedssd.errors.ConfigError`, and returns a :class:`Config`. The ``[method]`` table holds
+``name`` plus that method's own options; those are checked against the method's option dataclass
+by :func:`fedssd.methods.resolve_options`, so this module never needs to know any method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from fedssd.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+import tomli_w
+
+T = TypeVar("T", bound="DataclassInstance")
+
+Partition = Literal["iid", "dirichlet", "pathological", "file"]
+LrSchedule = Literal["constant", "cosine"]
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Which dataset, where it lives, and how it is split over clients.
+
+    Attributes:
+        name: ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``tiny_imagenet`` or ``npz``.
+        path: A file or folder holding a local copy (required for ``npz``).
+        root: Folder where datasets are looked for and downloaded to (else ``$FEDSSD_DATA``).
+        download: Download from the official source (checksum-verified) when no copy is found.
+        partition: ``iid``, ``dirichlet`` (label skew), ``pathological`` or ``file``.
+        alpha: Dirichlet concentration; smaller is more skewed (the paper uses 0.1).
+        classes_per_client: Classes per client for the pathological split.
+        split_file: JSON list of per-client index lists, for ``partition = "file"``.
+        min_client_size: Dirichlet splits are redrawn until every client has this many samples.
+        train_subset: Use a stratified random subset of this many training images (0 = all).
+        test_subset: Evaluate on a stratified random subset of this many test images (0 = all).
+        pad_to_32: Zero-pad 28x28 images to 32x32, as the CIFAR code path expects.
+        rgb: Repeat grayscale images to 3 channels.
+    """
+
+    name: str = "fashion_mnist"
+    path: str | None = None
+    root: str | None = None
+    download: bool = True
+    partition: Partition = "dirichlet"
+    alpha: float = 0.1
+    classes_per_client: int = 2
+    split_file: str | None = None
+    min_client_size: int = 10
+    train_subset: int = 0
+    test_subset: int = 0
+    pad_to_32: bool = True
+    rgb: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Encoder and projector.
+
+    Attributes:
+        encoder: ``resnet18`` (the paper's CIFAR ResNet-18) or ``small_cnn`` (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for ResNet-18, 32 for the CNN).
+        projector_hidden: Hidden width of the projector MLP (2048 in the paper).
+        projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
+            the paper, where both are 512; projector distillation needs them equal).
+    """
+
+    encoder: str = "resnet18"
+    width: int = 0
+    projector_hidden: int = 2048
+    projector_out: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodConfig:
+    """The federated SSL method and its own options (checked by the method registry)."""
+
+    name: str = "ssd"
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """The federated training schedule (SSD.md section 5 gives the paper's values).
+
+    Attributes:
+        num_clients: Number of clients K.
+        fraction: Fraction of clients sampled each round (1.0 = cross-silo).
+        rounds: Communication rounds.
+        local_epochs: Local epochs per round.
+        batch_size: Local mini-batch size.
+        lr: SGD learning rate.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        lr_schedule: ``constant`` (the paper) or ``cosine`` over rounds.
+    """
+
+    num_clients: int = 10
+    fraction: float = 1.0
+    rounds: int = 100
+    local_epochs: int = 5
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_schedule: LrSchedule = "constant"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationConfig:
+    """Monitoring during training and the final evaluation.
+
+    Attributes:
+        every: Run the kNN monitor every this many rounds (0 = only at the end).
+        knn_k: Neighbours of the weighted kNN monitor.
+        knn_temperature: Temperature of the kNN weights.
+        linear_epochs: Epochs of the linear probe (Adam on cached features).
+        linear_lr: Learning rate of the linear probe.
+        linear_batch_size: Batch size of the linear probe.
+        metrics_samples: Largest sample (over all clients) for uniformity and effective rank.
+        metrics_per_client: Largest sample per client for per-client and inter-client uniformity.
+        batch_size: Batch size of feature extraction.
+    """
+
+    every: int = 10
+    knn_k: int = 200
+    knn_temperature: float = 0.1
+    linear_epochs: int = 200
+    linear_lr: float = 3e-3
+    linear_batch_size: int = 512
+    metrics_samples: int = 10000
+    metrics_per_client: int = 1000
+    batch_size: int = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole experiment.
+
+    Attributes:
+        seed: The run seed; every random number of the run is derived from it.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+    """
+
+    seed: int = 17
+    device: str = "auto"
+    precision: Precision = "auto"
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
+    federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
+    evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+
+
+def load(
+    source: str | Path | Mapping[str, Any] | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """Build a :class:`Config` from a TOML file (or a mapping) and ``key=value`` overrides.
+
+    Args:
+        source: Path of a TOML file, an already-parsed mapping, or None for the defaults.
+        overrides: Strings ``dotted.key=value``; the value is read as TOML (``5``, ``true``,
+            ``"text"``), and as a bare string when it is not valid TOML (``method.name=ssd``).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The file is missing or not TOML, or a key is unknown, of the wrong type or
+            out of range.
+    """
+    if source is None:
+        raw: dict[str, Any] = {}
+    elif isinstance(source, Mapping):
+        raw = _deep_copy(source)
+    else:
+        raw = read_toml(Path(source))
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value)
+    config = from_dict(Config, raw, where="")
+    validate(config)
+    return config
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a TOML file, turning every failure into one sentence."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path {path} is a folder, not a TOML file.") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}.") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}.") from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Split ``dotted.key=value`` and read the value as TOML, else as a plain string."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(
+            f"override {item!r} is not of the form key=value (e.g. federation.rounds=5)."
+        )
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def to_dict(config: Config) -> dict[str, Any]:
+    """The configuration as nested plain data (None values left out, as TOML has no null)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, tuple | list):
+            return [clean(v) for v in value]
+        return value
+
+    raw = dataclasses.asdict(config)
+    method = raw.pop("method")
+    raw["method"] = {"name": method["name"], **dict(method["options"])}
+    result: dict[str, Any] = clean(raw)
+    return result
+
+
+def dumps(config: Config) -> str:
+    """The configuration as TOML text that :func:`load` reads back to the same value."""
+    return tomli_w.dumps(to_dict(config))
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any], *, where: str) -> T:
+    """Build dataclass ``cls`` from ``raw``, checking names and types of every field."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where or 'the config'} must be a table, not {_kind(raw)}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if cls is MethodConfig:
+        name = raw.get("name", MethodConfig.name)
+        if not isinstance(name, str):
+            raise ConfigError(f"method.name must be a string, not {_kind(name)}.")
+        options = {k: v for k, v in raw.items() if k != "name"}
+        return MethodConfig(name=name, options=options)  # type: ignore[return-value]
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        known = ", ".join(sorted(fields))
+        raise ConfigError(f"unknown config key {key!r}; the keys here are: {known}.")
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        key = f"{where}.{name}" if where else name
+        values[name] = coerce(hints[name], value, key=key)
+    return cls(**values)
+
+
+def coerce(hint: Any, value: Any, *, key: str) -> Any:
+    """Check ``value`` against type ``hint`` (ints are accepted where floats are expected)."""
+    origin = get_origin(hint)
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        return from_dict(hint, value, where=key)
+    if origin is Literal:
+        choices = get_args(hint)
+        if value not in choices:
+            options = ", ".join(repr(c) for c in choices)
+            raise ConfigError(f"{key} must be one of {options}, not {value!r}.")
+        return value
+    if origin in (Union, types.UnionType):
+        members = [a for a in get_args(hint) if a is not type(None)]
+        if value is None or (value == "" and str in members):
+            return None
+        return coerce(members[0], value, key=key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, not {_kind(value)} {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, not {_kind(value)} {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key} must be a number, not {_kind(value)} {value!r}.")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, not {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, not {_kind(value)} {value!r}.")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def validate(config: Config) -> None:
+    """Range checks that types alone cannot express."""
+    data, fed, ev, model = config.data, config.federation, config.evaluation, config.model
+    checks: list[tuple[bool, str]] = [
+        (data.alpha > 0, f"data.alpha must be > 0, not {data.alpha}."),
+        (data.classes_per_client >= 1, "data.classes_per_client must be at least 1."),
+        (data.min_client_size >= 1, "data.min_client_size must be at least 1."),
+        (data.train_subset >= 0, "data.train_subset must be >= 0 (0 means the whole set)."),
+        (data.test_subset >= 0, "data.test_subset must be >= 0 (0 means the whole set)."),
+        (
+            data.partition != "file" or data.split_file is not None,
+            "data.partition = 'file' needs data.split_file (a JSON list of index lists).",
+        ),
+        (
+            data.name != "npz" or data.path is not None,
+            "data.name = 'npz' needs data.path, an .npz file of x_train, y_train, x_test, y_test.",
+        ),
+        (model.width >= 0, "model.width must be >= 0 (0 means the encoder's default)."),
+        (model.projector_hidden >= 1, "model.projector_hidden must be at least 1."),
+        (model.projector_out >= 0, "model.projector_out must be >= 0 (0 means the feature size)."),
+        (
+            fed.num_clients >= 1,
+            f"federation.num_clients must be at least 1, not {fed.num_clients}.",
+        ),
+        (0 < fed.fraction <= 1, f"federation.fraction must be in (0, 1], not {fed.fraction}."),
+        (fed.rounds >= 1, f"federation.rounds must be at least 1, not {fed.rounds}."),
+        (
+            fed.local_epochs >= 1,
+            f"federation.local_epochs must be at least 1, not {fed.local_epochs}.",
+        ),
+        (fed.batch_size >= 2, f"federation.batch_size must be at least 2, not {fed.batch_size}."),
+        (fed.lr > 0, f"federation.lr must be > 0, not {fed.lr}."),
+        (0 <= fed.momentum < 1, f"federation.momentum must be in [0, 1), not {fed.momentum}."),
+        (fed.weight_decay >= 0, f"federation.weight_decay must be >= 0, not {fed.weight_decay}."),
+        (ev.every >= 0, "evaluation.every must be >= 0 (0 means only at the end)."),
+        (ev.knn_k >= 1, "evaluation.knn_k must be at least 1."),
+        (ev.knn_temperature > 0, "evaluation.knn_temperature must be > 0."),
+        (ev.linear_epochs >= 1, "evaluation.linear_epochs must be at least 1."),
+        (ev.linear_lr > 0, "evaluation.linear_lr must be > 0."),
+        (ev.linear_batch_size >= 1, "evaluation.linear_batch_size must be at least 1."),
+        (ev.metrics_samples >= 2, "evaluation.metrics_samples must be at least 2."),
+        (ev.metrics_per_client >= 2, "evaluation.metrics_per_client must be at least 2."),
+        (ev.batch_size >= 1, "evaluation.batch_size must be at least 1."),
+        (
+            _valid_device(config.device),
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {config.device!r}.",
+        ),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _valid_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda", "mps"):
+        return True
+    prefix, _, index = device.partition(":")
+    return prefix == "cuda" and index.isdigit()
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[: i + 1])} is not a table.")
+        node = child
+    node[parts[-1]] = value
+
+
+def _deep_copy(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in raw.items()}
+
+
+def _kind(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a table",
+    }.get(type(value), type(value).__name__)

@@ -1,0 +1,28 @@
+"""Evaluation of learned representations: features, kNN monitor, linear probe and metrics."""
+
+from __future__ import annotations
+
+from fedssd.evaluation.features import extract_features, images_to_float
+from fedssd.evaluation.knn import knn_accuracy, knn_predict
+from fedssd.evaluation.linear_probe import LinearProbeResult, linear_probe
+from fedssd.evaluation.metrics import (
+    alignment_loss,
+    cross_uniformity_loss,
+    effective_rank,
+    representation_metrics,
+    uniformity_loss,
+)
+
+__all__ = [
+    "LinearProbeResult",
+    "alignment_loss",
+    "cross_uniformity_loss",
+    "effective_rank",
+    "extract_features",
+    "images_to_float",
+    "knn_accuracy",
+    "knn_predict",
+    "linear_probe",
+    "representation_metrics",
+    "uniformity_loss",
+]

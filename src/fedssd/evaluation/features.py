@@ -1,0 +1,84 @@
+"""Frozen-encoder feature extraction for evaluation.
+
+The paper evaluates the last round's global encoder in eval mode on un-augmented images with
+inputs in [0, 1] and no mean/std normalisation (SSD.md section 5). Features are returned on the
+CPU as float32 so that they can be cached between evaluations whatever device produced them;
+the evaluation functions move them to the device they compute on.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedssd.errors import ConfigError, DataError
+
+
+def images_to_float(images: torch.Tensor) -> torch.Tensor:
+    """Convert a batch of uint8 images to float32 in [0, 1].
+
+    Args:
+        images: ``(batch, channels, height, width)`` uint8 images.
+
+    Returns:
+        ``(batch, channels, height, width)`` float32 tensor on the same device, values in [0, 1].
+    """
+    return images.float().div_(255)
+
+
+def _check_images(images: torch.Tensor) -> None:
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise DataError(
+            f"Images must be a uint8 tensor of shape (n, channels, height, width), got "
+            f"{images.dtype} with shape {tuple(images.shape)}; load the dataset with fedssd.data."
+        )
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    images: torch.Tensor,
+    *,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a model over all images in eval mode and collect its two outputs.
+
+    The model must already live on ``device``; it is not moved. Every submodule is put in eval
+    mode for the extraction (BatchNorm uses its running statistics and leaves them unchanged) and
+    each submodule's previous train/eval mode is restored afterwards, even on error.
+
+    Args:
+        model: a module whose ``forward(x)`` returns ``(h, z_raw)``: ``(batch, feature_dim)``
+            encoder output and ``(batch, embed_dim)`` projector output, both un-normalised.
+        images: ``(n, channels, height, width)`` uint8 images, on the CPU or on ``device``.
+        batch_size: number of images per forward pass.
+        device: device the forward passes run on.
+
+    Returns:
+        ``(h, z_raw)``: ``(n, feature_dim)`` and ``(n, embed_dim)`` float32 tensors on the CPU.
+
+    Raises:
+        DataError: if ``images`` is not a 4-d uint8 tensor or is empty.
+        ConfigError: if ``batch_size`` is not positive.
+    """
+    _check_images(images)
+    if images.shape[0] == 0:
+        raise DataError("Cannot extract features from an empty image tensor; pass at least one.")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size}.")
+    target = torch.device(device)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        h_parts: list[torch.Tensor] = []
+        z_parts: list[torch.Tensor] = []
+        for start in range(0, images.shape[0], batch_size):
+            x = images_to_float(images[start : start + batch_size].to(target, non_blocking=True))
+            h, z_raw = model(x)
+            h_parts.append(h.float().cpu())
+            z_parts.append(z_raw.float().cpu())
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    return torch.cat(h_parts), torch.cat(z_parts)

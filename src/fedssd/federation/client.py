@@ -1,0 +1,133 @@
+"""Local training of one client in one round."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+
+from fedssd.data.augment import AugmentConfig, two_views
+from fedssd.methods.protocol import Method
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSettings:
+    """How a client trains (SSD.md section 5 gives the paper's values).
+
+    Attributes:
+        epochs: Local epochs.
+        batch_size: Mini-batch size; a last batch of one sample is skipped (BatchNorm).
+        lr: Learning rate of this round.
+        momentum: SGD momentum.
+        weight_decay: SGD weight decay.
+        augment: The two-view augmentation.
+        autocast_dtype: Mixed-precision dtype, or None for full precision.
+    """
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    weight_decay: float
+    augment: AugmentConfig
+    autocast_dtype: torch.dtype | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalResult:
+    """What local training reports.
+
+    Attributes:
+        num_batches: Mini-batches trained on (the FedAvg weight).
+        num_samples: Samples the client holds.
+        loss: Mean loss over its steps.
+        parts: Mean of each named loss part over its steps.
+        seconds: Wall time.
+    """
+
+    num_batches: int
+    num_samples: int
+    loss: float
+    parts: dict[str, float]
+    seconds: float
+
+
+def count_batches(num_samples: int, *, batch_size: int, epochs: int) -> int:
+    """Mini-batches local training will take: full and partial batches, minus size-1 ones."""
+    full, rest = divmod(num_samples, batch_size)
+    return epochs * (full + (1 if rest >= 2 else 0))
+
+
+def local_train(
+    model: nn.Module,
+    method: Method,
+    images: torch.Tensor,
+    indices: torch.Tensor,
+    *,
+    settings: LocalSettings,
+    generator: torch.Generator,
+    client_id: int,
+    position: int,
+) -> LocalResult:
+    """Train ``model`` in place on one client's data with a fresh SGD optimizer.
+
+    Args:
+        model: The client model, already holding the global weights.
+        method: Gives the loss of each step.
+        images: ``(n, channels, height, width)`` uint8, the whole dataset, on the training device.
+        indices: ``(m,)`` int64 indices of this client's images, on the same device.
+        settings: Local schedule and optimizer.
+        generator: The client's random stream for this round (shuffling and augmentation).
+        client_id: The client's id.
+        position: The client's position in this round's sample.
+
+    Returns:
+        Batch count, mean loss and its parts.
+    """
+    start = time.perf_counter()
+    model.train()
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    device_type = images.device.type
+    autocast: AbstractContextManager[object] = (
+        torch.autocast(device_type=device_type, dtype=settings.autocast_dtype)
+        if settings.autocast_dtype is not None
+        else nullcontext()
+    )
+    total = torch.zeros((), device=images.device)
+    sums: dict[str, torch.Tensor] = {}
+    steps = 0
+    for _ in range(settings.epochs):
+        order = indices[
+            torch.randperm(indices.numel(), generator=generator, device=generator.device)
+        ]
+        for batch in order.split(settings.batch_size):
+            if batch.numel() < 2:
+                continue
+            view1, view2 = two_views(images[batch], settings.augment, generator=generator)
+            with autocast:
+                loss, parts = method.local_loss(
+                    model, view1, view2, client_id=client_id, position=position
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach().float()
+            for name, value in parts.items():
+                sums[name] = sums.get(name, 0) + value.float()
+            steps += 1
+    denominator = max(steps, 1)
+    return LocalResult(
+        num_batches=steps,
+        num_samples=int(indices.numel()),
+        loss=float(total) / denominator,
+        parts={name: float(value) / denominator for name, value in sums.items()},
+        seconds=time.perf_counter() - start,
+    )

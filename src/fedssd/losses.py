@@ -1,0 +1,96 @@
+"""Loss terms as pure functions of tensors (SSD.md sections 1-4).
+
+Shapes: ``z`` and ``z_raw`` are ``(batch, embed_dim)``; ``h`` is ``(batch, feature_dim)``. Functions
+that take ``z`` expect unit-norm rows (see :func:`normalize`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """Rows projected onto the unit sphere."""
+    return F.normalize(x, dim=-1)
+
+
+def alignment(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
+    """Alignment loss of two views (Wang & Isola 2020, alpha = 2): ``mean_i ||z1_i - z2_i||^2``.
+
+    Args:
+        z1: ``(batch, dim)`` unit-norm embeddings of the first view.
+        z2: ``(batch, dim)`` unit-norm embeddings of the second view.
+    """
+    return (z1 - z2).pow(2).sum(dim=1).mean()
+
+
+def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
+    """Uniformity loss ``log mean_{i<j} exp(-t ||z_i - z_j||^2)`` over all pairs of the batch.
+
+    A value <= 0 that is minimised; identical points give 0. Computed with a log-sum-exp so that
+    well-spread batches do not underflow.
+
+    Args:
+        z: ``(batch, dim)`` unit-norm embeddings, batch >= 2.
+        t: The temperature (2 in the paper).
+    """
+    n = z.shape[0]
+    # Squared distances from one matrix product: torch.pdist's backward is many times slower.
+    sq_norm = z.pow(2).sum(dim=1)
+    sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * z @ z.T).clamp_min(0)
+    upper = torch.ones(n, n, dtype=torch.bool, device=z.device).triu(diagonal=1)
+    return torch.logsumexp(-t * sq_dist[upper], dim=0) - math.log(n * (n - 1) / 2)
+
+
+def dsr_paper(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DSR as the paper writes it: ``mean_i ||z_i - stopgrad(z_i * d_k)||^2``.
+
+    Args:
+        z: ``(batch, dim)`` unit-norm embeddings.
+        scale: ``(dim,)`` the client's scaling vector d_k (alpha on its dimensions, 1 elsewhere).
+    """
+    target = (z * scale).detach()
+    return (z - target).pow(2).sum(dim=1).mean()
+
+
+def dsr_released(z: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """DSR as the authors' released code computes it (SSD.md section 2).
+
+    The target scales the client's directions in a rotated basis and is put back on the sphere:
+    ``P = normalize(stopgrad(z Q diag(scale) Q^T))``, and the penalty is the Frobenius norm of the
+    whole batch difference divided by the batch size, ``||Z - P||_F / N`` (not a mean of squares).
+    With ``S = Q diag(sqrt(scale))`` this is the released ``z S S^T``.
+
+    Args:
+        z: ``(batch, dim)`` unit-norm embeddings.
+        basis: ``(dim, dim)`` orthonormal basis Q shared by all clients.
+        scale: ``(dim,)`` the client's scaling vector (alpha on its columns of Q, 1 elsewhere).
+    """
+    target = normalize(((z @ basis) * scale) @ basis.T).detach()
+    return (z - target).pow(2).sum().sqrt() / z.shape[0]
+
+
+def projector_distillation_kl(
+    h: torch.Tensor, z_raw: torch.Tensor, temperature: float = 0.5
+) -> torch.Tensor:
+    """Projector distillation ``KL(softmax(z_raw / T) || softmax(h / T))``, batch mean.
+
+    Softmax is over the feature dimension of the raw (un-normalised) vectors. No stop-gradient:
+    as in the released code, gradients reach both the encoder and the projector (SSD.md section 3).
+
+    Args:
+        h: ``(batch, dim)`` raw encoder output.
+        z_raw: ``(batch, dim)`` raw projector output (same ``dim`` as ``h``).
+        temperature: Softmax temperature T (0.5 in the paper).
+    """
+    log_p = F.log_softmax(z_raw / temperature, dim=1)
+    log_q = F.log_softmax(h / temperature, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+
+
+def projector_distillation_mse(h: torch.Tensor, z_raw: torch.Tensor) -> torch.Tensor:
+    """The MSE variant of projector distillation: ``mean((h - z_raw)^2)``."""
+    return (h - z_raw).pow(2).mean()

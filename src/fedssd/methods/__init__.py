@@ -1,0 +1,53 @@
+"""The method registry: one literal dict from name to method (DESIGN.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from fedssd.config import from_dict
+from fedssd.errors import ConfigError
+from fedssd.methods import fedalignuniform, ssd
+from fedssd.methods.protocol import ClientUpdate, Method, MethodContext, MethodSpec
+
+METHODS: dict[str, MethodSpec] = {
+    "fedalignuniform": MethodSpec(
+        options=fedalignuniform.AlignUniformOptions,
+        build=fedalignuniform.build,
+        summary="alignment + uniformity locally, FedAvg (Wang & Isola 2020; SSD's base)",
+    ),
+    "ssd": MethodSpec(
+        options=ssd.SSDOptions,
+        build=ssd.build,
+        summary="soft separation (DSR) + projector distillation on FedAlignUniform (ICCV 2025)",
+    ),
+}
+
+__all__ = ["METHODS", "ClientUpdate", "Method", "MethodContext", "build_method", "resolve_options"]
+
+
+def resolve_options(name: str, options: Mapping[str, Any]) -> Any:
+    """The method's option dataclass built from ``options`` (defaults filled in).
+
+    Raises:
+        ConfigError: The method is unknown, or an option is unknown or of the wrong type.
+    """
+    spec = _spec(name)
+    return from_dict(spec.options, options, where="method")
+
+
+def option_dict(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` with every default filled in, as plain data."""
+    return dataclasses.asdict(resolve_options(name, options))
+
+
+def build_method(name: str, options: Mapping[str, Any], context: MethodContext) -> Method:
+    """Build the named method from its options."""
+    return _spec(name).build(resolve_options(name, options), context)
+
+
+def _spec(name: str) -> MethodSpec:
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of: {', '.join(sorted(METHODS))}.")
+    return METHODS[name]

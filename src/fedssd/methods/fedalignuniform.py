@@ -1,0 +1,93 @@
+"""FedAlignUniform: the alignment and uniformity objective, federated with FedAvg.
+
+Wang & Isola, "Understanding Contrastive Representation Learning through Alignment and Uniformity
+on the Hypersphere", ICML 2020, run locally on each client; the base of SSD (SSD.md section 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from fedssd import losses
+from fedssd.aggregate import fedavg
+from fedssd.methods.protocol import ClientUpdate, MethodContext
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignUniformOptions:
+    """Options of FedAlignUniform.
+
+    Attributes:
+        uniformity_weight: Weight beta of the uniformity term (1.0 in SSD.md).
+        uniformity_t: Temperature t of the uniformity term (2 in SSD.md).
+    """
+
+    uniformity_weight: float = 1.0
+    uniformity_t: float = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewOutputs:
+    """Model outputs for both views: raw h, raw z and unit-norm z, each ``(batch, dim)``."""
+
+    h: tuple[torch.Tensor, torch.Tensor]
+    z_raw: tuple[torch.Tensor, torch.Tensor]
+    z: tuple[torch.Tensor, torch.Tensor]
+
+
+def forward_views(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor) -> ViewOutputs:
+    """Run both views through the model separately (BatchNorm statistics per view)."""
+    h1, z1 = model(view1)
+    h2, z2 = model(view2)
+    return ViewOutputs(h=(h1, h2), z_raw=(z1, z2), z=(losses.normalize(z1), losses.normalize(z2)))
+
+
+def align_uniform_loss(
+    out: ViewOutputs, *, uniformity_weight: float, t: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``L_align + beta * (L_unif(Z1) + L_unif(Z2)) / 2`` and its parts."""
+    align = losses.alignment(*out.z)
+    unif = (losses.uniformity(out.z[0], t) + losses.uniformity(out.z[1], t)) / 2
+    return align + uniformity_weight * unif, {"align": align.detach(), "uniform": unif.detach()}
+
+
+class FedAlignUniform:
+    """Local alignment + uniformity, FedAvg over encoder and projector."""
+
+    def __init__(self, options: AlignUniformOptions, context: MethodContext) -> None:
+        self.options = options
+        self.context = context
+
+    def local_loss(
+        self,
+        model: nn.Module,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        *,
+        client_id: int,
+        position: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """See :meth:`fedssd.methods.protocol.Method.local_loss`."""
+        out = forward_views(model, view1, view2)
+        return align_uniform_loss(
+            out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
+        )
+
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        """FedAvg weighted by local mini-batch counts."""
+        return fedavg([u.state for u in updates], [u.weight for u in updates])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """No server-side state."""
+        return {}
+
+
+def build(options: AlignUniformOptions, context: MethodContext) -> FedAlignUniform:
+    """Registry factory."""
+    return FedAlignUniform(options, context)

@@ -1,0 +1,26 @@
+"""Heads on top of the encoder features."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def mlp_projector(in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 512) -> nn.Sequential:
+    """The SSD projector ``Linear -> BatchNorm1d -> ReLU -> Linear`` (SSD.md section 1).
+
+    Maps ``(batch, in_dim)`` features to ``(batch, out_dim)`` un-normalised embeddings.
+
+    Args:
+        in_dim: Feature dimension of the encoder.
+        hidden_dim: Width of the hidden layer.
+        out_dim: Embedding dimension.
+
+    Returns:
+        The projector, with PyTorch's default initialisation.
+    """
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim),
+    )

@@ -1,0 +1,98 @@
+"""Files a run writes: config.toml, metrics.jsonl, partition.json, summary.json, model.safetensors.
+
+Every file that is written whole goes through a temporary file and ``os.replace``, so an
+interrupted write never leaves a truncated file behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fedssd.errors import ConfigError
+
+RUN_FILES = ("config.toml", "metrics.jsonl", "partition.json", "summary.json", "model.safetensors")
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
+    """Create the output folder, refusing to mix a new run into an earlier one.
+
+    Raises:
+        ConfigError: The folder already holds run files and ``overwrite`` is false, or it cannot
+            be created.
+    """
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output path {path} exists and is not a folder; choose another --out.")
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if existing and not overwrite:
+        raise ConfigError(
+            f"output folder {path} already holds a run ({existing[0]}); "
+            "choose another --out or pass --overwrite."
+        )
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create output folder {path}: {error.strerror}.") from None
+    if overwrite:
+        for name in existing:
+            (path / name).unlink()
+    return path
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON (NaN and infinities become null, so that any JSON reader accepts the file)."""
+    write_text_atomic(path, json.dumps(jsonable(data), indent=2) + "\n")
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one JSON line and flush it, so that a crash loses at most the line in progress."""
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(jsonable(record)) + "\n")
+        handle.flush()
+
+
+def save_model(path: Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Save a state dict as safetensors through a temporary file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def jsonable(value: Any) -> Any:
+    """Plain JSON data: non-finite floats become None, tuples lists, tensors numbers or lists."""
+    if isinstance(value, Mapping):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if hasattr(value, "item") and callable(value.item):
+        return jsonable(value.item())
+    return value

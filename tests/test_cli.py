@@ -1,0 +1,154 @@
+"""The command line: help, and one sentence with exit code 2 for every user error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedssd.cli import build_parser, format_table, main
+
+SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_help_names_every_command_and_option() -> None:
+    parser = build_parser()
+    text = parser.format_help()
+    for command in ("train", "compare", "data", "methods"):
+        assert command in text
+    sub = subprocess.run(
+        [sys.executable, "-m", "fedssd.cli", "train", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in ("--config", "--set", "--out", "--overwrite", "--quiet"):
+        assert option in sub.stdout
+
+
+def test_methods_lists_the_registry(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run_cli(["methods"], capsys)
+    assert code == 0
+    assert "ssd" in out and "fedalignuniform" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["train", "--config", "absent.toml"], "does not exist"),
+        (["train", "--config", SMOKE, "--set", "federation.num_clients=0"], "num_clients"),
+        (["train", "--config", SMOKE, "--set", "data.alpha=-0.5"], "data.alpha must be > 0"),
+        (["train", "--config", SMOKE, "--set", "federation.fraction=2"], "fraction"),
+        (["train", "--config", SMOKE, "--set", "method.name=nope"], "unknown method"),
+        (["train", "--config", SMOKE, "--set", "federation.bogus=1"], "unknown config key"),
+        (["train", "--config", SMOKE, "--set", "federation.rounds=x"], "must be an integer"),
+        (["train", "--config", SMOKE, "--set", "noequals"], "key=value"),
+        (["train"], "--config"),
+        (["frobnicate"], "invalid choice"),
+        (["data", "imagenet"], "unknown dataset"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line(
+    args: list[str], fragment: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    try:
+        code, _, err = run_cli(
+            [*args, "--out", str(tmp_path / "run")]
+            if args[0] == "train" and len(args) > 1
+            else args,
+            capsys,
+        )
+    except SystemExit as exit_:
+        code, err = int(exit_.code or 0), capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert fragment in lines[0]
+    assert "Traceback" not in err
+
+
+def test_missing_data_is_one_sentence(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = run_cli(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            str(tmp_path / "run"),
+            "--set",
+            "data.name=cifar10",
+            "--set",
+            "data.download=false",
+            "--set",
+            f"data.root={tmp_path / 'empty'}",
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1 and "cifar" in err.lower()
+    npz_code, _, npz_err = run_cli(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            str(tmp_path / "run2"),
+            "--set",
+            "data.name=npz",
+            "--set",
+            f"data.path={tmp_path / 'absent.npz'}",
+        ],
+        capsys,
+    )
+    assert npz_code == 2 and len(npz_err.strip().splitlines()) == 1
+
+
+def test_an_existing_run_is_not_overwritten(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"knn_acc": 0.5}')
+    code, _, err = run_cli(["train", "--config", SMOKE, "--out", str(out)], capsys)
+    assert code == 2 and "already holds a run" in err
+    assert (out / "summary.json").read_text() == '{"knn_acc": 0.5}'
+
+
+def test_console_script_exits_2_on_bad_config(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation]\nrounds = -1\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedssd.cli",
+            "train",
+            "--config",
+            str(bad),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "fedssd: error: federation.rounds must be at least 1, not -1."
+    assert not (tmp_path / "o").exists()
+
+
+def test_table_formats_percentages_and_missing_values() -> None:
+    table = format_table(
+        {"ssd": {"linear_probe_acc": 0.8123, "knn_acc": 0.7}, "base": {"linear_probe_acc": 0.5}}
+    )
+    lines = table.splitlines()
+    assert lines[0].startswith("| method | LP acc % | kNN acc %")
+    assert "| ssd | 81.23 | 70.00 |" in lines[2]
+    assert "| base | 50.00 | n/a |" in lines[3]

@@ -1,0 +1,120 @@
+"""Configuration parsing: defaults, overrides, round trip and every class of rejected input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedssd import config
+from fedssd.api import load_config
+from fedssd.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_are_the_papers_protocol() -> None:
+    cfg = config.load()
+    assert cfg.seed == 17
+    assert cfg.federation.rounds == 100 and cfg.federation.local_epochs == 5
+    assert cfg.federation.batch_size == 128 and cfg.federation.lr == 0.1
+    assert cfg.federation.momentum == 0.9 and cfg.federation.weight_decay == 1e-4
+    assert cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.1
+    assert cfg.model.encoder == "resnet18" and cfg.model.projector_hidden == 2048
+
+
+def test_overrides_are_read_as_toml_or_bare_strings() -> None:
+    cfg = config.load(
+        None,
+        [
+            "federation.rounds=3",
+            "data.alpha=0.5",
+            "method.name=fedalignuniform",
+            "data.download=false",
+            'data.name="mnist"',
+        ],
+    )
+    assert cfg.federation.rounds == 3
+    assert cfg.data.alpha == 0.5
+    assert cfg.method.name == "fedalignuniform"
+    assert cfg.data.download is False
+    assert cfg.data.name == "mnist"
+
+
+def test_an_integer_is_accepted_where_a_number_is_expected() -> None:
+    assert config.load(None, ["data.alpha=1"]).data.alpha == 1.0
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) -> None:
+    cfg = load_config(path)
+    written = tmp_path / "config.toml"
+    written.write_text(config.dumps(cfg))
+    assert load_config(written) == cfg
+
+
+def test_method_options_are_filled_in_and_round_trip(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "smoke.toml", ["method.dsr_form=released"])
+    assert cfg.method.options["dsr_form"] == "released"
+    assert cfg.method.options["dsr_alpha"] == 10.0
+    assert cfg.method.options["pd_weight"] == 0.1
+    text = config.dumps(cfg)
+    assert 'dsr_form = "released"' in text
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["federation.round=3"], "unknown config key 'federation.round'"),
+        (["bogus=1"], "unknown config key 'bogus'"),
+        (["federation.rounds=three"], "federation.rounds must be an integer"),
+        (["federation.rounds=2.5"], "federation.rounds must be an integer"),
+        (["data.download=1"], "data.download must be true or false"),
+        (["data.alpha=0"], "data.alpha must be > 0"),
+        (["data.alpha=-1"], "data.alpha must be > 0"),
+        (["federation.fraction=0"], "federation.fraction must be in (0, 1]"),
+        (["federation.fraction=1.5"], "federation.fraction must be in (0, 1]"),
+        (["federation.num_clients=0"], "federation.num_clients must be at least 1"),
+        (["data.partition=random"], "data.partition must be one of"),
+        (["data.partition=file"], "needs data.split_file"),
+        (["data.name=npz"], "needs data.path"),
+        (["device=gpu"], "device must be"),
+        (["federation.batch_size=1"], "federation.batch_size must be at least 2"),
+        (["data=3"], "data must be a table"),
+        (["federation.rounds"], "is not of the form key=value"),
+        (["data.alpha.x=1"], "data.alpha must be a number"),
+        (["data.alpha=nan"], "must be a finite number"),
+    ],
+)
+def test_bad_values_are_refused_with_one_sentence(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(None, overrides)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["method.name=nope"], "unknown method 'nope'"),
+        (["method.dsr_alpha=x"], "method.dsr_alpha must be a number"),
+        (["method.dsr_form=other"], "method.dsr_form must be one of"),
+        (["method.unknown_option=1"], "unknown config key 'method.unknown_option'"),
+    ],
+)
+def test_bad_method_options_are_refused(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(CONFIGS / "smoke.toml", overrides)
+    assert fragment in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "absent.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\nname = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+    with pytest.raises(ConfigError, match="is a folder"):
+        config.load(tmp_path)

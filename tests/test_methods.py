@@ -1,0 +1,172 @@
+"""The method registry, FedAlignUniform and SSD (SSD.md sections 2-4)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from fedssd.errors import ConfigError
+from fedssd.methods import METHODS, MethodContext, build_method, resolve_options
+from fedssd.methods.ssd import SSD, SSDOptions, draw_scaling_sets
+
+
+@pytest.mark.parametrize(("num_clients", "size"), [(10, 51), (50, 10)])
+def test_scaling_sets_are_disjoint_and_of_size_floor_d_over_k(num_clients: int, size: int) -> None:
+    sets = draw_scaling_sets(embed_dim=512, num_clients=num_clients, seed=17)
+    assert sets.dims.shape == (num_clients, size)
+    flat = sets.dims.flatten().tolist()
+    assert len(set(flat)) == len(flat)
+    assert min(flat) >= 0 and max(flat) < 512
+
+
+def test_scaling_sets_come_from_the_seed() -> None:
+    a = draw_scaling_sets(embed_dim=64, num_clients=4, seed=1)
+    b = draw_scaling_sets(embed_dim=64, num_clients=4, seed=1)
+    c = draw_scaling_sets(embed_dim=64, num_clients=4, seed=2)
+    assert torch.equal(a.dims, b.dims) and torch.equal(a.basis, b.basis)
+    assert not torch.equal(a.dims, c.dims)
+    torch.testing.assert_close(a.basis.T @ a.basis, torch.eye(64), atol=1e-5, rtol=0)
+
+
+def test_scale_vector_is_alpha_on_the_clients_dimensions() -> None:
+    sets = draw_scaling_sets(embed_dim=20, num_clients=4, seed=0)
+    scale = sets.scale(2, 10.0)
+    assert sorted(torch.nonzero(scale == 10.0).flatten().tolist()) == sorted(sets.dims[2].tolist())
+    assert int((scale == 1.0).sum()) == 20 - 5
+
+
+def test_more_clients_than_dimensions_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="at least one embedding dimension per client"):
+        draw_scaling_sets(embed_dim=8, num_clients=9, seed=0)
+
+
+class TinyModel(nn.Module):
+    """h = W x (flattened), z = V h: enough to exercise the methods' losses."""
+
+    def __init__(self, dim: int = 16, feature_dim: int = 16) -> None:
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, feature_dim))
+        self.projector = nn.Linear(feature_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(x)
+        return h, self.projector(h)
+
+
+def context(num_clients: int = 4, feature_dim: int = 16, embed_dim: int = 16) -> MethodContext:
+    return MethodContext(
+        num_clients=num_clients,
+        feature_dim=feature_dim,
+        embed_dim=embed_dim,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+
+
+def views(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(32, 3, 4, 4, generator=g), torch.rand(32, 3, 4, 4, generator=g)
+
+
+def test_registry_builds_each_method_with_default_options() -> None:
+    for name in METHODS:
+        method = build_method(name, {}, context())
+        loss, parts = method.local_loss(TinyModel(), *views(), client_id=0, position=0)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+        assert {"align", "uniform"} <= set(parts)
+
+
+def test_ssd_parts_and_ablation_switches() -> None:
+    model = TinyModel()
+    full = build_method("ssd", {}, context())
+    _, parts = full.local_loss(model, *views(), client_id=1, position=0)
+    assert set(parts) == {"align", "uniform", "dsr", "pd"}
+    only_pd = build_method("ssd", {"dsr": False}, context())
+    assert set(only_pd.local_loss(model, *views(), client_id=1, position=0)[1]) == {
+        "align",
+        "uniform",
+        "pd",
+    }
+    only_dsr = build_method("ssd", {"pd": False}, context())
+    assert "pd" not in only_dsr.local_loss(model, *views(), client_id=1, position=0)[1]
+
+
+def test_ssd_without_dsr_and_pd_is_fedalignuniform() -> None:
+    torch.manual_seed(0)
+    model = TinyModel()
+    base = build_method("fedalignuniform", {}, context())
+    ssd = build_method("ssd", {"dsr": False, "pd": False}, context())
+    a, _ = base.local_loss(model, *views(), client_id=0, position=0)
+    b, _ = ssd.local_loss(model, *views(), client_id=0, position=0)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_ssd_total_is_the_weighted_sum_of_its_parts() -> None:
+    ssd = build_method("ssd", {}, context())
+    loss, parts = ssd.local_loss(TinyModel(), *views(), client_id=2, position=0)
+    expected = parts["align"] + parts["uniform"] + 1.0 * parts["dsr"] + 0.1 * parts["pd"]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_dsr_keying_by_client_id_or_by_position() -> None:
+    model = TinyModel()
+    by_id = build_method("ssd", {"pd": False}, context())
+    by_position = build_method("ssd", {"pd": False, "dsr_keying": "position"}, context())
+    v = views()
+    dsr_id = by_id.local_loss(model, *v, client_id=3, position=0)[1]["dsr"]
+    dsr_pos_same = by_position.local_loss(model, *v, client_id=0, position=3)[1]["dsr"]
+    dsr_pos_other = by_position.local_loss(model, *v, client_id=3, position=0)[1]["dsr"]
+    assert dsr_id.item() == pytest.approx(dsr_pos_same.item())
+    assert dsr_id.item() != pytest.approx(dsr_pos_other.item())
+
+
+def test_pd_needs_equal_widths() -> None:
+    with pytest.raises(ConfigError, match="projector distillation needs"):
+        SSD(SSDOptions(), context(feature_dim=16, embed_dim=8))
+    SSD(SSDOptions(pd=False), context(feature_dim=16, embed_dim=8))
+
+
+def _train_steps(
+    method_name: str, options: dict[str, object], steps: int = 30
+) -> list[dict[str, float]]:
+    """Loss parts before and after ``steps`` SGD steps on a fixed pair of views."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    method = build_method(method_name, options, context())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    v = views(1)
+    history = []
+    for _ in range(steps + 1):
+        loss, parts = method.local_loss(model, *v, client_id=0, position=0)
+        history.append({"loss": loss.item(), **{k: p.item() for k, p in parts.items()}})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return [history[0], history[-1]]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("fedalignuniform", {}), ("ssd", {"dsr_form": "released"}), ("ssd", {"dsr": False})],
+)
+def test_a_few_steps_lower_the_loss(name: str, options: dict[str, object]) -> None:
+    first, last = _train_steps(name, options)
+    assert last["loss"] < first["loss"] - 0.05
+
+
+def test_paper_dsr_pulls_embeddings_onto_the_clients_dimensions() -> None:
+    """The paper's DSR has a stop-gradient target ``z * d``: its gradient moves mass onto the
+    client's dimensions, which makes the value ``(alpha - 1)^2 * mass`` grow, not fall."""
+    first, last = _train_steps("ssd", {"pd": False, "dsr_form": "paper"})
+    mass_first = first["dsr"] / 81.0
+    mass_last = last["dsr"] / 81.0
+    assert mass_last > mass_first + 0.2
+    assert last["align"] < first["align"]
+
+
+def test_resolve_options_fills_defaults() -> None:
+    options = resolve_options("ssd", {"dsr_alpha": 5})
+    assert options.dsr_alpha == 5.0 and options.pd_temperature == 0.5
+    with pytest.raises(ConfigError, match="unknown method"):
+        resolve_options("simclr", {})
