@@ -29,7 +29,7 @@ data: $(STAMP)  ## make Fashion-MNIST available (Debian package, else download w
 	  $(PY) -m fedssd.cli data fashion_mnist --download; }
 
 demo: data  ## train SSD and FedAlignUniform on Fashion-MNIST and compare them (<10 min on 2 CPU cores)
-	$(PY) -m fedssd.cli demo --config configs/demo.toml --out runs/demo
+	$(PY) -m fedssd.cli compare --config configs/demo.toml --methods ssd fedalignuniform --out runs/demo --overwrite
 
 smoke: $(STAMP)  ## a run that takes seconds
 	$(PY) -m fedssd.cli train --config configs/smoke.toml --out runs/smoke --overwrite

@@ -152,3 +152,26 @@ def test_table_formats_percentages_and_missing_values() -> None:
     assert lines[0].startswith("| method | LP acc % | kNN acc %")
     assert "| ssd | 81.23 | 70.00 |" in lines[2]
     assert "| base | 50.00 | n/a |" in lines[3]
+
+
+def test_a_run_that_fails_before_training_writes_nothing(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    # projector distillation needs equal widths: refused when the method is built, after the data
+    code, _, err = run_cli(
+        ["train", "--config", SMOKE, "--out", str(out), "--set", "model.projector_out=7"], capsys
+    )
+    assert code == 2 and "projector distillation needs" in err
+    assert not out.exists()
+
+
+def test_compare_checks_every_output_folder_first(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "cmp"
+    (out / "fedalignuniform").mkdir(parents=True)
+    (out / "fedalignuniform" / "metrics.jsonl").write_text("{}\n")
+    code, _, err = run_cli(["compare", "--config", SMOKE, "--out", str(out)], capsys)
+    assert code == 2 and "already holds a run" in err
+    assert not (out / "ssd").exists()

@@ -34,7 +34,14 @@ from fedssd.federation.seeding import EVALUATION, MODEL_INIT, SUBSET, derive_see
 from fedssd.federation.simulator import Callback, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.models import SSLModel, build_model
-from fedssd.outputs import append_jsonl, prepare_run_dir, save_model, write_json, write_text_atomic
+from fedssd.outputs import (
+    append_jsonl,
+    check_run_dir,
+    prepare_run_dir,
+    save_model,
+    write_json,
+    write_text_atomic,
+)
 
 Log = Callable[[str], None]
 
@@ -254,22 +261,12 @@ def train(
     started = time.perf_counter()
     say: Log = log or (lambda _message: None)
     cfg = load_config(config, overrides)
-    out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
-    if out_dir is not None:
-        write_text_atomic(out_dir / "config.toml", config_module.dumps(cfg))
-
+    if out is not None:
+        check_run_dir(Path(out), overwrite=overwrite)
     device = select_device(cfg.device)
     fed_data = prepare_data(cfg, log=say)
     dataset = fed_data.dataset
     sizes = [len(p) for p in fed_data.client_indices]
-    histogram = label_histogram(
-        dataset.y_train.numpy(), fed_data.client_indices, num_classes=dataset.num_classes
-    )
-    if out_dir is not None:
-        write_json(
-            out_dir / "partition.json",
-            {"scheme": cfg.data.partition, "sizes": sizes, "label_histogram": histogram.tolist()},
-        )
     say(
         f"{dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
         f"(smallest {min(sizes)}, largest {max(sizes)}), {len(fed_data.test_indices)} test images"
@@ -286,6 +283,18 @@ def train(
         device=device,
     )
     method = build_method(cfg.method.name, cfg.method.options, context)
+
+    # Everything the user can get wrong has been checked: only now is the output folder touched.
+    out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
+    if out_dir is not None:
+        write_text_atomic(out_dir / "config.toml", config_module.dumps(cfg))
+        histogram = label_histogram(
+            dataset.y_train.numpy(), fed_data.client_indices, num_classes=dataset.num_classes
+        )
+        write_json(
+            out_dir / "partition.json",
+            {"scheme": cfg.data.partition, "sizes": sizes, "label_histogram": histogram.tolist()},
+        )
 
     images = dataset.x_train.to(device)
     client_indices = [torch.from_numpy(p).long().to(device) for p in fed_data.client_indices]

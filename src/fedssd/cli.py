@@ -173,12 +173,15 @@ def _train(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from fedssd.api import load_config, stderr_log, train
+    from fedssd.outputs import check_run_dir
 
     configs = {
         name: load_config(args.config, [*args.overrides, f"method.name={name}"])
         for name in dict.fromkeys(args.methods)
     }
     out = args.out or _default_out(args.config, "compare")
+    for name in configs:
+        check_run_dir(out / name, overwrite=args.overwrite)
     log = None if args.quiet else stderr_log
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()

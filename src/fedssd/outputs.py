@@ -22,12 +22,11 @@ from fedssd.errors import ConfigError
 RUN_FILES = ("config.toml", "metrics.jsonl", "partition.json", "summary.json", "model.safetensors")
 
 
-def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
-    """Create the output folder, refusing to mix a new run into an earlier one.
+def check_run_dir(path: Path, *, overwrite: bool) -> list[str]:
+    """The run files already in ``path``; refuse them unless ``overwrite``. Creates nothing.
 
     Raises:
-        ConfigError: The folder already holds run files and ``overwrite`` is false, or it cannot
-            be created.
+        ConfigError: ``path`` is a file, or holds run files and ``overwrite`` is false.
     """
     if path.exists() and not path.is_dir():
         raise ConfigError(f"output path {path} exists and is not a folder; choose another --out.")
@@ -37,13 +36,22 @@ def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
             f"output folder {path} already holds a run ({existing[0]}); "
             "choose another --out or pass --overwrite."
         )
+    return existing
+
+
+def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
+    """Create the output folder, refusing to mix a new run into an earlier one.
+
+    Raises:
+        ConfigError: As :func:`check_run_dir`, or the folder cannot be created.
+    """
+    existing = check_run_dir(path, overwrite=overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ConfigError(f"cannot create output folder {path}: {error.strerror}.") from None
-    if overwrite:
-        for name in existing:
-            (path / name).unlink()
+    for name in existing:
+        (path / name).unlink()
     return path
 
 
