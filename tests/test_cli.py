@@ -30,7 +30,7 @@ def test_help_names_every_command_and_option() -> None:
         text=True,
         check=True,
     )
-    for option in ("--config", "--set", "--out", "--overwrite", "--quiet"):
+    for option in ("--config", "--set", "--out", "--overwrite", "--quiet", "--verbose"):
         assert option in sub.stdout
 
 
@@ -175,3 +175,27 @@ def test_compare_checks_every_output_folder_first(
     code, _, err = run_cli(["compare", "--config", SMOKE, "--out", str(out)], capsys)
     assert code == 2 and "already holds a run" in err
     assert not (out / "ssd").exists()
+
+
+def test_progress_lines_per_round_and_per_client(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, err = run_cli(
+        [
+            "train",
+            "--config",
+            SMOKE,
+            "--out",
+            str(tmp_path / "run"),
+            "--verbose",
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "evaluation.linear_epochs=2",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "[ssd] round 1/1 client 1/4 (id 0)" in err
+    assert "[ssd] round 1/1 | loss" in err and "eta" in err
+    assert "| ssd |" in out and "Traceback" not in err

@@ -29,9 +29,9 @@ from fedssd.data.datasets import ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
 from fedssd.errors import ConfigError
 from fedssd.evaluation.summary import evaluate_model, knn_monitor
-from fedssd.federation.client import LocalSettings
+from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.seeding import EVALUATION, MODEL_INIT, SUBSET, derive_seed, numpy_rng
-from fedssd.federation.simulator import Callback, Schedule, run_rounds
+from fedssd.federation.simulator import Callback, ClientCallback, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.models import SSLModel, build_model
 from fedssd.outputs import (
@@ -241,6 +241,7 @@ def train(
     out: str | Path | None = None,
     overwrite: bool = False,
     log: Log | None = stderr_log,
+    verbose: bool = False,
 ) -> RunResult:
     """Run one federated experiment, evaluate the final global model and write the run's files.
 
@@ -251,6 +252,7 @@ def train(
             and ``model.safetensors``; None writes nothing.
         overwrite: Replace the files of an earlier run in ``out`` (otherwise that is an error).
         log: Receives progress lines; None for silence.
+        verbose: Also log a line after each client's local training.
 
     Returns:
         The resolved config, per-round history, final summary and the trained model.
@@ -358,6 +360,7 @@ def train(
         schedule=schedule,
         settings=settings,
         callbacks=callbacks,
+        on_client=_client_progress(cfg.method.name, fed.rounds, say) if verbose else None,
     )
     train_seconds = time.perf_counter() - started
 
@@ -380,6 +383,19 @@ def train(
     return RunResult(
         config=cfg, history=history, summary=summary, out_dir=out_dir, model=global_model
     )
+
+
+def _client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
+    """A per-client progress line, for rounds too long to wait for in silence."""
+
+    def report(round_index: int, position: int, count: int, result: LocalResult) -> None:
+        say(
+            f"[{name}] round {round_index + 1}/{rounds} client {position + 1}/{count} "
+            f"(id {result.client_id}): {result.num_batches} batches, loss {result.loss:.4f}, "
+            f"{result.seconds:.1f}s"
+        )
+
+    return report
 
 
 def _progress(name: str, rounds: int, say: Log) -> Callback:

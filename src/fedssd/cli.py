@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
             help="replace the files of an earlier run in the output folder",
         )
         sub.add_argument("--quiet", action="store_true", help="print no progress lines")
+        sub.add_argument(
+            "--verbose", action="store_true", help="also print a line after each client's training"
+        )
 
     train = commands.add_parser(
         "train",
@@ -164,7 +167,11 @@ def _train(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     out = args.out or _default_out(args.config, config.method.name)
     result = train(
-        config, out=out, overwrite=args.overwrite, log=None if args.quiet else stderr_log
+        config,
+        out=out,
+        overwrite=args.overwrite,
+        log=None if args.quiet else stderr_log,
+        verbose=args.verbose,
     )
     print(format_table({result.config.method.name: result.summary}))
     print(f"\nrun written to {result.out_dir}")
@@ -186,7 +193,9 @@ def _compare(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for name, config in configs.items():
-        result = train(config, out=out / name, overwrite=args.overwrite, log=log)
+        result = train(
+            config, out=out / name, overwrite=args.overwrite, log=log, verbose=args.verbose
+        )
         summaries[name] = result.summary
     print(format_table(summaries))
     print(f"\n{len(summaries)} runs in {time.perf_counter() - started:.0f}s, written to {out}/")

@@ -41,6 +41,7 @@ class LocalResult:
     """What local training reports.
 
     Attributes:
+        client_id: The client's id.
         num_batches: Mini-batches trained on (the FedAvg weight).
         num_samples: Samples the client holds.
         loss: Mean loss over its steps.
@@ -48,6 +49,7 @@ class LocalResult:
         seconds: Wall time.
     """
 
+    client_id: int
     num_batches: int
     num_samples: int
     loss: float
@@ -125,6 +127,7 @@ def local_train(
             steps += 1
     denominator = max(steps, 1)
     return LocalResult(
+        client_id=client_id,
         num_batches=steps,
         num_samples=int(indices.numel()),
         loss=float(total) / denominator,

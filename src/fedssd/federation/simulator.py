@@ -22,6 +22,8 @@ from fedssd.methods.protocol import ClientUpdate, Method
 
 # A callback sees the round's record and the new global model, and may return metrics to add.
 Callback = Callable[[dict[str, Any], nn.Module], "dict[str, Any] | None"]
+# Told after each client's local training: (round index, position, clients this round, result).
+ClientCallback = Callable[[int, int, int, LocalResult], None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,7 @@ def run_rounds(
     schedule: Schedule,
     settings: LocalSettings,
     callbacks: Sequence[Callback] = (),
+    on_client: ClientCallback | None = None,
 ) -> list[dict[str, Any]]:
     """Run every round and return one record per round.
 
@@ -74,6 +77,7 @@ def run_rounds(
         schedule: Rounds, sampling and learning-rate schedule.
         settings: Local training settings (its ``lr`` is replaced by each round's).
         callbacks: Called after each round with the record and the global model.
+        on_client: Called after each client's local training (progress within long rounds).
 
     Returns:
         Records with ``round`` (1-based), ``clients``, ``lr``, ``loss``, ``loss_<part>``,
@@ -108,6 +112,8 @@ def run_rounds(
                 position=position,
             )
             results.append(result)
+            if on_client is not None:
+                on_client(round_index, position, len(clients), result)
             if result.num_batches > 0:
                 state = {k: v.detach().clone() for k, v in client_model.state_dict().items()}
                 updates.append(ClientUpdate(client_id, state, float(result.num_batches)))
