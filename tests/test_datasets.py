@@ -506,7 +506,6 @@ def tiny_table() -> Mapping[str, DatasetSources]:
 
 
 def test_tiny_imagenet_folder_decode_cache_and_zip(tmp_path: Path) -> None:
-    pytest.importorskip("PIL")
     folder = tmp_path / "data" / "tiny-imagenet-200"
     pixels = write_tiny_imagenet(folder, np.random.default_rng(0))
     logs: list[str] = []
@@ -557,7 +556,6 @@ def test_tiny_imagenet_folder_decode_cache_and_zip(tmp_path: Path) -> None:
 def test_tiny_imagenet_without_pillow_says_what_to_install(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("PIL")
     folder = tmp_path / "tiny-imagenet-200"
     write_tiny_imagenet(folder, np.random.default_rng(1))
     monkeypatch.setitem(sys.modules, "PIL.Image", None)

@@ -23,7 +23,7 @@ from fedssd.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 # The SSD paper's own splits (CIFAR-10/100, K = 10 and 50, 50000 train indices).
-SPLIT_DIRS = (REPO / "splits", Path("/work/shared/reference/splits"))
+SPLITS = REPO / "splits"
 
 
 def assert_exact_cover(parts: list[np.ndarray], num_samples: int) -> None:
@@ -294,18 +294,8 @@ def test_split_file_client_count_and_unreadable(tmp_path: Path) -> None:
         load_split_file(tmp_path / "absent.json", num_samples=3)
 
 
-def paper_split_files() -> list[Path]:
-    for folder in SPLIT_DIRS:
-        found = sorted(folder.glob("cifar*_dir_client*_alpha0.1.json"))
-        if found:
-            return found
-    return []
-
-
 def test_paper_split_files_load_and_cover_the_train_set() -> None:
-    files = paper_split_files()
-    if not files:
-        pytest.skip("the SSD paper's split files are not available here")
+    files = sorted(SPLITS.glob("cifar*_dir_client*_alpha0.1.json"))
     assert len(files) == 4
     for path in files:
         clients = int(path.name.split("client")[1].split("_")[0])
