@@ -199,3 +199,11 @@ def test_progress_lines_per_round_and_per_client(
     assert "[ssd] round 1/1 client 1/4 (id 0)" in err
     assert "[ssd] round 1/1 | loss" in err and "eta" in err
     assert "| ssd |" in out and "Traceback" not in err
+
+
+def test_data_command_finds_or_reports(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, _ = run_cli(["data", "fashion_mnist", "--root", str(tmp_path)], capsys)
+    assert code == 0 and "fashion" in out  # Debian's copy (installed by `make data`)
+    code, out, err = run_cli(["data", "cifar10", "--root", str(tmp_path)], capsys)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and "--download" in err
