@@ -9,10 +9,10 @@ from fedssd.aggregate import fedavg
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.federation.client import LocalSettings, count_batches, local_train
 from fedssd.federation.sampling import clients_per_round, sample_clients
-from fedssd.federation.seeding import CLIENT, derive_seed, generator
 from fedssd.federation.simulator import Schedule, round_lr
 from fedssd.methods import MethodContext, build_method
 from fedssd.models import build_model
+from fedssd.seeding import CLIENT, derive_seed, generator
 
 
 def test_fedavg_is_the_weighted_mean() -> None:

@@ -30,7 +30,6 @@ from fedssd.data.partition import label_histogram, make_partition, subset_indice
 from fedssd.errors import ConfigError
 from fedssd.evaluation.summary import evaluate_model, knn_monitor
 from fedssd.federation.client import LocalResult, LocalSettings
-from fedssd.federation.seeding import EVALUATION, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 from fedssd.federation.simulator import Callback, ClientCallback, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.models import SSLModel, build_model
@@ -42,6 +41,7 @@ from fedssd.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.seeding import EVALUATION, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
 

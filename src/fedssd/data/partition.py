@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fedssd.errors import ConfigError, DataError
+from fedssd.seeding import PARTITION, numpy_rng
 
 __all__ = [
     "PARTITION_SCHEMES",
@@ -27,10 +28,6 @@ __all__ = [
 ]
 
 PARTITION_SCHEMES: tuple[str, ...] = ("iid", "dirichlet", "pathological", "file")
-
-# Second word of the partition's SeedSequence, so that the split never shares a stream with
-# anything else derived from the run seed ("PART" in ASCII).
-_PARTITION_STREAM = 0x50415254
 
 
 def _as_labels(labels: np.ndarray) -> np.ndarray:
@@ -331,7 +328,7 @@ def make_partition(
     """
     if seed < 0:
         raise ConfigError(f"seed is {seed}; it must be >= 0.")
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _PARTITION_STREAM]))
+    rng = numpy_rng(seed, PARTITION)
     if scheme == "iid":
         return iid(labels, num_clients=num_clients, rng=rng)
     if scheme == "dirichlet":

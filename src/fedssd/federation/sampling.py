@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from fedssd.federation.seeding import SAMPLING, numpy_rng
+from fedssd.seeding import SAMPLING, numpy_rng
 
 
 def clients_per_round(*, num_clients: int, fraction: float) -> int:

@@ -17,8 +17,8 @@ from torch import nn
 
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
 from fedssd.federation.sampling import sample_clients
-from fedssd.federation.seeding import CLIENT, generator
 from fedssd.methods.protocol import ClientUpdate, Method
+from fedssd.seeding import CLIENT, generator
 
 # A callback sees the round's record and the new global model, and may return metrics to add.
 Callback = Callable[[dict[str, Any], nn.Module], "dict[str, Any] | None"]

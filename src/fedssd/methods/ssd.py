@@ -18,7 +18,6 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -27,9 +26,7 @@ from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
 from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views
 from fedssd.methods.protocol import ClientUpdate, MethodContext
-
-# Tag mixed into the run seed so that the scaling sets do not share a stream with anything else.
-_SCALING_SET_TAG = 0x55D
+from fedssd.seeding import SCALING_SETS, numpy_rng
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +101,7 @@ def draw_scaling_sets(*, embed_dim: int, num_clients: int, seed: int) -> Scaling
             f"SSD needs at least one embedding dimension per client, but the embedding has "
             f"{embed_dim} dimensions for {num_clients} clients; raise model.projector_out."
         )
-    rng = np.random.default_rng(np.random.SeedSequence([seed, _SCALING_SET_TAG]))
+    rng = numpy_rng(seed, SCALING_SETS)
     perm = rng.permutation(embed_dim)
     dims = torch.from_numpy(perm[: m * num_clients].reshape(num_clients, m).copy())
     gaussian = torch.from_numpy(rng.standard_normal((embed_dim, embed_dim)))

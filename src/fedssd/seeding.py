@@ -16,6 +16,8 @@ SAMPLING = 2
 CLIENT = 3
 EVALUATION = 4
 SUBSET = 5
+PARTITION = 0x50415254  # "PART"
+SCALING_SETS = 0x55D
 
 
 def derive_seed(seed: int, *key: int) -> int:
