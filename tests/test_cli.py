@@ -207,3 +207,34 @@ def test_data_command_finds_or_reports(capsys: pytest.CaptureFixture[str], tmp_p
     code, out, err = run_cli(["data", "cifar10", "--root", str(tmp_path)], capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and "--download" in err
+
+
+def test_compare_runs_other_methods_from_an_ssd_config(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from fedssd import config as config_module
+    from fedssd.api import load_config
+
+    saved = tmp_path / "config.toml"  # as a run writes it: every SSD option spelled out
+    saved.write_text(config_module.dumps(load_config(SMOKE, ["method.uniformity_weight=0.5"])))
+    code, out, err = run_cli(
+        [
+            "compare",
+            "--config",
+            str(saved),
+            "--methods",
+            "fedalignuniform",
+            "--quiet",
+            "--out",
+            str(tmp_path / "cmp"),
+            "--set",
+            "federation.rounds=1",
+            "--set",
+            "evaluation.linear_epochs=2",
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "| fedalignuniform |" in out
+    resolved = load_config(tmp_path / "cmp" / "fedalignuniform" / "config.toml")
+    assert dict(resolved.method.options) == {"uniformity_weight": 0.5, "uniformity_t": 2.0}

@@ -118,3 +118,53 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
         config.load(bad)
     with pytest.raises(ConfigError, match="is a folder"):
         config.load(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["seed=-1"], "seed must be a non-negative integer"),
+        (["device=mps"], "device must be"),
+        (["data.partition=file", "data.split_file=x.json", "data.train_subset=10"], "split file"),
+    ],
+)
+def test_more_refused_values(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=None) as info:
+        config.load(None, overrides)
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "method.pd_temperature=0",
+        "method.dsr_alpha=-5",
+        "method.dsr_weight=-1",
+        "method.pd_weight=-0.1",
+        "method.uniformity_t=0",
+        "method.uniformity_weight=-1",
+    ],
+)
+def test_method_option_ranges(override: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "smoke.toml", [override])
+    assert override.split("=")[0] in str(info.value)
+
+
+def test_a_config_dataclass_is_validated_too() -> None:
+    import dataclasses
+
+    bad = dataclasses.replace(
+        config.load(), federation=dataclasses.replace(config.load().federation, fraction=5.0)
+    )
+    with pytest.raises(ConfigError, match="fraction"):
+        load_config(bad)
+
+
+def test_data_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        CONFIGS / "smoke.toml", ["data.root=data", "data.name=npz", "data.path=x.npz"]
+    )
+    assert cfg.data.root == str(tmp_path / "data")
+    assert cfg.data.path == str(tmp_path / "x.npz")

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+import fedssd.data.datasets as datasets_module
+import fedssd.data.fetch as fetch_module
 from fedssd.data.datasets import (
     DATASET_NAMES,
     ImageDataset,
@@ -625,7 +627,11 @@ def _drop(key: str) -> Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]:
         (_replace(y_test=np.array([0, -1])), "negative label -1"),
         (_replace(y_test=np.array([0.0, 1.0])), "1-D integer array"),
         (_replace(y_train=np.zeros((5, 1), np.int64)), "1-D integer array"),
-        (_replace(y_train=np.array([0, 1, None, 2, 3], dtype=object)), r"not a readable \.npz"),
+        (_replace(y_train=np.array([0, 1, None, 2, 3], dtype=object)), "not a plain numeric"),
+        (_replace(y_train=np.array([0, 3, 1, 1, 10**9])), "class ids 0..C-1"),
+        (_replace(y_train=np.array([0, 3, 1, 1, 2**64 - 1], dtype=np.uint64)), "class ids 0..C-1"),
+        # Five training images allow at most five classes, 0..4.
+        (_replace(y_test=np.array([5, 0])), "class ids 0..C-1"),
     ],
 )
 def test_bad_npz_is_refused(
@@ -637,6 +643,7 @@ def test_bad_npz_is_refused(
     with pytest.raises(DataError, match=message) as caught:
         load_dataset("npz", path=path)
     assert one_sentence(str(caught.value))
+    assert "allow_pickle" not in str(caught.value)
 
 
 def test_npz_needs_a_readable_path(tmp_path: Path) -> None:
@@ -644,10 +651,77 @@ def test_npz_needs_a_readable_path(tmp_path: Path) -> None:
         load_dataset("npz")
     with pytest.raises(DataError, match="is not a file"):
         load_dataset("npz", path=tmp_path / "absent.npz")
-    not_zip = tmp_path / "text.npz"
-    not_zip.write_text("hello")
-    with pytest.raises(DataError, match=r"not a readable \.npz"):
-        load_dataset("npz", path=not_zip)
+
+
+def _write_text(path: Path) -> None:
+    path.write_text("hello")
+
+
+def _write_npy(path: Path) -> None:
+    with path.open("wb") as out:
+        np.save(out, np.zeros(3))
+
+
+def _write_truncated(path: Path) -> None:
+    np.savez(path, **good_npz_arrays(None))  # type: ignore[arg-type]
+    path.write_bytes(path.read_bytes()[:200])
+
+
+def _write_flipped_byte(path: Path) -> None:
+    np.savez(path, **good_npz_arrays(None))  # type: ignore[arg-type]
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0xFF  # inside the first member's stored bytes, so its CRC-32 fails
+    path.write_bytes(bytes(data))
+
+
+def _write_bad_header(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            archive.writestr(f"{key}.npy", b"\x93NUMPY\x01\x00\x10\x00{garbage}      \n")
+
+
+def _write_huge_shape(path: Path) -> None:
+    header = b"{'descr': '|u1', 'fortran_order': False, 'shape': (10000000000000,), }"
+    header = header.ljust(117) + b"\n"
+    member = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + b"abc"
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            archive.writestr(f"{key}.npy", member)
+
+
+def _write_raw_members(path: Path) -> None:
+    with zipfile.ZipFile(path, "w") as archive:
+        for key in ("x_train", "y_train", "x_test", "y_test"):
+            archive.writestr(key, b"not an array")
+
+
+def _write_empty_archive(path: Path) -> None:
+    zipfile.ZipFile(path, "w").close()
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (_write_text, r"not an \.npz archive"),
+        (_write_npy, r"not an \.npz archive"),
+        (_write_truncated, r"damaged \.npz archive"),
+        (_write_flipped_byte, r"damaged \.npz archive"),
+        (_write_bad_header, "not a plain numeric"),
+        # 10 TB: refused by the allocator, or (with unlimited overcommit) the data runs out.
+        (_write_huge_shape, "too large for this machine's memory|not a plain numeric"),
+        (_write_raw_members, r"x_train is not a \.npy array"),
+        (_write_empty_archive, "has no array 'x_train'"),
+    ],
+)
+def test_unreadable_npz_gives_one_sentence_without_numpy_advice(
+    tmp_path: Path, write: Callable[[Path], None], message: str
+) -> None:
+    path = tmp_path / "own.npz"
+    write(path)
+    with pytest.raises(DataError, match=message) as caught:
+        load_dataset("npz", path=path)
+    assert one_sentence(str(caught.value))
+    assert "allow_pickle" not in str(caught.value)
 
 
 # ------------------------------------------------------------------- real Fashion-MNIST
@@ -683,3 +757,14 @@ def test_missing_explicit_path_is_reported(tmp_path: Path) -> None:
     assert one_sentence(str(caught.value))
     with pytest.raises(DataError, match=r"cifar-10-python\.tar\.gz or its extracted"):
         load_dataset("cifar10", path=tmp_path / "nowhere", root=tmp_path / "root")
+
+
+# ------------------------------------------------------------------------ shared helpers
+
+
+def test_log_helpers_are_shared_with_fetch() -> None:
+    # One definition, in the lower module: datasets must reuse fetch's, not redefine them.
+    imported = vars(datasets_module)
+    assert imported["_silent"] is fetch_module._silent
+    assert imported["Log"] is fetch_module.Log
+    assert imported["_GZIP_MAGIC"] is fetch_module._GZIP_MAGIC

@@ -133,7 +133,12 @@ def test_training_beats_the_untrained_encoder(tmp_path: Path) -> None:
     cfg = load_config(SMOKE, LEARN)
     data = prepare_data(cfg, log=lambda _m: None)
     untrained = final_evaluation(
-        cfg, data, make_model(cfg, 3, torch.device("cpu")), device=torch.device("cpu"), log=print
+        cfg,
+        data.evaluation_views(),
+        make_model(cfg, 3, torch.device("cpu")),
+        augment=data.augmentation(),
+        device=torch.device("cpu"),
+        log=print,
     )
     for key, margin in MARGIN.items():
         assert trained[key] >= untrained[key] + margin, (key, trained[key], untrained[key])

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fedssd.evaluation
+from fedssd.data.augment import to_float
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation import (
     LinearProbeResult,
@@ -17,7 +19,6 @@ from fedssd.evaluation import (
     cross_uniformity_loss,
     effective_rank,
     extract_features,
-    images_to_float,
     knn_accuracy,
     knn_predict,
     linear_probe,
@@ -49,11 +50,10 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, 3, 2, 2), generator=generator, dtype=torch.uint8)
 
 
-def test_images_to_float_maps_uint8_to_unit_interval() -> None:
-    images = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 3, 1, 1)
-    out = images_to_float(images)
-    assert out.dtype == torch.float32
-    assert torch.equal(out.flatten(), torch.tensor([0.0, 0.2, 1.0]))
+def test_evaluation_has_no_own_image_scaling() -> None:
+    # fedssd.data.augment.to_float is the one uint8 -> [0, 1] conversion.
+    assert "images_to_float" not in fedssd.evaluation.__all__
+    assert not hasattr(fedssd.evaluation, "images_to_float")
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -62,7 +62,7 @@ def test_extract_features_uses_eval_mode_and_restores_mode(training: bool) -> No
     model = _TinySSL()
     # Non-trivial running statistics, so eval and train outputs differ.
     model.train()
-    model(images_to_float(_images(32, seed=1)))
+    model(to_float(_images(32, seed=1)))
     model.train(training)
     model.projector[1].train(not training)
     modes_before = [m.training for m in model.modules()]
@@ -397,8 +397,8 @@ def test_representation_metrics_equals_direct_values_when_nothing_is_dropped(
     assert result["samples_global"] == 36
     assert result["samples_per_client"] == [12, 12, 12]
     assert result["uniformity_global"] == pytest.approx(-uniformity_loss(features, t=t), rel=1e-5)
-    unit = F.normalize(features, dim=1)
-    assert result["effective_rank"] == pytest.approx(effective_rank(unit), rel=1e-6)
+    # Row order does not change singular values, so the permuted sample gives the same rank.
+    assert result["effective_rank"] == pytest.approx(effective_rank(features), rel=1e-6)
     parts = [features[ids == c] for c in (5, 15, 25)]
     for k in range(3):
         assert result["uniformity_intra"][k] == pytest.approx(
@@ -416,6 +416,22 @@ def test_representation_metrics_equals_direct_values_when_nothing_is_dropped(
     assert result["uniformity_intra_mean"] == pytest.approx(
         sum(result["uniformity_intra"]) / 3, abs=1e-12
     )
+
+
+def test_representation_metrics_effective_rank_uses_raw_features() -> None:
+    """SSD.md section 5: singular values of the feature matrix itself, row norms included.
+
+    Rows (100, 0) and (0, 1) have singular values 100 and 1; normalised rows would give the
+    identity, whose effective rank is 2.
+    """
+    features = torch.tensor([[100.0, 0.0], [0.0, 1.0]])
+    result = representation_metrics(features, torch.tensor([0, 1]))
+    p = torch.tensor([100.0, 1.0], dtype=torch.float64) / 101
+    expected = math.exp(float(-(p * p.log()).sum()))
+    assert result["effective_rank"] == pytest.approx(expected, rel=1e-9)
+    assert expected < 1.1
+    # Uniformity still sees unit rows: two orthogonal unit vectors, squared distance 2.
+    assert result["uniformity_global"] == pytest.approx(4.0, rel=1e-6)
 
 
 def test_representation_metrics_is_bounded_symmetric_serialisable_and_seeded() -> None:

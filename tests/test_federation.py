@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import pytest
 import torch
 
 from fedssd.aggregate import fedavg
 from fedssd.data.augment import SSL_AUGMENT
-from fedssd.federation.client import LocalSettings, count_batches, local_train
+from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.sampling import clients_per_round, sample_clients
-from fedssd.federation.simulator import Schedule, round_lr
-from fedssd.methods import MethodContext, build_method
+from fedssd.federation.simulator import Schedule, round_lr, run_rounds
+from fedssd.methods import ClientUpdate, Method, MethodContext, build_method
 from fedssd.models import build_model
 from fedssd.seeding import CLIENT, derive_seed, generator
 
@@ -40,6 +44,12 @@ def test_fedavg_averages_batchnorm_statistics() -> None:
     out = fedavg([m1.state_dict(), m2.state_dict()], [1.0, 1.0])
     means = [v for k, v in out.items() if k.startswith("encoder") and k.endswith("running_mean")]
     assert means and all(torch.allclose(v, torch.ones_like(v)) for v in means)
+
+
+def count_batches(num_samples: int, *, batch_size: int, epochs: int) -> int:
+    """Mini-batches per the paper: full and partial batches, minus size-1 ones (BatchNorm)."""
+    full, rest = divmod(num_samples, batch_size)
+    return epochs * (full + (1 if rest >= 2 else 0))
 
 
 @pytest.mark.parametrize(
@@ -112,3 +122,100 @@ def test_local_training_is_reproducible_and_counts_batches() -> None:
     assert batches == count_batches(33, batch_size=16, epochs=2) == 4
     assert loss1 == loss2 and loss1 != loss3
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def _context(dim: int, num_clients: int = 4) -> MethodContext:
+    return MethodContext(
+        num_clients=num_clients, feature_dim=dim, embed_dim=dim, seed=0, device=torch.device("cpu")
+    )
+
+
+def _settings(*, epochs: int = 1, batch_size: int = 8) -> LocalSettings:
+    return LocalSettings(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=1e-4,
+        augment=SSL_AUGMENT,
+    )
+
+
+class Recording:
+    """A method that delegates to another and records every round's client updates."""
+
+    def __init__(self, inner: Method) -> None:
+        self.inner = inner
+        self.rounds: list[list[ClientUpdate]] = []
+
+    def local_loss(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.inner.local_loss(*args, **kwargs)
+
+    def aggregate(
+        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+    ) -> dict[str, torch.Tensor]:
+        self.rounds.append(list(updates))
+        return self.inner.aggregate(global_state, updates)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def test_round_loop_trains_each_sampled_client_from_the_global_model() -> None:
+    """Each update equals a stand-alone local_train from that round's global weights with the
+    client's own stream SeedSequence([seed, CLIENT, round, client_id]), is weighted by its batch
+    count, and the new global model is their FedAvg."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (80, 3, 8, 8), dtype=torch.uint8)
+    sizes = [9, 17, 33, 5, 12, 4]
+    bounds = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    indices = [torch.arange(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def new_model() -> torch.nn.Module:
+        return build_model(encoder="small_cnn", width=2, projector_hidden=8, projector_out=None)
+
+    global_model, client_model = new_model(), new_model()
+    method = Recording(build_method("ssd", {}, _context(8, num_clients=6)))
+    states = [{k: v.clone() for k, v in global_model.state_dict().items()}]
+
+    def snapshot(_record: dict[str, Any], model: torch.nn.Module) -> None:
+        states.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    schedule = Schedule(
+        num_clients=6, fraction=0.5, rounds=2, lr=0.05, lr_schedule="constant", seed=5
+    )
+    history = run_rounds(
+        global_model=global_model,
+        client_model=client_model,
+        method=method,
+        images=images,
+        client_indices=indices,
+        schedule=schedule,
+        settings=_settings(),
+        callbacks=[snapshot],
+    )
+    assert [r["clients"] for r in history] == [
+        sample_clients(num_clients=6, fraction=0.5, round_index=r, seed=5) for r in range(2)
+    ]
+    for round_index, updates in enumerate(method.rounds):
+        assert [u.client_id for u in updates] == history[round_index]["clients"]
+        for update in updates:
+            k = update.client_id
+            assert update.weight == count_batches(sizes[k], batch_size=8, epochs=1)
+            alone = new_model()
+            alone.load_state_dict(states[round_index])
+            local_train(
+                alone,
+                method.inner,
+                images,
+                indices[k],
+                settings=_settings(),
+                generator=generator(5, CLIENT, round_index, k),
+                client_id=k,
+                position=0,
+            )
+            for key, value in alone.state_dict().items():
+                torch.testing.assert_close(update.state[key], value, rtol=0, atol=0)
+        expected = fedavg([u.state for u in updates], [u.weight for u in updates])
+        for key, value in expected.items():
+            assert torch.equal(states[round_index + 1][key], value)

@@ -116,3 +116,18 @@ def test_pd_of_equal_inputs_is_zero_and_mse_variant() -> None:
     assert losses.projector_distillation_kl(h, h.clone()).item() == pytest.approx(0.0, abs=1e-6)
     z = h + 1.0
     assert losses.projector_distillation_mse(h, z).item() == pytest.approx(1.0)
+
+
+def test_dsr_released_stops_the_target_gradient() -> None:
+    d, n = 6, 4
+    z = unit(n, d, 11).requires_grad_(True)
+    basis, _ = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(12)))
+    scale = torch.ones(d)
+    scale[[2]] = 10.0
+    loss = losses.dsr_released(z, basis, scale)
+    loss.backward()
+    target = losses.normalize(((z.detach() @ basis) * scale) @ basis.T)
+    diff = z.detach() - target
+    # d/dZ ||Z - P||_F / N with P constant = (Z - P) / (N ||Z - P||_F)
+    assert z.grad is not None
+    torch.testing.assert_close(z.grad, diff / (n * diff.norm()))

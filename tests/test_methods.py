@@ -170,3 +170,32 @@ def test_resolve_options_fills_defaults() -> None:
     assert options.dsr_alpha == 5.0 and options.pd_temperature == 0.5
     with pytest.raises(ConfigError, match="unknown method"):
         resolve_options("simclr", {})
+
+
+def test_options_shared_between_methods() -> None:
+    from fedssd.methods import shared_options
+
+    ssd_options = {"uniformity_weight": 0.5, "dsr_form": "paper", "pd": False}
+    assert shared_options("fedalignuniform", ssd_options) == {"uniformity_weight": 0.5}
+    assert shared_options("ssd", ssd_options) == ssd_options
+
+
+@pytest.mark.parametrize("options", [{}, {"dsr_form": "paper"}, {"pd_form": "mse"}])
+def test_ssd_loss_is_symmetric_in_the_two_views(options: dict[str, object]) -> None:
+    """Every term is averaged over (or symmetric in) the two views."""
+    torch.manual_seed(0)
+    model = TinyModel()
+    method = build_method("ssd", options, context())
+    v1, v2 = views(3)
+    loss_a, parts_a = method.local_loss(model, v1, v2, client_id=1, position=0)
+    loss_b, parts_b = method.local_loss(model, v2, v1, client_id=1, position=0)
+    assert loss_a.item() == pytest.approx(loss_b.item(), rel=1e-5)
+    for name in parts_a:
+        assert parts_a[name].item() == pytest.approx(parts_b[name].item(), rel=1e-5, abs=1e-7)
+
+
+def test_pd_only_ablation_needs_no_scaling_sets() -> None:
+    method = build_method("ssd", {"dsr": False}, context(num_clients=40))
+    assert method.state_dict() == {}
+    with pytest.raises(ConfigError, match="embedding dimension per client"):
+        build_method("ssd", {}, context(num_clients=40))

@@ -302,3 +302,15 @@ def test_paper_split_files_load_and_cover_the_train_set() -> None:
         parts = load_split_file(path, num_samples=50_000, num_clients=clients)
         assert len(parts) == clients
         assert_exact_cover(parts, 50_000)
+
+
+@pytest.mark.parametrize("huge", [2**63, -(2**63) - 1, 10**30])
+def test_split_file_index_beyond_int64_is_a_data_error(tmp_path: Path, huge: int) -> None:
+    path = write_json(tmp_path / "split.json", [[0, huge], [1, 2]])
+    with pytest.raises(DataError, match="64-bit") as caught:
+        load_split_file(path, num_samples=3)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "Client 0" in message
+    assert message.endswith(".")
+    assert ". " not in message

@@ -24,12 +24,12 @@ from torch import nn
 
 from fedssd import config as config_module
 from fedssd.config import Config
-from fedssd.data.augment import SSL_AUGMENT
+from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
 from fedssd.data.datasets import ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
-from fedssd.errors import ConfigError
-from fedssd.evaluation.summary import evaluate_model, knn_monitor
+from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
+from fedssd.federation.evaluate import evaluate_model, knn_monitor
 from fedssd.federation.simulator import Callback, ClientCallback, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.models import SSLModel, build_model
@@ -66,6 +66,27 @@ class RunResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvaluationViews:
+    """What the evaluations look at.
+
+    Attributes:
+        train_images: ``(n, c, height, width)`` uint8, every client's training images.
+        train_labels: ``(n,)`` their labels.
+        train_clients: ``(n,)`` the client holding each of them.
+        test_images: ``(m, c, height, width)`` uint8 test images.
+        test_labels: ``(m,)`` their labels.
+        num_classes: Number of classes.
+    """
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    train_clients: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+
+@dataclasses.dataclass(frozen=True)
 class FederatedData:
     """A dataset split over clients.
 
@@ -92,43 +113,70 @@ class FederatedData:
             train_clients=torch.from_numpy(owner)[union],
             test_images=self.dataset.x_test[test],
             test_labels=self.dataset.y_test[test],
+            num_classes=self.dataset.num_classes,
         )
 
-
-@dataclasses.dataclass(frozen=True)
-class EvaluationViews:
-    """What the evaluations look at.
-
-    Attributes:
-        train_images: ``(n, c, height, width)`` uint8, every client's training images.
-        train_labels: ``(n,)`` their labels.
-        train_clients: ``(n,)`` the client holding each of them.
-        test_images: ``(m, c, height, width)`` uint8 test images.
-        test_labels: ``(m,)`` their labels.
-    """
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    train_clients: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    def augmentation(self) -> AugmentConfig:
+        """The paper's two-view augmentation, producing views of the images' own size."""
+        height, width = self.dataset.x_train.shape[-2:]
+        if height != width:
+            raise DataError(
+                f"{self.dataset.name} images are {height}x{width}; fedssd needs square images "
+                "(crop or pad them before saving the dataset)."
+            )
+        return dataclasses.replace(SSL_AUGMENT, size=int(height))
 
 
 def resolve(config: Config) -> Config:
-    """``config`` with the method's options complete (unknown method or option: ConfigError)."""
+    """``config`` with the method's options complete and data paths absolute.
+
+    Raises:
+        ConfigError: The method or an option is unknown or out of range.
+    """
     options = option_dict(config.method.name, config.method.options)
-    return dataclasses.replace(config, method=dataclasses.replace(config.method, options=options))
+    data = config.data
+    data = dataclasses.replace(
+        data,
+        path=_absolute(data.path),
+        root=_absolute(data.root),
+        split_file=_absolute(data.split_file),
+    )
+    return dataclasses.replace(
+        config,
+        data=data,
+        method=dataclasses.replace(config.method, options=options),
+    )
+
+
+def _absolute(path: str | None) -> str | None:
+    """A path made absolute, so that the saved config reruns from any folder."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def load_config(config: Config | str | Path, overrides: Sequence[str] = ()) -> Config:
-    """A resolved :class:`Config` from a dataclass or a TOML path, with overrides applied."""
-    if isinstance(config, Config):
-        loaded = (
-            config_module.load(config_module.to_dict(config), overrides) if overrides else config
+    """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides."""
+    source = config_module.to_dict(config) if isinstance(config, Config) else Path(config)
+    return resolve(config_module.load(source, overrides))
+
+
+def check_setup(config: Config) -> None:
+    """Build the model (without memory) and the method, so that a config they refuse fails
+    before any data is read or file written."""
+    with torch.device("meta"):
+        probe = build_model(
+            encoder=config.model.encoder,
+            width=config.model.width or None,
+            projector_hidden=config.model.projector_hidden,
+            projector_out=config.model.projector_out or None,
         )
-    else:
-        loaded = config_module.load(Path(config), overrides)
-    return resolve(loaded)
+    context = MethodContext(
+        num_clients=config.federation.num_clients,
+        feature_dim=probe.feature_dim,
+        embed_dim=probe.embed_dim,
+        seed=config.seed,
+        device=torch.device("cpu"),
+    )
+    build_method(config.method.name, config.method.options, context)
 
 
 def prepare_data(config: Config, *, log: Log) -> FederatedData:
@@ -145,16 +193,8 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
     )
     labels = dataset.y_train.numpy()
     pool = np.arange(labels.shape[0])
-    if data.train_subset:
-        if data.partition == "file":
-            raise ConfigError(
-                "data.train_subset cannot be combined with a split file, whose indices refer "
-                "to the whole training set; set data.train_subset = 0."
-            )
-        if data.train_subset < labels.shape[0]:
-            pool = subset_indices(
-                labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0)
-            )
+    if 0 < data.train_subset < labels.shape[0]:
+        pool = subset_indices(labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0))
     parts = make_partition(
         labels[pool],
         scheme=data.partition,
@@ -168,7 +208,7 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
     client_indices = [pool[p] for p in parts]
     test_labels = dataset.y_test.numpy()
     test_indices = np.arange(test_labels.shape[0])
-    if data.test_subset and data.test_subset < test_labels.shape[0]:
+    if 0 < data.test_subset < test_labels.shape[0]:
         test_indices = subset_indices(
             test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
         )
@@ -209,10 +249,15 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 
 def final_evaluation(
-    config: Config, data: FederatedData, model: SSLModel, *, device: torch.device, log: Log
+    config: Config,
+    views: EvaluationViews,
+    model: SSLModel,
+    *,
+    augment: AugmentConfig,
+    device: torch.device,
+    log: Log,
 ) -> dict[str, Any]:
     """The final evaluation of ``model`` on the run's data (see :func:`evaluate_model`)."""
-    views = data.evaluation_views()
     return evaluate_model(
         model,
         train_images=views.train_images,
@@ -220,9 +265,9 @@ def final_evaluation(
         train_clients=views.train_clients,
         test_images=views.test_images,
         test_labels=views.test_labels,
-        num_classes=data.dataset.num_classes,
+        num_classes=views.num_classes,
         settings=config.evaluation,
-        augment=SSL_AUGMENT,
+        augment=augment,
         seed=derive_seed(config.seed, EVALUATION),
         device=device,
         log=log,
@@ -265,18 +310,13 @@ def train(
     cfg = load_config(config, overrides)
     if out is not None:
         check_run_dir(Path(out), overwrite=overwrite)
+    check_setup(cfg)
     device = select_device(cfg.device)
     fed_data = prepare_data(cfg, log=say)
+    augment = fed_data.augmentation()
     dataset = fed_data.dataset
-    sizes = [len(p) for p in fed_data.client_indices]
-    say(
-        f"{dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
-        f"(smallest {min(sizes)}, largest {max(sizes)}), {len(fed_data.test_indices)} test images"
-    )
-
-    in_channels = dataset.x_train.shape[1]
-    global_model = make_model(cfg, in_channels, device)
-    client_model = make_model(cfg, in_channels, device)
+    global_model = make_model(cfg, dataset.x_train.shape[1], device)
+    client_model = make_model(cfg, dataset.x_train.shape[1], device)
     context = MethodContext(
         num_clients=cfg.federation.num_clients,
         feature_dim=global_model.feature_dim,
@@ -289,64 +329,14 @@ def train(
     # Everything the user can get wrong has been checked: only now is the output folder touched.
     out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
     if out_dir is not None:
-        write_text_atomic(out_dir / "config.toml", config_module.dumps(cfg))
-        histogram = label_histogram(
-            dataset.y_train.numpy(), fed_data.client_indices, num_classes=dataset.num_classes
-        )
-        write_json(
-            out_dir / "partition.json",
-            {"scheme": cfg.data.partition, "sizes": sizes, "label_histogram": histogram.tolist()},
-        )
-
-    images = dataset.x_train.to(device)
-    client_indices = [torch.from_numpy(p).long().to(device) for p in fed_data.client_indices]
+        _write_header(out_dir, cfg, fed_data)
     views = fed_data.evaluation_views()
-
+    sizes = [len(p) for p in fed_data.client_indices]
+    say(
+        f"{dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
+        f"(smallest {min(sizes)}, largest {max(sizes)}), {len(fed_data.test_indices)} test images"
+    )
     fed = cfg.federation
-    schedule = Schedule(
-        num_clients=fed.num_clients,
-        fraction=fed.fraction,
-        rounds=fed.rounds,
-        lr=fed.lr,
-        lr_schedule=fed.lr_schedule,
-        seed=cfg.seed,
-    )
-    settings = LocalSettings(
-        epochs=fed.local_epochs,
-        batch_size=fed.batch_size,
-        lr=fed.lr,
-        momentum=fed.momentum,
-        weight_decay=fed.weight_decay,
-        augment=SSL_AUGMENT,
-        autocast_dtype=autocast_dtype(cfg.precision, device),
-    )
-    callbacks: list[Callback] = []
-    ev = cfg.evaluation
-    if ev.every:
-        callbacks.append(
-            knn_monitor(
-                every=ev.every,
-                last_round=fed.rounds,
-                bank_images=views.train_images,
-                bank_labels=views.train_labels,
-                test_images=views.test_images,
-                test_labels=views.test_labels,
-                num_classes=dataset.num_classes,
-                k=ev.knn_k,
-                temperature=ev.knn_temperature,
-                batch_size=ev.batch_size,
-                device=device,
-            )
-        )
-    if out_dir is not None:
-        metrics_path = out_dir / "metrics.jsonl"
-
-        def write_record(record: dict[str, Any], _model: nn.Module) -> None:
-            append_jsonl(metrics_path, record)
-
-        callbacks.append(write_record)
-    callbacks.append(_progress(cfg.method.name, fed.rounds, say))
-
     say(
         f"training {cfg.method.name} on {device.type}: {fed.rounds} rounds, "
         f"{fed.local_epochs} local epochs, {fed.num_clients} clients at fraction {fed.fraction}"
@@ -355,21 +345,35 @@ def train(
         global_model=global_model,
         client_model=client_model,
         method=method,
-        images=images,
-        client_indices=client_indices,
-        schedule=schedule,
-        settings=settings,
-        callbacks=callbacks,
+        images=dataset.x_train.to(device),
+        client_indices=[torch.from_numpy(p).long().to(device) for p in fed_data.client_indices],
+        schedule=Schedule(
+            num_clients=fed.num_clients,
+            fraction=fed.fraction,
+            rounds=fed.rounds,
+            lr=fed.lr,
+            lr_schedule=fed.lr_schedule,
+            seed=cfg.seed,
+        ),
+        settings=LocalSettings(
+            epochs=fed.local_epochs,
+            batch_size=fed.batch_size,
+            lr=fed.lr,
+            momentum=fed.momentum,
+            weight_decay=fed.weight_decay,
+            augment=augment,
+            autocast_dtype=autocast_dtype(cfg.precision, device),
+        ),
+        callbacks=_callbacks(cfg, views, device, out_dir, say),
         on_client=_client_progress(cfg.method.name, fed.rounds, say) if verbose else None,
     )
     train_seconds = time.perf_counter() - started
 
     say("evaluating the final global model (kNN, linear probe, uniformity, alignment, rank)")
-    summary = final_evaluation(cfg, fed_data, global_model, device=device, log=say)
     summary = {
         "method": cfg.method.name,
         "dataset": dataset.name,
-        **summary,
+        **final_evaluation(cfg, views, global_model, augment=augment, device=device, log=say),
         "rounds": fed.rounds,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
@@ -383,6 +387,55 @@ def train(
     return RunResult(
         config=cfg, history=history, summary=summary, out_dir=out_dir, model=global_model
     )
+
+
+def _write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
+    """The files written before training: the resolved config and the partition."""
+    write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
+    histogram = label_histogram(
+        data.dataset.y_train.numpy(), data.client_indices, num_classes=data.dataset.num_classes
+    )
+    write_json(
+        out_dir / "partition.json",
+        {
+            "scheme": config.data.partition,
+            "sizes": [len(p) for p in data.client_indices],
+            "label_histogram": histogram.tolist(),
+        },
+    )
+
+
+def _callbacks(
+    config: Config, views: EvaluationViews, device: torch.device, out_dir: Path | None, say: Log
+) -> list[Callback]:
+    """The round callbacks: the kNN monitor, the metrics file and the progress line."""
+    callbacks: list[Callback] = []
+    ev = config.evaluation
+    if ev.every:
+        callbacks.append(
+            knn_monitor(
+                every=ev.every,
+                last_round=config.federation.rounds,
+                bank_images=views.train_images,
+                bank_labels=views.train_labels,
+                test_images=views.test_images,
+                test_labels=views.test_labels,
+                num_classes=views.num_classes,
+                k=ev.knn_k,
+                temperature=ev.knn_temperature,
+                batch_size=ev.batch_size,
+                device=device,
+            )
+        )
+    if out_dir is not None:
+        metrics_path = out_dir / "metrics.jsonl"
+
+        def write_record(record: dict[str, Any], _model: nn.Module) -> None:
+            append_jsonl(metrics_path, record)
+
+        callbacks.append(write_record)
+    callbacks.append(_progress(config.method.name, config.federation.rounds, say))
+    return callbacks
 
 
 def _client_progress(name: str, rounds: int, say: Log) -> ClientCallback:

@@ -6,6 +6,7 @@ Every error a user can cause ends with one sentence on standard error and exit c
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,13 @@ TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
     ("effective_rank", "eff. rank", 1.0, "{:.1f}"),
     ("uniformity_global_z", "-L_unif global (z)", 1.0, "{:.3f}"),
     ("train_seconds", "train s", 1.0, "{:.0f}"),
+)
+
+
+CONFIG_HELP = (
+    "Config keys: seed, device, precision, and the tables [data], [model], [method], "
+    "[federation], [evaluation]; the README's Configuration table lists them, and "
+    "src/fedssd/config.py documents every key. Method options: docs/methods.md."
 )
 
 
@@ -86,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_run_options(train)
+    train.epilog = CONFIG_HELP
     train.add_argument(
         "--out",
         type=Path,
@@ -102,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add_run_options(compare)
+    compare.epilog = CONFIG_HELP
     compare.add_argument(
         "--methods",
         nargs="+",
@@ -179,11 +189,19 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, stderr_log, train
+    from fedssd.api import load_config, resolve, stderr_log, train
+    from fedssd.config import MethodConfig
+    from fedssd.methods import shared_options
     from fedssd.outputs import check_run_dir
 
+    base = load_config(args.config, args.overrides)
     configs = {
-        name: load_config(args.config, [*args.overrides, f"method.name={name}"])
+        name: resolve(
+            dataclasses.replace(
+                base,
+                method=MethodConfig(name=name, options=shared_options(name, base.method.options)),
+            )
+        )
         for name in dict.fromkeys(args.methods)
     }
     out = args.out or _default_out(args.config, "compare")

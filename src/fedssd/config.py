@@ -322,11 +322,17 @@ def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
     data, fed, ev, model = config.data, config.federation, config.evaluation, config.model
     checks: list[tuple[bool, str]] = [
+        (config.seed >= 0, f"seed must be a non-negative integer, not {config.seed}."),
         (data.alpha > 0, f"data.alpha must be > 0, not {data.alpha}."),
         (data.classes_per_client >= 1, "data.classes_per_client must be at least 1."),
         (data.min_client_size >= 1, "data.min_client_size must be at least 1."),
         (data.train_subset >= 0, "data.train_subset must be >= 0 (0 means the whole set)."),
         (data.test_subset >= 0, "data.test_subset must be >= 0 (0 means the whole set)."),
+        (
+            data.partition != "file" or data.train_subset == 0,
+            "data.train_subset cannot be combined with a split file, whose indices refer to the "
+            "whole training set; set data.train_subset = 0.",
+        ),
         (
             data.partition != "file" or data.split_file is not None,
             "data.partition = 'file' needs data.split_file (a JSON list of index lists).",
@@ -372,7 +378,7 @@ def validate(config: Config) -> None:
 
 
 def _valid_device(device: str) -> bool:
-    if device in ("auto", "cpu", "cuda", "mps"):
+    if device in ("auto", "cpu", "cuda"):
         return True
     prefix, _, index = device.partition(":")
     return prefix == "cuda" and index.isdigit()

@@ -19,7 +19,14 @@ from safetensors.torch import save_file
 
 from fedssd.errors import ConfigError
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "partition.json", "summary.json", "model.safetensors")
+RUN_FILES = (
+    "config.toml",
+    "metrics.jsonl",
+    "partition.json",
+    "summary.json",
+    "model.safetensors",
+    "server_state.safetensors",
+)
 
 
 def check_run_dir(path: Path, *, overwrite: bool) -> list[str]:
@@ -48,16 +55,27 @@ def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
     existing = check_run_dir(path, overwrite=overwrite)
     try:
         path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
     except OSError as error:
-        raise ConfigError(f"cannot create output folder {path}: {error.strerror}.") from None
+        raise ConfigError(f"cannot write to output folder {path}: {error.strerror}.") from None
     for name in existing:
         (path / name).unlink()
     return path
 
 
+def _temporary(path: Path) -> tuple[int, str]:
+    """A temporary file beside ``path``, with the permissions a plainly created file would get
+    (mkstemp makes it private)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
@@ -81,7 +99,7 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
 
 def save_model(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     """Save a state dict as safetensors through a temporary file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary(path)
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)

@@ -39,9 +39,12 @@ import numpy as np
 import torch
 
 from fedssd.data.fetch import (
+    _GZIP_MAGIC,
     CHECKSUMS,
     RECORD_NAME,
     DatasetSources,
+    Log,
+    _silent,
     fetch_sources,
     missing_advice,
     temporary_sibling,
@@ -57,8 +60,6 @@ __all__ = [
     "load_dataset",
     "locate_dataset",
 ]
-
-Log = Callable[[str], None]
 
 DATASET_NAMES: tuple[str, ...] = (
     "fashion_mnist",
@@ -91,9 +92,10 @@ _CIFAR_LAYOUT: Mapping[str, tuple[tuple[str, ...], tuple[str, ...], str]] = Mapp
         "cifar100": (("train",), ("test",), "fine_labels"),
     }
 )
-_GZIP_MAGIC = b"\x1f\x8b"
 _IDX_UBYTE = 0x08
 _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# An .npz is a zip archive: a local file header first, or only the end record when it is empty.
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _TINY_SIZE = 32
 _TINY_CACHE_NAME = "tiny-imagenet-200-32x32-box.npz"
 _TINY_PROGRESS_EVERY = 10_000
@@ -276,10 +278,6 @@ def _entry(name: str, table: Mapping[str, DatasetSources]) -> DatasetSources:
 
 def _root(root: str | Path | None) -> Path:
     return Path(root).expanduser() if root is not None else default_root()
-
-
-def _silent(message: str) -> None:
-    """Discard a log line (the default when no ``log`` is given)."""
 
 
 def _default_places(name: str, entry: DatasetSources, base: Path) -> list[Path]:
@@ -771,30 +769,65 @@ def _read_npz(path: Path) -> _Arrays:
     """A user's ``.npz`` with uint8 images NHW or NHWC (C in {1, 3}) and integer labels."""
     if not path.is_file():
         raise DataError(f"data.path {path} is not a file; point it at your .npz file.")
+    advice = "save plain numeric arrays with numpy.savez"
+    try:
+        with path.open("rb") as probe:
+            magic = probe.read(4)
+    except OSError as error:
+        raise DataError(f"Cannot read {path} ({error.strerror}); check its permissions.") from error
+    # Checked here because np.load reads anything else as a .npy or a pickle, and its error for a
+    # pickle recommends allow_pickle=True, which would let the file run code.
+    if magic not in _ZIP_MAGICS:
+        raise DataError(f"{path} is not an .npz archive (a zip of .npy arrays); {advice}.")
+    # numpy's own messages span several sentences and give advice that does not apply here, so
+    # each failure is reported in a sentence of ours.
     try:
         with np.load(path, allow_pickle=False) as stored:
-            missing = [key for key in _NPZ_KEYS if key not in stored.files]
-            if missing:
-                raise DataError(
-                    f"{path} has no array {missing[0]!r}; it needs x_train, y_train, x_test "
-                    "and y_test."
-                )
-            loaded = {key: stored[key] for key in _NPZ_KEYS}
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile) as error:
+            present = set(stored.files)
+            loaded: dict[str, object] = {key: stored[key] for key in _NPZ_KEYS if key in present}
+    except OSError as error:
+        raise DataError(f"Cannot read {path} ({error.strerror}); check its permissions.") from error
+    except (zipfile.BadZipFile, EOFError, zlib.error) as error:
         raise DataError(
-            f"{path} is not a readable .npz of plain arrays ({error}); save it with numpy.savez."
+            f"{path} is a damaged .npz archive (truncated or corrupt); save it again with "
+            "numpy.savez."
         ) from error
-    images = {key: _npz_images(loaded[key], key=key, path=path) for key in ("x_train", "x_test")}
+    except ValueError as error:
+        raise DataError(
+            f"{path} holds an entry that is not a plain numeric .npy array (an object array, or a "
+            f"damaged one); {advice}."
+        ) from error
+    except MemoryError as error:
+        raise DataError(
+            f"{path} announces an array too large for this machine's memory; {advice}."
+        ) from error
+    missing = [key for key in _NPZ_KEYS if key not in loaded]
+    if missing:
+        raise DataError(
+            f"{path} has no array {missing[0]!r}; it needs x_train, y_train, x_test and y_test."
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for key, value in loaded.items():
+        # NpzFile returns the raw bytes of a member that is not named *.npy.
+        if not isinstance(value, np.ndarray):
+            raise DataError(f"{path}: {key} is not a .npy array inside the archive; {advice}.")
+        arrays[key] = value
+    images = {key: _npz_images(arrays[key], key=key, path=path) for key in ("x_train", "x_test")}
     if images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise DataError(
             f"{path}: x_train images are {_describe(images['x_train'])} but x_test images are "
             f"{_describe(images['x_test'])}; both sets need the same size and channels."
         )
+    train_count = images["x_train"].shape[0]
     for x_key, y_key in (("x_train", "y_train"), ("x_test", "y_test")):
-        _check_npz_labels(loaded[y_key], count=images[x_key].shape[0], key=y_key, path=path)
-    return images["x_train"], loaded["y_train"], images["x_test"], loaded["y_test"]
+        _check_npz_labels(
+            arrays[y_key],
+            count=images[x_key].shape[0],
+            train_count=train_count,
+            key=y_key,
+            path=path,
+        )
+    return images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"]
 
 
 def _describe(images: np.ndarray) -> str:
@@ -820,7 +853,14 @@ def _npz_images(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
     return array
 
 
-def _check_npz_labels(labels: np.ndarray, *, count: int, key: str, path: Path) -> None:
+def _check_npz_labels(
+    labels: np.ndarray, *, count: int, train_count: int, key: str, path: Path
+) -> None:
+    """Labels must be class ids ``0..C-1``; C cannot exceed the number of training images.
+
+    The bound keeps ``num_classes = max label + 1`` sane: a stray label such as 10**9 would
+    otherwise make every per-class table (histograms, the linear probe) that large.
+    """
     if not np.issubdtype(labels.dtype, np.integer) or labels.ndim != 1:
         raise DataError(
             f"{path}: {key} has dtype {labels.dtype} and shape {labels.shape}; labels must be a "
@@ -831,4 +871,11 @@ def _check_npz_labels(labels: np.ndarray, *, count: int, key: str, path: Path) -
     if labels.min() < 0:
         raise DataError(
             f"{path}: {key} contains the negative label {labels.min()}; labels must be >= 0."
+        )
+    largest = int(labels.max())
+    if largest >= train_count:
+        raise DataError(
+            f"{path}: {key} contains the label {largest} but there are only {train_count} "
+            "training images; labels must be class ids 0..C-1 with C at most the number of "
+            "training images."
         )

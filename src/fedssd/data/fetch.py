@@ -45,6 +45,9 @@ __all__ = [
     "verify_file",
 ]
 
+Log = Callable[[str], None]
+"""Receives one progress or decision line."""
+
 RECORD_NAME = "verified.json"
 _CHUNK = 1 << 20
 _PROGRESS_EVERY = 8 << 20
@@ -337,7 +340,7 @@ def _copy_with_progress(
     *,
     name: str,
     total: str | None,
-    log: Callable[[str], None],
+    log: Log,
 ) -> str:
     """Stream ``response`` into ``out``, logging every few MiB; return the written bytes' MD5."""
     of_total = f" of {int(total) / 2**20:.1f} MiB" if total and total.isdigit() else ""
@@ -359,7 +362,7 @@ def download(
     folder: Path,
     *,
     record: Path | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
     advice: str | None = None,
 ) -> Path:
     """Download one official file into ``folder`` and return its path, verified.
@@ -451,7 +454,7 @@ def fetch_sources(
     folder: Path,
     *,
     record: Path | None = None,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> None:
     """Make every file of ``entry`` present and verified in ``folder``, downloading what is not.
 

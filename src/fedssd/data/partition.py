@@ -234,6 +234,7 @@ def load_split_file(
             f"The split file {path} has {len(loaded)} clients but federation.num_clients is "
             f"{num_clients}; make them equal."
         )
+    parts: list[np.ndarray] = []
     for client, part in enumerate(loaded):
         if not part:
             raise DataError(
@@ -246,7 +247,14 @@ def load_split_file(
                 f"Client {client} in the split file {path} has an entry that is not an integer "
                 "index."
             )
-    parts = [np.asarray(part, dtype=np.int64) for part in loaded]
+        try:
+            parts.append(np.asarray(part, dtype=np.int64))
+        except OverflowError as error:
+            raise DataError(
+                f"Client {client} in the split file {path} has an index beyond the 64-bit "
+                f"integer range, far outside 0..{num_samples - 1} of the training set; it was "
+                "made for another dataset."
+            ) from error
     everything = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     outside = everything[(everything < 0) | (everything >= num_samples)]
     if outside.size:

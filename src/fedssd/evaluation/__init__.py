@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedssd.evaluation.features import extract_features, images_to_float
+from fedssd.evaluation.features import extract_features
 from fedssd.evaluation.knn import knn_accuracy, knn_predict
 from fedssd.evaluation.linear_probe import LinearProbeResult, linear_probe
 from fedssd.evaluation.metrics import (
@@ -19,7 +19,6 @@ __all__ = [
     "cross_uniformity_loss",
     "effective_rank",
     "extract_features",
-    "images_to_float",
     "knn_accuracy",
     "knn_predict",
     "linear_probe",

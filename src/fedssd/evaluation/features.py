@@ -11,19 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fedssd.data.augment import to_float
 from fedssd.errors import ConfigError, DataError
-
-
-def images_to_float(images: torch.Tensor) -> torch.Tensor:
-    """Convert a batch of uint8 images to float32 in [0, 1].
-
-    Args:
-        images: ``(batch, channels, height, width)`` uint8 images.
-
-    Returns:
-        ``(batch, channels, height, width)`` float32 tensor on the same device, values in [0, 1].
-    """
-    return images.float().div_(255)
 
 
 def _check_images(images: torch.Tensor) -> None:
@@ -74,7 +63,7 @@ def extract_features(
         h_parts: list[torch.Tensor] = []
         z_parts: list[torch.Tensor] = []
         for start in range(0, images.shape[0], batch_size):
-            x = images_to_float(images[start : start + batch_size].to(target, non_blocking=True))
+            x = to_float(images[start : start + batch_size].to(target, non_blocking=True))
             h, z_raw = model(x)
             h_parts.append(h.float().cpu())
             z_parts.append(z_raw.float().cpu())

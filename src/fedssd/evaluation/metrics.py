@@ -275,7 +275,9 @@ def representation_metrics(
       between clients) is ``None``, so a final evaluation never fails on a tiny client.
 
     Uniformity values are reported as ``-L_unif`` (higher is more uniform; at most about 4 for
-    t = 2). Rows are L2-normalised first.
+    t = 2) and use L2-normalised rows. ``effective_rank`` is taken over the singular values of
+    the sampled rows as given (raw, un-normalised features), as SSD.md section 5 defines it, so
+    rows of very different norms weigh accordingly.
 
     Args:
         features: ``(n, dim)`` features (e.g. encoder outputs h of the training set).
@@ -297,7 +299,7 @@ def representation_metrics(
         ``uniformity_inter`` (K x K symmetric matrix of ``-`` cross-uniformity between clients
         k and l, the diagonal holding the intra values),
         ``uniformity_inter_mean`` (over the pairs k != l that have a value, else ``None``),
-        ``effective_rank``.
+        ``effective_rank`` (of the raw features of the global sample).
 
     Raises:
         ConfigError: if ``t`` is not positive, ``max_samples < 2`` or ``max_per_client < 1``.
@@ -329,6 +331,7 @@ def representation_metrics(
 
     global_rows = _sample_rows(unit.shape[0], max_samples, generator).to(unit.device)
     global_sample = unit[global_rows]
+    global_raw = features[global_rows]
 
     picks = []
     for client in clients:
@@ -363,5 +366,5 @@ def representation_metrics(
         "uniformity_intra_mean": _mean_or_none([v for v in intra if v is not None]),
         "uniformity_inter": inter,
         "uniformity_inter_mean": _mean_or_none(off_diagonal),
-        "effective_rank": effective_rank(global_sample),
+        "effective_rank": effective_rank(global_raw),
     }

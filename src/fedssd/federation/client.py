@@ -57,12 +57,6 @@ class LocalResult:
     seconds: float
 
 
-def count_batches(num_samples: int, *, batch_size: int, epochs: int) -> int:
-    """Mini-batches local training will take: full and partial batches, minus size-1 ones."""
-    full, rest = divmod(num_samples, batch_size)
-    return epochs * (full + (1 if rest >= 2 else 0))
-
-
 def local_train(
     model: nn.Module,
     method: Method,

@@ -42,6 +42,13 @@ def option_dict(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return dataclasses.asdict(resolve_options(name, options))
 
 
+def shared_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that method ``name`` also has (to run another method on the
+    same experiment, e.g. SSD's ``uniformity_weight`` carries over to FedAlignUniform)."""
+    known = {field.name for field in dataclasses.fields(_spec(name).options)}
+    return {key: value for key, value in options.items() if key in known}
+
+
 def build_method(name: str, options: Mapping[str, Any], context: MethodContext) -> Method:
     """Build the named method from its options."""
     return _spec(name).build(resolve_options(name, options), context)

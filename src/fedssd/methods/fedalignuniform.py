@@ -14,6 +14,7 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.aggregate import fedavg
+from fedssd.errors import ConfigError
 from fedssd.methods.protocol import ClientUpdate, MethodContext
 
 
@@ -29,6 +30,16 @@ class AlignUniformOptions:
     uniformity_weight: float = 1.0
     uniformity_t: float = 2.0
 
+    def __post_init__(self) -> None:
+        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
+        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise a ConfigError with ``message`` unless ``ok`` (option range checks)."""
+    if not ok:
+        raise ConfigError(f"{message}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class ViewOutputs:
@@ -40,10 +51,19 @@ class ViewOutputs:
 
 
 def forward_views(model: nn.Module, view1: torch.Tensor, view2: torch.Tensor) -> ViewOutputs:
-    """Run both views through the model separately (BatchNorm statistics per view)."""
-    h1, z1 = model(view1)
-    h2, z2 = model(view2)
+    """Run both views through the model separately (BatchNorm statistics per view).
+
+    The outputs are float32 whatever the autocast precision, so that the losses, computed under
+    :func:`full_precision`, do not lose the small distances uniformity depends on.
+    """
+    h1, z1 = (t.float() for t in model(view1))
+    h2, z2 = (t.float() for t in model(view2))
     return ViewOutputs(h=(h1, h2), z_raw=(z1, z2), z=(losses.normalize(z1), losses.normalize(z2)))
+
+
+def full_precision(device: torch.device) -> torch.autocast:
+    """A context in which mixed-precision autocast is off (loss terms run in float32)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def align_uniform_loss(
@@ -60,7 +80,6 @@ class FedAlignUniform:
 
     def __init__(self, options: AlignUniformOptions, context: MethodContext) -> None:
         self.options = options
-        self.context = context
 
     def local_loss(
         self,
@@ -73,9 +92,10 @@ class FedAlignUniform:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :meth:`fedssd.methods.protocol.Method.local_loss`."""
         out = forward_views(model, view1, view2)
-        return align_uniform_loss(
-            out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
-        )
+        with full_precision(view1.device):
+            return align_uniform_loss(
+                out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
+            )
 
     def aggregate(
         self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]

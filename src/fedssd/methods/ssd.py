@@ -24,7 +24,13 @@ from torch import nn
 from fedssd import losses
 from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
-from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views
+from fedssd.methods.fedalignuniform import (
+    ViewOutputs,
+    align_uniform_loss,
+    forward_views,
+    full_precision,
+    require,
+)
 from fedssd.methods.protocol import ClientUpdate, MethodContext
 from fedssd.seeding import SCALING_SETS, numpy_rng
 
@@ -63,6 +69,14 @@ class SSDOptions:
     pd_weight: float = 0.1
     pd_form: Literal["kl", "mse"] = "kl"
     pd_temperature: float = 0.5
+
+    def __post_init__(self) -> None:
+        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
+        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        require(self.dsr_weight >= 0, "method.dsr_weight must be >= 0")
+        require(self.dsr_alpha > 0, "method.dsr_alpha must be > 0")
+        require(self.pd_weight >= 0, "method.pd_weight must be >= 0")
+        require(self.pd_temperature > 0, "method.pd_temperature must be > 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,13 +134,19 @@ class SSD:
                 "or method.pd = false."
             )
         self.options = options
-        self.sets = draw_scaling_sets(
-            embed_dim=context.embed_dim, num_clients=context.num_clients, seed=context.seed
+        # Drawn only when DSR is on, so that the +PD ablation runs with any number of clients.
+        self.sets = (
+            draw_scaling_sets(
+                embed_dim=context.embed_dim, num_clients=context.num_clients, seed=context.seed
+            )
+            if options.dsr
+            else None
         )
-        self._basis = self.sets.basis.to(context.device)
-        self._scales = torch.stack(
-            [self.sets.scale(k, options.dsr_alpha) for k in range(context.num_clients)]
-        ).to(context.device)
+        if self.sets is not None:
+            self._basis = self.sets.basis.to(context.device)
+            self._scales = torch.stack(
+                [self.sets.scale(k, options.dsr_alpha) for k in range(context.num_clients)]
+            ).to(context.device)
 
     def local_loss(
         self,
@@ -138,15 +158,20 @@ class SSD:
         position: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """See :meth:`fedssd.methods.protocol.Method.local_loss`."""
-        opts = self.options
         out = forward_views(model, view1, view2)
+        with full_precision(view1.device):
+            return self._loss(out, client_id=client_id, position=position)
+
+    def _loss(
+        self, out: ViewOutputs, *, client_id: int, position: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        opts = self.options
         loss, parts = align_uniform_loss(
             out, uniformity_weight=opts.uniformity_weight, t=opts.uniformity_t
         )
         if opts.dsr:
-            index = client_id if opts.dsr_keying == "client_id" else position
-            scale = self._scales[index]
-            z1, z2 = (z.float() for z in out.z)
+            scale = self._scales[client_id if opts.dsr_keying == "client_id" else position]
+            z1, z2 = out.z
             if opts.dsr_form == "paper":
                 dsr = (losses.dsr_paper(z1, scale) + losses.dsr_paper(z2, scale)) / 2
             else:
@@ -158,9 +183,9 @@ class SSD:
             parts["dsr"] = dsr.detach()
         if opts.pd:
             pd_terms = [
-                losses.projector_distillation_kl(h.float(), z.float(), opts.pd_temperature)
+                losses.projector_distillation_kl(h, z, opts.pd_temperature)
                 if opts.pd_form == "kl"
-                else losses.projector_distillation_mse(h.float(), z.float())
+                else losses.projector_distillation_mse(h, z)
                 for h, z in zip(out.h, out.z_raw, strict=True)
             ]
             pd = (pd_terms[0] + pd_terms[1]) / 2
@@ -175,7 +200,9 @@ class SSD:
         return fedavg([u.state for u in updates], [u.weight for u in updates])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The scaling sets, saved so that a run can be inspected or resumed."""
+        """The scaling sets (when DSR is on), saved so that a run can be inspected or resumed."""
+        if self.sets is None:
+            return {}
         return {"dsr_dims": self.sets.dims.clone(), "dsr_basis": self.sets.basis.clone()}
 
 
