@@ -153,20 +153,17 @@ def evaluate_model(
         batch_size=settings.linear_batch_size,
         seed=seed,
         device=device,
+        log=log,
     )
-    quality_h = representation_metrics(
-        h_train,
-        train_clients,
-        max_samples=settings.metrics_samples,
-        max_per_client=settings.metrics_per_client,
-        seed=seed,
-    )
-    quality_z = representation_metrics(
-        z_train,
-        train_clients,
-        max_samples=settings.metrics_samples,
-        max_per_client=settings.metrics_per_client,
-        seed=seed,
+    quality_h, quality_z = (
+        representation_metrics(
+            features,
+            train_clients,
+            max_samples=settings.metrics_samples,
+            max_per_client=settings.metrics_per_client,
+            seed=seed,
+        )
+        for features in (h_train, z_train)
     )
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
