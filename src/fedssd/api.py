@@ -163,12 +163,7 @@ def check_setup(config: Config) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written."""
     with torch.device("meta"):
-        probe = build_model(
-            encoder=config.model.encoder,
-            width=config.model.width or None,
-            projector_hidden=config.model.projector_hidden,
-            projector_out=config.model.projector_out or None,
-        )
+        probe = _build_model(config, in_channels=3)
     context = MethodContext(
         num_clients=config.federation.num_clients,
         feature_dim=probe.feature_dim,
@@ -219,14 +214,18 @@ def make_model(config: Config, in_channels: int, device: torch.device) -> SSLMod
     """The initial global model, its weights drawn from the run seed alone."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(derive_seed(config.seed, MODEL_INIT))
-        model = build_model(
-            encoder=config.model.encoder,
-            in_channels=in_channels,
-            width=config.model.width or None,
-            projector_hidden=config.model.projector_hidden,
-            projector_out=config.model.projector_out or None,
-        )
+        model = _build_model(config, in_channels=in_channels)
     return model.to(device)
+
+
+def _build_model(config: Config, *, in_channels: int) -> SSLModel:
+    return build_model(
+        encoder=config.model.encoder,
+        in_channels=in_channels,
+        width=config.model.width or None,
+        projector_hidden=config.model.projector_hidden,
+        projector_out=config.model.projector_out or None,
+    )
 
 
 def select_device(name: str) -> torch.device:
