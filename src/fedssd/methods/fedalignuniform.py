@@ -14,8 +14,7 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.aggregate import fedavg
-from fedssd.errors import ConfigError
-from fedssd.methods.protocol import ClientUpdate, MethodContext
+from fedssd.methods.protocol import ClientUpdate, MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +32,6 @@ class AlignUniformOptions:
     def __post_init__(self) -> None:
         require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
         require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
-
-
-def require(ok: bool, message: str) -> None:
-    """Raise a ConfigError with ``message`` unless ``ok`` (option range checks)."""
-    if not ok:
-        raise ConfigError(f"{message}.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,6 +9,14 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from fedssd.errors import ConfigError
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise a ConfigError with ``message`` unless ``ok`` (range checks of method options)."""
+    if not ok:
+        raise ConfigError(f"{message}.")
+
 
 @dataclasses.dataclass(frozen=True)
 class MethodContext:

@@ -29,9 +29,8 @@ from fedssd.methods.fedalignuniform import (
     align_uniform_loss,
     forward_views,
     full_precision,
-    require,
 )
-from fedssd.methods.protocol import ClientUpdate, MethodContext
+from fedssd.methods.protocol import ClientUpdate, MethodContext, require
 from fedssd.seeding import SCALING_SETS, numpy_rng
 
 
