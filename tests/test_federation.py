@@ -152,13 +152,20 @@ class Recording:
         return self.inner.local_loss(*args, **kwargs)
 
     def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
     ) -> dict[str, torch.Tensor]:
         self.rounds.append(list(updates))
-        return self.inner.aggregate(global_state, updates)
+        return self.inner.aggregate(global_state, updates, round_index=round_index)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        pass
 
 
 def test_round_loop_trains_each_sampled_client_from_the_global_model() -> None:

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from fedssd.api import RunResult, load_config, train
+    from fedssd.api import RunResult, load_config, resume, train
     from fedssd.config import Config
 
-__all__ = ["Config", "RunResult", "__version__", "load_config", "train"]
+__all__ = ["Config", "RunResult", "__version__", "load_config", "resume", "train"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("RunResult", "load_config", "train"):
+    if name in ("RunResult", "load_config", "resume", "train"):
         from fedssd import api
 
         return getattr(api, name)

@@ -12,6 +12,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,25 +24,36 @@ import torch
 from torch import nn
 
 from fedssd import config as config_module
+from fedssd.checkpoint import (
+    Checkpoint,
+    check_model_state,
+    list_checkpoints,
+    load_checkpoint,
+    run_identity,
+    save_checkpoint,
+)
 from fedssd.config import Config
 from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
-from fedssd.data.datasets import ImageDataset, load_dataset
+from fedssd.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
 from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.evaluate import evaluate_model, knn_monitor
-from fedssd.federation.simulator import Callback, ClientCallback, Schedule, run_rounds
+from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
+from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
+from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.models import SSLModel, build_model
 from fedssd.outputs import (
     append_jsonl,
     check_run_dir,
+    jsonable,
     prepare_run_dir,
     save_model,
     write_json,
     write_text_atomic,
 )
-from fedssd.seeding import EVALUATION, MODEL_INIT, SUBSET, derive_seed, numpy_rng
+from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
 
@@ -162,6 +174,11 @@ def load_config(config: Config | str | Path, overrides: Sequence[str] = ()) -> C
 def check_setup(config: Config) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written."""
+    if config.data.name not in DATASET_NAMES:
+        raise ConfigError(
+            f"unknown dataset data.name = {config.data.name!r}; choose one of "
+            f"{', '.join(DATASET_NAMES)}."
+        )
     with torch.device("meta"):
         probe = _build_model(config, in_channels=3)
     context = MethodContext(
@@ -278,6 +295,104 @@ def stderr_log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass
+class Experiment:
+    """Everything a run is made of, built from a config (shared by the simulator and Flower).
+
+    Attributes:
+        config: The resolved configuration.
+        data: The dataset and its split over clients.
+        device: Where training runs.
+        augment: The two-view augmentation.
+        global_model: The global model (initial weights from the run seed).
+        client_model: The one reused client model.
+        method: The federated method.
+        schedule: Rounds, sampling and learning rates.
+        settings: Local training settings.
+        guards: Simulated faults and update validation.
+        images: ``(n, c, height, width)`` uint8 training images on ``device``.
+        client_indices: One int64 index tensor per client on ``device``.
+    """
+
+    config: Config
+    data: FederatedData
+    device: torch.device
+    augment: AugmentConfig
+    global_model: SSLModel
+    client_model: SSLModel
+    method: Method
+    schedule: Schedule
+    settings: LocalSettings
+    guards: Guards
+    images: torch.Tensor
+    client_indices: list[torch.Tensor]
+
+
+def build_experiment(config: Config, *, log: Log) -> Experiment:
+    """Load the data and build the models, the method and the schedules of a resolved config."""
+    device = select_device(config.device)
+    data = prepare_data(config, log=log)
+    in_channels = data.dataset.x_train.shape[1]
+    global_model = make_model(config, in_channels, device)
+    client_model = make_model(config, in_channels, device)
+    method = build_method(
+        config.method.name,
+        config.method.options,
+        MethodContext(
+            num_clients=config.federation.num_clients,
+            feature_dim=global_model.feature_dim,
+            embed_dim=global_model.embed_dim,
+            seed=config.seed,
+            device=device,
+        ),
+    )
+    for model in (global_model, client_model):
+        attach_extras(model, method, seed=config.seed)
+    fed = config.federation
+    augment = data.augmentation()
+    return Experiment(
+        config=config,
+        data=data,
+        device=device,
+        augment=augment,
+        global_model=global_model,
+        client_model=client_model,
+        method=method,
+        schedule=Schedule(
+            num_clients=fed.num_clients,
+            fraction=fed.fraction,
+            rounds=fed.rounds,
+            lr=fed.lr,
+            lr_schedule=fed.lr_schedule,
+            seed=config.seed,
+        ),
+        settings=LocalSettings(
+            epochs=fed.local_epochs,
+            batch_size=fed.batch_size,
+            lr=fed.lr,
+            momentum=fed.momentum,
+            weight_decay=fed.weight_decay,
+            augment=augment,
+            autocast_dtype=autocast_dtype(config.precision, device),
+        ),
+        guards=Guards(faults=config.faults, validation=config.validation),
+        images=data.dataset.x_train.to(device),
+        client_indices=[torch.from_numpy(p).long().to(device) for p in data.client_indices],
+    )
+
+
+def attach_extras(model: SSLModel, method: Method, *, seed: int) -> None:
+    """Give ``model`` the method's extra modules (predictor, centroids), seeded from the run."""
+    if not isinstance(method, ExtendsModel):
+        return
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(seed, EXTRAS_INIT))
+        modules = method.extra_modules()
+    for name, module in modules.items():
+        model.extras[name] = module.to(device)
+
+
 def train(
     config: Config | str | Path,
     *,
@@ -292,8 +407,8 @@ def train(
     Args:
         config: A :class:`~fedssd.config.Config` or the path of a TOML file.
         overrides: ``dotted.key=value`` strings applied on top (e.g. ``"federation.rounds=5"``).
-        out: Folder for ``config.toml``, ``metrics.jsonl``, ``partition.json``, ``summary.json``
-            and ``model.safetensors``; None writes nothing.
+        out: Folder for ``config.toml``, ``metrics.jsonl``, ``partition.json``, ``summary.json``,
+            ``model.safetensors`` and ``checkpoints/``; None writes nothing.
         overwrite: Replace the files of an earlier run in ``out`` (otherwise that is an error).
         log: Receives progress lines; None for silence.
         verbose: Also log a line after each client's local training.
@@ -310,82 +425,174 @@ def train(
     if out is not None:
         check_run_dir(Path(out), overwrite=overwrite)
     check_setup(cfg)
-    device = select_device(cfg.device)
-    fed_data = prepare_data(cfg, log=say)
-    augment = fed_data.augmentation()
-    dataset = fed_data.dataset
-    global_model = make_model(cfg, dataset.x_train.shape[1], device)
-    client_model = make_model(cfg, dataset.x_train.shape[1], device)
-    context = MethodContext(
-        num_clients=cfg.federation.num_clients,
-        feature_dim=global_model.feature_dim,
-        embed_dim=global_model.embed_dim,
-        seed=cfg.seed,
-        device=device,
-    )
-    method = build_method(cfg.method.name, cfg.method.options, context)
-
+    experiment = build_experiment(cfg, log=say)
     # Everything the user can get wrong has been checked: only now is the output folder touched.
     out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
     if out_dir is not None:
-        _write_header(out_dir, cfg, fed_data)
-    views = fed_data.evaluation_views()
-    sizes = [len(p) for p in fed_data.client_indices]
+        _write_header(out_dir, cfg, experiment.data)
+    return _run(
+        experiment, out_dir=out_dir, resume_from=None, started=started, say=say, verbose=verbose
+    )
+
+
+def resume(
+    run_dir: str | Path, *, log: Log | None = stderr_log, verbose: bool = False
+) -> RunResult:
+    """Continue an interrupted run from its newest checkpoint.
+
+    The run's own ``config.toml`` is used. On the CPU, a resumed run ends with the same global
+    weights, bit for bit, and the same metrics as the run would have without the interruption.
+
+    Raises:
+        fedssd.errors.FedSSDError: The folder is not an unfinished run with a checkpoint, or the
+            checkpoint is corrupted or belongs to another run.
+    """
+    started = time.perf_counter()
+    say: Log = log or (lambda _message: None)
+    out_dir = Path(run_dir)
+    config_path = out_dir / "config.toml"
+    if not config_path.is_file():
+        raise ConfigError(f"{out_dir} is not a fedssd run folder (it has no config.toml).")
+    if (out_dir / "summary.json").exists():
+        raise ConfigError(
+            f"the run in {out_dir} has finished (summary.json exists); nothing to resume."
+        )
+    cfg = load_config(config_path)
+    checkpoints = list_checkpoints(out_dir)
+    if not checkpoints:
+        raise ConfigError(
+            f"{out_dir} has no checkpoint to resume from (the run stopped before its first one, "
+            f"written every {cfg.checkpoint.every} rounds); start it again with --overwrite."
+        )
+    saved = load_checkpoint(checkpoints[-1])
+    if saved.identity != run_identity(config_module.to_dict(cfg)):
+        raise DataError(
+            f"checkpoint {checkpoints[-1]} was written by a different configuration than "
+            f"{config_path}; resume only the run that wrote it."
+        )
+    check_setup(cfg)
+    experiment = build_experiment(cfg, log=say)
+    check_model_state(experiment.global_model.state_dict(), saved.model, where=checkpoints[-1])
+    experiment.global_model.load_state_dict(saved.model)
+    experiment.method.load_state_dict(saved.server)
+    say(f"resuming {out_dir} after round {saved.rounds_done} of {cfg.federation.rounds}")
+    # The metrics file is rewritten from the checkpoint: lines of rounds after it are redone.
+    write_text_atomic(
+        out_dir / "metrics.jsonl",
+        "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
+    )
+    return _run(
+        experiment, out_dir=out_dir, resume_from=saved, started=started, say=say, verbose=verbose
+    )
+
+
+def _run(
+    experiment: Experiment,
+    *,
+    out_dir: Path | None,
+    resume_from: Checkpoint | None,
+    started: float,
+    say: Log,
+    verbose: bool,
+) -> RunResult:
+    """The round loop, the final evaluation and the final files of a built experiment."""
+    cfg, data = experiment.config, experiment.data
+    views = data.evaluation_views()
+    sizes = [len(p) for p in data.client_indices]
     say(
-        f"{dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
-        f"(smallest {min(sizes)}, largest {max(sizes)}), {len(fed_data.test_indices)} test images"
+        f"{data.dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
+        f"(smallest {min(sizes)}, largest {max(sizes)}), {len(data.test_indices)} test images"
     )
     fed = cfg.federation
     say(
-        f"training {cfg.method.name} on {device.type}: {fed.rounds} rounds, "
+        f"training {cfg.method.name} on {experiment.device.type}: {fed.rounds} rounds, "
         f"{fed.local_epochs} local epochs, {fed.num_clients} clients at fraction {fed.fraction}"
     )
+    store = resume_from.store if resume_from is not None else ClientStore()
+    history = list(resume_from.history) if resume_from is not None else []
+    callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
+    if out_dir is not None and cfg.checkpoint.every:
+        callbacks.append(_checkpointer(cfg, out_dir, experiment.method, store, history))
     history = run_rounds(
-        global_model=global_model,
-        client_model=client_model,
-        method=method,
-        images=dataset.x_train.to(device),
-        client_indices=[torch.from_numpy(p).long().to(device) for p in fed_data.client_indices],
-        schedule=Schedule(
-            num_clients=fed.num_clients,
-            fraction=fed.fraction,
-            rounds=fed.rounds,
-            lr=fed.lr,
-            lr_schedule=fed.lr_schedule,
-            seed=cfg.seed,
-        ),
-        settings=LocalSettings(
-            epochs=fed.local_epochs,
-            batch_size=fed.batch_size,
-            lr=fed.lr,
-            momentum=fed.momentum,
-            weight_decay=fed.weight_decay,
-            augment=augment,
-            autocast_dtype=autocast_dtype(cfg.precision, device),
-        ),
-        callbacks=_callbacks(cfg, views, device, out_dir, say),
+        global_model=experiment.global_model,
+        client_model=experiment.client_model,
+        method=experiment.method,
+        images=experiment.images,
+        client_indices=experiment.client_indices,
+        schedule=experiment.schedule,
+        settings=experiment.settings,
+        store=store,
+        guards=experiment.guards,
+        start_round=len(history),
+        history=history,
+        callbacks=callbacks,
         on_client=_client_progress(cfg.method.name, fed.rounds, say) if verbose else None,
     )
-    train_seconds = time.perf_counter() - started
+    return finish_run(experiment, history, views=views, out_dir=out_dir, started=started, say=say)
 
+
+def finish_run(
+    experiment: Experiment,
+    history: list[dict[str, Any]],
+    *,
+    views: EvaluationViews,
+    out_dir: Path | None,
+    started: float,
+    say: Log,
+) -> RunResult:
+    """Evaluate the final global model and write ``model.safetensors``, the server state and
+    ``summary.json``."""
+    cfg = experiment.config
+    train_seconds = time.perf_counter() - started
     say("evaluating the final global model (kNN, linear probe, uniformity, alignment, rank)")
+    model = experiment.global_model
     summary = {
         "method": cfg.method.name,
-        "dataset": dataset.name,
-        **final_evaluation(cfg, views, global_model, augment=augment, device=device, log=say),
-        "rounds": fed.rounds,
+        "dataset": experiment.data.dataset.name,
+        **final_evaluation(
+            cfg, views, model, augment=experiment.augment, device=experiment.device, log=say
+        ),
+        "rounds": cfg.federation.rounds,
+        "skipped_rounds": sum(1 for record in history if record.get("skipped")),
+        "failed_clients": sum(len(record.get("failed", {})) for record in history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
     if out_dir is not None:
-        save_model(out_dir / "model.safetensors", global_model.state_dict())
-        server_state = method.state_dict()
+        save_model(out_dir / "model.safetensors", model.state_dict())
+        server_state = experiment.method.state_dict()
         if server_state:
             save_model(out_dir / "server_state.safetensors", server_state)
         write_json(out_dir / "summary.json", summary)
-    return RunResult(
-        config=cfg, history=history, summary=summary, out_dir=out_dir, model=global_model
-    )
+    return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
+
+
+def _checkpointer(
+    config: Config,
+    out_dir: Path,
+    method: Method,
+    store: ClientStore,
+    history: list[dict[str, Any]],
+) -> Callback:
+    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end."""
+    identity = run_identity(config_module.to_dict(config))
+    every, rounds = config.checkpoint.every, config.federation.rounds
+
+    def save(record: dict[str, Any], model: nn.Module) -> None:
+        done = int(record["round"])
+        if done % every and done != rounds:
+            return
+        checkpoint = Checkpoint(
+            rounds_done=done,
+            model={k: v.detach() for k, v in model.state_dict().items()},
+            server=method.state_dict(),
+            store=store,
+            history=history[:done],
+            identity=identity,
+        )
+        save_checkpoint(out_dir, checkpoint, keep=config.checkpoint.keep)
+
+    return save
 
 
 def _write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
@@ -404,7 +611,7 @@ def _write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
     )
 
 
-def _callbacks(
+def round_callbacks(
     config: Config, views: EvaluationViews, device: torch.device, out_dir: Path | None, say: Log
 ) -> list[Callback]:
     """The round callbacks: the kNN monitor, the metrics file and the progress line."""

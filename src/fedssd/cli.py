@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from fedssd import __version__
-from fedssd.errors import ConfigError, FedSSDError
+from fedssd.errors import ConfigError, FedSSDError, TrainingDiverged
 
 EXIT_USAGE = 2
+EXIT_FAILED = 1
 
 # The columns of the comparison table: (summary key, header, scale, format).
 TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
@@ -58,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"fedssd {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
-    def add_run_options(sub: argparse.ArgumentParser) -> None:
+    def add_run_options(sub: argparse.ArgumentParser, *, config_required: bool = True) -> None:
         sub.add_argument(
             "--config",
-            required=True,
+            required=config_required,
             type=Path,
             metavar="FILE",
             help="TOML experiment file (see configs/); keys left out take their defaults",
@@ -90,16 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train one federated experiment and evaluate the final global model. Writes "
             "config.toml (resolved), metrics.jsonl (one line per round), partition.json, "
-            "summary.json (final evaluation) and model.safetensors into the output folder."
+            "summary.json (final evaluation), model.safetensors and checkpoints/ into the output "
+            "folder. With --resume DIR, continue an interrupted run from its newest checkpoint."
         ),
     )
-    add_run_options(train)
+    add_run_options(train, config_required=False)
     train.epilog = CONFIG_HELP
     train.add_argument(
         "--out",
         type=Path,
         metavar="DIR",
         help="output folder (default: runs/<config name>-<method>-<date-time>)",
+    )
+    train.add_argument(
+        "--resume",
+        type=Path,
+        metavar="DIR",
+        help="continue the interrupted run in DIR from its newest checkpoint (its config.toml)",
     )
 
     compare = commands.add_parser(
@@ -145,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "methods", help="list the registered methods", description="List the registered methods."
     )
+    from fedssd.protocols import add_eval_parser
+
+    add_eval_parser(commands)
     return parser
 
 
@@ -162,7 +173,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _compare(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "eval":
+            from fedssd.protocols import run_eval
+
+            return run_eval(args)
         return _methods()
+    except TrainingDiverged as error:
+        print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
+        return EXIT_FAILED
     except FedSSDError as error:
         print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
         return EXIT_USAGE
@@ -172,15 +190,28 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, stderr_log, train
+    from fedssd.api import load_config, resume, stderr_log, train
 
+    log = None if args.quiet else stderr_log
+    if args.resume is not None:
+        if args.config is not None or args.overrides or args.out is not None or args.overwrite:
+            raise ConfigError(
+                "--resume continues a run with its own config.toml and folder; "
+                "drop --config, --set, --out and --overwrite."
+            )
+        result = resume(args.resume, log=log, verbose=args.verbose)
+        print(format_table({result.config.method.name: result.summary}))
+        print(f"\nrun written to {result.out_dir}")
+        return 0
+    if args.config is None:
+        raise ConfigError("train needs --config FILE (or --resume DIR to continue a run).")
     config = load_config(args.config, args.overrides)
     out = args.out or _default_out(args.config, config.method.name)
     result = train(
         config,
         out=out,
         overwrite=args.overwrite,
-        log=None if args.quiet else stderr_log,
+        log=log,
         verbose=args.verbose,
     )
     print(format_table({result.config.method.name: result.summary}))

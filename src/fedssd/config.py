@@ -1,10 +1,11 @@
 """Experiment configuration: frozen dataclasses and the one function that parses them.
 
 A configuration is a TOML file whose tables mirror the dataclasses below (``[data]``,
-``[model]``, ``[method]``, ``[federation]``, ``[evaluation]``) plus the top-level ``seed``,
-``device`` and ``precision``. :func:`load` reads a file, applies ``key=value`` overrides
-(``federation.rounds=5``), rejects unknown keys, wrong types and out-of-range values with a
-:class:`~fedssd.errors.ConfigError`, and returns a :class:`Config`. The ``[method]`` table holds
+``[model]``, ``[method]``, ``[federation]``, ``[evaluation]``, ``[checkpoint]``, ``[faults]``,
+``[validation]``) plus the top-level ``seed``, ``device`` and ``precision``. :func:`load` reads a
+file, applies ``key=value`` overrides (``federation.rounds=5``), rejects unknown keys, wrong
+types and out-of-range values with a :class:`~fedssd.errors.ConfigError`, and returns a
+:class:`Config`. The ``[method]`` table holds
 ``name`` plus that method's own options; those are checked against the method's option dataclass
 by :func:`fedssd.methods.resolve_options`, so this module never needs to know any method.
 """
@@ -155,6 +156,55 @@ class EvaluationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints for ``fedssd train --resume``.
+
+    Attributes:
+        every: Write a checkpoint every this many rounds, and after the last (0 = never).
+        keep: How many of the newest checkpoints to keep (older ones are deleted).
+    """
+
+    every: int = 5
+    keep: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """Simulated client failures (all off by default).
+
+    Each sampled client independently, from the run seed: crashes before training with
+    probability ``crash``; else trains but misses the round's deadline with probability
+    ``straggle``; else trains but its update is lost with probability ``drop``.
+
+    Attributes:
+        crash: Probability that a sampled client crashes.
+        straggle: Probability that a client straggles past the deadline.
+        drop: Probability that a client's update never arrives.
+        min_clients: A round with fewer surviving (accepted) updates is skipped: the global
+            model stays as it was, and the round is logged.
+    """
+
+    crash: float = 0.0
+    straggle: float = 0.0
+    drop: float = 0.0
+    min_clients: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ValidationConfig:
+    """Server-side checks of each client update (non-finite values, keys and shapes always).
+
+    Attributes:
+        max_norm_ratio: Reject an update whose distance to the global model is more than this
+            many times the median distance of the round's other updates (0 = no norm check).
+        min_peers: The norm check needs at least this many other updates in the round.
+    """
+
+    max_norm_ratio: float = 10.0
+    min_peers: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment.
 
@@ -172,6 +222,9 @@ class Config:
     method: MethodConfig = dataclasses.field(default_factory=MethodConfig)
     federation: FederationConfig = dataclasses.field(default_factory=FederationConfig)
     evaluation: EvaluationConfig = dataclasses.field(default_factory=EvaluationConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
 
 
 def load(
@@ -321,6 +374,7 @@ def coerce(hint: Any, value: Any, *, key: str) -> Any:
 def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
     data, fed, ev, model = config.data, config.federation, config.evaluation, config.model
+    ckpt, faults, val = config.checkpoint, config.faults, config.validation
     checks: list[tuple[bool, str]] = [
         (config.seed >= 0, f"seed must be a non-negative integer, not {config.seed}."),
         (data.alpha > 0, f"data.alpha must be > 0, not {data.alpha}."),
@@ -367,6 +421,18 @@ def validate(config: Config) -> None:
         (ev.metrics_samples >= 2, "evaluation.metrics_samples must be at least 2."),
         (ev.metrics_per_client >= 2, "evaluation.metrics_per_client must be at least 2."),
         (ev.batch_size >= 1, "evaluation.batch_size must be at least 1."),
+        (ckpt.every >= 0, "checkpoint.every must be >= 0 (0 means no checkpoints)."),
+        (ckpt.keep >= 1, "checkpoint.keep must be at least 1."),
+        *(
+            (0 <= getattr(faults, name) <= 1, f"faults.{name} must be in [0, 1].")
+            for name in ("crash", "straggle", "drop")
+        ),
+        (faults.min_clients >= 1, "faults.min_clients must be at least 1."),
+        (
+            val.max_norm_ratio == 0 or val.max_norm_ratio > 1,
+            "validation.max_norm_ratio must be 0 (off) or greater than 1.",
+        ),
+        (val.min_peers >= 1, "validation.min_peers must be at least 1."),
         (
             _valid_device(config.device),
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {config.device!r}.",

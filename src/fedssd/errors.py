@@ -2,7 +2,8 @@
 
 Every error a user can cause (a bad config, missing or malformed data, a wrong checkpoint) is raised
 as a :class:`FedSSDError` whose message is one sentence saying what is wrong and what to do. The
-CLI prints that sentence and exits with code 2; anything else is a bug and keeps its traceback.
+CLI prints that sentence and exits with code 2 (1 for :class:`TrainingDiverged`, a run that
+failed rather than a bad input); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -18,3 +19,7 @@ class ConfigError(FedSSDError):
 
 class DataError(FedSSDError):
     """A dataset or split file is missing, corrupt or inconsistent."""
+
+
+class TrainingDiverged(FedSSDError):
+    """Training cannot go on: every client's loss diverged, or aggregation gave NaN weights."""

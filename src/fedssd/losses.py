@@ -94,3 +94,48 @@ def projector_distillation_kl(
 def projector_distillation_mse(h: torch.Tensor, z_raw: torch.Tensor) -> torch.Tensor:
     """The MSE variant of projector distillation: ``mean((h - z_raw)^2)``."""
     return (h - z_raw).pow(2).mean()
+
+
+def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent (SimCLR; BASELINES.md section 1.4) of N positive pairs ``(a_i, b_i)``.
+
+    The rows of ``V = [a; b]`` are normalised inside; with ``s_ij = V_i . V_j / tau`` each of the
+    2N rows has the loss ``-s_{i,pi(i)} + log sum_{k != i} exp(s_ik)``, whose denominator leaves
+    out only the self-similarity (the positive stays in). The result is the mean over the 2N rows.
+
+    Args:
+        a: ``(n, dim)`` embeddings of the first view (any norm).
+        b: ``(n, dim)`` embeddings of the second view (any norm).
+        temperature: The temperature tau.
+    """
+    n = a.shape[0]
+    v = normalize(torch.cat([a, b], dim=0))
+    sim = v @ v.T / temperature
+    # -inf on the diagonal drops exp(s_ii) from the log-sum-exp (zeroing it would keep exp(0) = 1).
+    self_mask = torch.eye(2 * n, dtype=torch.bool, device=v.device)
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    positives = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(v.device)
+    return F.cross_entropy(sim, positives)
+
+
+def byol_regression(p: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's regression loss ``mean_i (2 - 2 cos(p_i, stopgrad(target_i)))``.
+
+    Equals the mean squared distance of the normalised vectors. No gradient reaches ``target``.
+
+    Args:
+        p: ``(batch, dim)`` online predictions.
+        target: ``(batch, dim)`` target projections of the other view.
+    """
+    cos = F.cosine_similarity(p, target.detach(), dim=1)
+    return (2 - 2 * cos).mean()
+
+
+def negative_cosine(p: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """SimSiam's ``D(p, z) = -mean_i cos(p_i, stopgrad(z_i))``; no gradient reaches ``z``.
+
+    Args:
+        p: ``(batch, dim)`` predictions of one view.
+        z: ``(batch, dim)`` projections of the other view.
+    """
+    return -F.cosine_similarity(p, z.detach(), dim=1).mean()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -56,6 +58,12 @@ class LocalResult:
     parts: dict[str, float]
     seconds: float
 
+    @property
+    def finite(self) -> bool:
+        """Whether every step's loss was a finite number (a NaN or infinity in any step makes
+        the mean non-finite)."""
+        return math.isfinite(self.loss)
+
 
 def local_train(
     model: nn.Module,
@@ -67,6 +75,7 @@ def local_train(
     generator: torch.Generator,
     client_id: int,
     position: int,
+    after_step: Callable[[nn.Module], None] | None = None,
 ) -> LocalResult:
     """Train ``model`` in place on one client's data with a fresh SGD optimizer.
 
@@ -79,14 +88,16 @@ def local_train(
         generator: The client's random stream for this round (shuffling and augmentation).
         client_id: The client's id.
         position: The client's position in this round's sample.
+        after_step: Called with the model after every optimizer step (EMA target updates).
 
     Returns:
         Batch count, mean loss and its parts.
     """
     start = time.perf_counter()
     model.train()
+    # Parameters a method freezes (target networks, centroids) are not the optimizer's.
     optimizer = torch.optim.SGD(
-        model.parameters(),
+        [p for p in model.parameters() if p.requires_grad],
         lr=settings.lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
@@ -115,6 +126,8 @@ def local_train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if after_step is not None:
+                after_step(model)
             total += loss.detach().float()
             for name, value in parts.items():
                 sums[name] = sums.get(name, 0) + value.float()

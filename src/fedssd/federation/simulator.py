@@ -1,7 +1,8 @@
 """The in-process federated simulator: the round loop.
 
-sample clients -> for each: load the global weights into one reused client model, train locally ->
-``method.aggregate`` -> callbacks (evaluate, log, progress). The loop never learns a method's name.
+sample clients -> for each: load the global weights into one reused client model, the method's
+client hooks, train locally, check the update -> ``method.aggregate`` -> callbacks (evaluate,
+log, checkpoint, progress). The loop never learns a method's name.
 """
 
 from __future__ import annotations
@@ -9,15 +10,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from fedssd.config import FaultConfig, ValidationConfig
+from fedssd.errors import TrainingDiverged
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
+from fedssd.federation.faults import draw_fault
 from fedssd.federation.sampling import sample_clients
-from fedssd.methods.protocol import ClientUpdate, Method
+from fedssd.federation.store import ClientStore
+from fedssd.federation.validate import check_update, norm_outliers, update_distance
+from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
 from fedssd.seeding import CLIENT, generator
 
 # A callback sees the round's record and the new global model, and may return metrics to add.
@@ -47,11 +53,26 @@ class Schedule:
     seed: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Guards:
+    """Simulated faults and the server's update checks."""
+
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+
+
 def round_lr(schedule: Schedule, round_index: int) -> float:
     """Learning rate of round ``round_index`` (0-based)."""
     if schedule.lr_schedule == "cosine":
         return schedule.lr * 0.5 * (1 + math.cos(math.pi * round_index / schedule.rounds))
     return schedule.lr
+
+
+def local_keys(model: nn.Module, method: Method) -> frozenset[str]:
+    """State-dict keys of the method's client-only modules (never sent or aggregated)."""
+    names = method.local_modules if isinstance(method, ClientHooks) else frozenset()
+    prefixes = tuple(f"extras.{name}." for name in names)
+    return frozenset(k for k in model.state_dict() if prefixes and k.startswith(prefixes))
 
 
 def run_rounds(
@@ -63,10 +84,14 @@ def run_rounds(
     client_indices: Sequence[torch.Tensor],
     schedule: Schedule,
     settings: LocalSettings,
+    store: ClientStore | None = None,
+    guards: Guards | None = None,
+    start_round: int = 0,
+    history: list[dict[str, Any]] | None = None,
     callbacks: Sequence[Callback] = (),
     on_client: ClientCallback | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every round and return one record per round.
+    """Run rounds ``start_round .. schedule.rounds - 1`` and return the records of all rounds.
 
     Args:
         global_model: Holds the global weights; updated in place after each round.
@@ -76,72 +101,197 @@ def run_rounds(
         client_indices: One int64 index tensor per client, on the same device.
         schedule: Rounds, sampling and learning-rate schedule.
         settings: Local training settings (its ``lr`` is replaced by each round's).
-        callbacks: Called after each round with the record and the global model.
+        store: Per-client state kept between rounds (a new one when None).
+        guards: Simulated faults and update validation (none simulated, default checks when None).
+        start_round: The first round to run (a resumed run starts after its checkpoint).
+        history: The records of the rounds before ``start_round``; new records are appended.
+        callbacks: Called after each round with the record and the global model, in order.
         on_client: Called after each client's local training (progress within long rounds).
 
     Returns:
-        Records with ``round`` (1-based), ``clients``, ``lr``, ``loss``, ``loss_<part>``,
-        ``seconds`` and whatever the callbacks added.
+        ``history`` with one record per round: ``round`` (1-based), ``clients``, ``lr``,
+        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> reason),
+        ``skipped``, ``client_state`` (client id -> the scalars a stateful method keeps, e.g.
+        FedEMA's lambda and mu), ``seconds`` and whatever the callbacks added.
+
+    Raises:
+        TrainingDiverged: Every client that trained in a round had a non-finite loss, or the
+            aggregated model holds NaN or infinite values.
     """
-    history: list[dict[str, Any]] = []
-    for round_index in range(schedule.rounds):
-        start = time.perf_counter()
-        clients = sample_clients(
-            num_clients=schedule.num_clients,
-            fraction=schedule.fraction,
-            round_index=round_index,
-            seed=schedule.seed,
+    store = ClientStore() if store is None else store
+    guards = Guards() if guards is None else guards
+    history = [] if history is None else history
+    for round_index in range(start_round, schedule.rounds):
+        record = run_round(
+            round_index,
+            global_model=global_model,
+            client_model=client_model,
+            method=method,
+            images=images,
+            client_indices=client_indices,
+            schedule=schedule,
+            settings=settings,
+            store=store,
+            guards=guards,
+            on_client=on_client,
         )
-        lr = round_lr(schedule, round_index)
-        round_settings = dataclasses.replace(settings, lr=lr)
-        global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
-        updates: list[ClientUpdate] = []
-        results: list[LocalResult] = []
-        for position, client_id in enumerate(clients):
-            client_model.load_state_dict(global_state)
-            result = local_train(
-                client_model,
-                method,
-                images,
-                client_indices[client_id],
-                settings=round_settings,
-                generator=generator(
-                    schedule.seed, CLIENT, round_index, client_id, device=images.device
-                ),
-                client_id=client_id,
-                position=position,
-            )
-            results.append(result)
-            if on_client is not None:
-                on_client(round_index, position, len(clients), result)
-            if result.num_batches > 0:
-                state = {k: v.detach().clone() for k, v in client_model.state_dict().items()}
-                updates.append(ClientUpdate(client_id, state, float(result.num_batches)))
-        if updates:
-            global_model.load_state_dict(method.aggregate(global_state, updates))
-        record = _round_record(round_index, clients, lr, results)
-        record["seconds"] = time.perf_counter() - start
+        history.append(record)
         for callback in callbacks:
             extra = callback(record, global_model)
             if extra:
                 record.update(extra)
-        history.append(record)
     return history
+
+
+def run_round(
+    round_index: int,
+    *,
+    global_model: nn.Module,
+    client_model: nn.Module,
+    method: Method,
+    images: torch.Tensor,
+    client_indices: Sequence[torch.Tensor],
+    schedule: Schedule,
+    settings: LocalSettings,
+    store: ClientStore,
+    guards: Guards,
+    on_client: ClientCallback | None,
+) -> dict[str, Any]:
+    """One round (see :func:`run_rounds`); returns its record."""
+    start = time.perf_counter()
+    clients = sample_clients(
+        num_clients=schedule.num_clients,
+        fraction=schedule.fraction,
+        round_index=round_index,
+        seed=schedule.seed,
+    )
+    lr = round_lr(schedule, round_index)
+    round_settings = dataclasses.replace(settings, lr=lr)
+    hooks = method if isinstance(method, ClientHooks) else None
+    global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
+    keep_local = local_keys(global_model, method)
+    expected = {k: v for k, v in global_state.items() if k not in keep_local}
+    updates: list[ClientUpdate] = []
+    results: list[LocalResult] = []
+    failed: dict[int, str] = {}
+    client_scalars: dict[str, dict[str, float]] = {}
+    for position, client_id in enumerate(clients):
+        fault = draw_fault(
+            guards.faults, seed=schedule.seed, round_index=round_index, client_id=client_id
+        )
+        if fault == "crash":
+            failed[client_id] = "crashed"
+            continue
+        client_model.load_state_dict(global_state)
+        stored = store.get(client_id)
+        if hooks is not None:
+            hooks.begin_client(client_model, stored, client_id=client_id, round_index=round_index)
+        result = local_train(
+            client_model,
+            method,
+            images,
+            client_indices[client_id],
+            settings=round_settings,
+            generator=generator(
+                schedule.seed, CLIENT, round_index, client_id, device=images.device
+            ),
+            client_id=client_id,
+            position=position,
+            after_step=hooks.after_step if hooks is not None else None,
+        )
+        results.append(result)
+        if on_client is not None:
+            on_client(round_index, position, len(clients), result)
+        if not result.finite:
+            failed[client_id] = "local loss is NaN or infinite"
+            continue
+        payload: dict[str, torch.Tensor] = {}
+        if hooks is not None:
+            kept, payload = hooks.end_client(
+                client_model, stored, client_id=client_id, round_index=round_index
+            )
+            kept.last_round = round_index
+            kept.participations = (stored.participations if stored else 0) + 1
+            store.put(client_id, kept)
+            if kept.scalars:
+                client_scalars[str(client_id)] = dict(kept.scalars)
+        if fault is not None:
+            failed[client_id] = "missed the deadline" if fault == "straggle" else "update lost"
+            continue
+        if result.num_batches == 0:
+            continue
+        state = {
+            k: v.detach().clone() for k, v in client_model.state_dict().items() if k in expected
+        }
+        reason = check_update(expected, state)
+        if reason is not None:
+            failed[client_id] = f"rejected: {reason}"
+            continue
+        updates.append(
+            ClientUpdate(client_id, state, float(result.num_batches), payload, result.loss)
+        )
+    updates = _drop_outliers(updates, global_state, guards.validation, failed)
+    trained = [r for r in results if r.num_batches > 0]
+    if trained and not any(r.finite for r in trained):
+        raise TrainingDiverged(
+            f"training diverged in round {round_index + 1}: every client's local loss was NaN "
+            "or infinite; lower federation.lr (the last good checkpoint, if any, is kept)."
+        )
+    skipped = len(updates) < max(1, guards.faults.min_clients)
+    if not skipped:
+        new_state = method.aggregate(global_state, updates, round_index=round_index)
+        if not all(
+            bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()
+        ):
+            raise TrainingDiverged(
+                f"training diverged in round {round_index + 1}: the aggregated global model holds "
+                "NaN or infinite values; lower federation.lr (the last good checkpoint, if any, "
+                "is kept)."
+            )
+        global_model.load_state_dict(new_state)
+    record = _round_record(round_index, clients, lr, results)
+    record["accepted"] = len(updates)
+    record["failed"] = {str(k): v for k, v in failed.items()}
+    record["skipped"] = skipped
+    if client_scalars:
+        record["client_state"] = client_scalars
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def _drop_outliers(
+    updates: list[ClientUpdate],
+    global_state: Mapping[str, torch.Tensor],
+    validation: ValidationConfig,
+    failed: dict[int, str],
+) -> list[ClientUpdate]:
+    """``updates`` without those whose distance to the global model is an outlier."""
+    if validation.max_norm_ratio <= 0 or len(updates) <= validation.min_peers:
+        return updates
+    distances = [update_distance(global_state, u.state) for u in updates]
+    outliers = set(
+        norm_outliers(distances, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
+    )
+    for i in sorted(outliers):
+        failed[updates[i].client_id] = (
+            f"rejected: update norm {distances[i]:.3g} is more than "
+            f"{validation.max_norm_ratio:g} times the median of the others"
+        )
+    return [u for i, u in enumerate(updates) if i not in outliers]
 
 
 def _round_record(
     round_index: int, clients: list[int], lr: float, results: Sequence[LocalResult]
 ) -> dict[str, Any]:
-    """Batch-weighted mean loss and parts over the round's clients."""
-    steps = sum(r.num_batches for r in results)
+    """Batch-weighted mean loss and parts over the round's clients with a finite loss."""
+    finite = [r for r in results if r.finite]
+    steps = sum(r.num_batches for r in finite)
     record: dict[str, Any] = {"round": round_index + 1, "clients": clients, "lr": lr}
     if steps == 0:
         record["loss"] = float("nan")
         return record
-    record["loss"] = sum(r.loss * r.num_batches for r in results) / steps
-    names = sorted({name for r in results for name in r.parts})
+    record["loss"] = sum(r.loss * r.num_batches for r in finite) / steps
+    names = sorted({name for r in finite for name in r.parts})
     for name in names:
-        record[f"loss_{name}"] = (
-            sum(r.parts.get(name, 0.0) * r.num_batches for r in results) / steps
-        )
+        record[f"loss_{name}"] = sum(r.parts.get(name, 0.0) * r.num_batches for r in finite) / steps
     return record

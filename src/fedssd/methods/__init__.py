@@ -8,7 +8,21 @@ from typing import Any
 
 from fedssd.config import from_dict
 from fedssd.errors import ConfigError
-from fedssd.methods import fedalignuniform, ssd
+from fedssd.methods import (
+    fedalignuniform,
+    fedbyol,
+    feddecorr,
+    fedema,
+    fedsimclr,
+    fedsimsiam,
+    fedu,
+    fedu2,
+    fedx,
+    hsd,
+    ldawa,
+    orchestra,
+    ssd,
+)
 from fedssd.methods.protocol import ClientUpdate, Method, MethodContext, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -21,6 +35,64 @@ METHODS: dict[str, MethodSpec] = {
         options=ssd.SSDOptions,
         build=ssd.build,
         summary="soft separation (DSR) + projector distillation on FedAlignUniform (ICCV 2025)",
+    ),
+    "fedx": MethodSpec(
+        options=fedx.FedXOptions,
+        build=fedx.build,
+        summary="FedAlignUniform + FedX relational/cross distillation from the global model "
+        "(ECCV 2022)",
+    ),
+    "ldawa": MethodSpec(
+        options=ldawa.LDAWAOptions,
+        build=ldawa.build,
+        summary="FedAlignUniform + layer-wise cosine-scaled aggregation, L-DAWA (ICCV 2023)",
+    ),
+    "feddecorr": MethodSpec(
+        options=feddecorr.FedDecorrOptions,
+        build=feddecorr.build,
+        summary="FedAlignUniform + decorrelation regulariser on h, FedDecorr (ICLR 2023)",
+    ),
+    "fedu2": MethodSpec(
+        options=fedu2.FedU2Options,
+        build=fedu2.build,
+        summary="FedAlignUniform + FUR (sliced Wasserstein to uniform) + EUA aggregation, "
+        "FedU2 (CVPR 2024)",
+    ),
+    "hsd": MethodSpec(
+        options=hsd.HSDOptions,
+        build=hsd.build,
+        summary="FedAlignUniform with each client hard-confined to its own subspace (SSD's "
+        "ablation)",
+    ),
+    "fedsimclr": MethodSpec(
+        options=fedsimclr.SimCLROptions,
+        build=fedsimclr.build,
+        summary="SimCLR's NT-Xent locally, FedAvg (Chen et al. 2020)",
+    ),
+    "fedsimsiam": MethodSpec(
+        options=fedsimsiam.SimSiamOptions,
+        build=fedsimsiam.build,
+        summary="SimSiam locally, FedAvg incl. the predictor (Chen & He 2021)",
+    ),
+    "fedbyol": MethodSpec(
+        options=fedbyol.BYOLOptions,
+        build=fedbyol.build,
+        summary="BYOL locally with a per-client EMA target, FedAvg (Grill et al. 2020)",
+    ),
+    "fedu": MethodSpec(
+        options=fedu.FedUOptions,
+        build=fedu.build,
+        summary="BYOL + divergence-aware predictor update (Zhuang et al., ICCV 2021)",
+    ),
+    "fedema": MethodSpec(
+        options=fedema.FedEMAOptions,
+        build=fedema.build,
+        summary="BYOL + divergence-aware EMA of the local model (Zhuang et al., ICLR 2022)",
+    ),
+    "orchestra": MethodSpec(
+        options=orchestra.OrchestraOptions,
+        build=orchestra.build,
+        summary="local + global Sinkhorn clustering, EMA-target cluster assignment (ICML 2022)",
     ),
 }
 

@@ -91,7 +91,11 @@ class FedAlignUniform:
             )
 
     def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
     ) -> dict[str, torch.Tensor]:
         """FedAvg weighted by local mini-batch counts."""
         return fedavg([u.state for u in updates], [u.weight for u in updates])
@@ -99,6 +103,9 @@ class FedAlignUniform:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """No server-side state."""
         return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Nothing to restore."""
 
 
 def build(options: AlignUniformOptions, context: MethodContext) -> FedAlignUniform:

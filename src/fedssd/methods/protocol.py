@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -43,13 +43,36 @@ class ClientUpdate:
 
     Attributes:
         client_id: The client's id (0..K-1).
-        state: The client's model state dict after training.
+        state: The client's model state after training: every entry of the model's state dict
+            except those under the method's local modules (see :class:`ClientHooks`).
         weight: Its aggregation weight (the number of local mini-batches it trained on).
+        payload: Extra tensors the method sends beside the weights (e.g. Orchestra's local
+            centroids); empty for most methods.
+        loss: The client's mean local loss this round.
     """
 
     client_id: int
     state: Mapping[str, torch.Tensor]
     weight: float
+    payload: Mapping[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    loss: float = float("nan")
+
+
+@dataclasses.dataclass
+class ClientState:
+    """What one client keeps between the rounds it takes part in (BASELINES.md section 10).
+
+    Attributes:
+        tensors: Named tensors on the CPU (a target network, a predictor, the last local model).
+        scalars: Named numbers (FedEMA's lambda, a divergence, a flag).
+        last_round: The 0-based round in which the client last trained.
+        participations: How many rounds it has trained in.
+    """
+
+    tensors: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+    last_round: int = -1
+    participations: int = 0
 
 
 class Method(Protocol):
@@ -76,13 +99,71 @@ class Method(Protocol):
         ...
 
     def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
     ) -> dict[str, torch.Tensor]:
-        """The next global state from this round's client updates."""
+        """The next global state (every key of ``global_state``) from this round's updates.
+
+        Entries of ``global_state`` that no update carries (the method's local modules) are
+        returned unchanged unless the method computes them (e.g. Orchestra's centroids).
+        """
         ...
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The method's server-side state (saved with the model)."""
+        """The method's server-side state (saved in checkpoints and with the model)."""
+        ...
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Restore the server-side state saved by :meth:`state_dict` (on resume)."""
+        ...
+
+
+@runtime_checkable
+class ExtendsModel(Protocol):
+    """A method whose model has parts beyond encoder and projector (predictor, centroids).
+
+    The modules are attached to the model under ``extras.<name>`` before training, initialised
+    from the run seed, so the global and the client model get the same initial weights.
+    """
+
+    def extra_modules(self) -> dict[str, nn.Module]:
+        """Fresh extra modules by name (built on the CPU; moved with the model)."""
+        ...
+
+
+@runtime_checkable
+class ClientHooks(Protocol):
+    """A method with per-client state, per-step updates or parts that never leave the client.
+
+    The round loop calls, for each sampled client: load the global weights into the client
+    model, :meth:`begin_client`, the local steps (each followed by :meth:`after_step`),
+    :meth:`end_client`; what ``end_client`` returns is kept in the client store under the
+    client's id (never its position in the sample), which checkpoints save.
+    """
+
+    local_modules: frozenset[str]
+    """Names of extra modules that stay on the client: not sent, not aggregated."""
+
+    def begin_client(
+        self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
+    ) -> None:
+        """Prepare ``model`` (holding the global weights) for local training."""
+        ...
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after every optimizer step (EMA targets)."""
+        ...
+
+    def end_client(
+        self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
+    ) -> tuple[ClientState, dict[str, torch.Tensor]]:
+        """The state to keep for this client and the payload to send with its update.
+
+        The round loop sets the returned state's ``last_round`` and ``participations``.
+        """
         ...
 
 

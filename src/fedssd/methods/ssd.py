@@ -193,7 +193,11 @@ class SSD:
         return loss, parts
 
     def aggregate(
-        self, global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
     ) -> dict[str, torch.Tensor]:
         """Plain FedAvg: SSD adds no server-side step (SSD.md section 4)."""
         return fedavg([u.state for u in updates], [u.weight for u in updates])
@@ -203,6 +207,21 @@ class SSD:
         if self.sets is None:
             return {}
         return {"dsr_dims": self.sets.dims.clone(), "dsr_basis": self.sets.basis.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Check that saved scaling sets are the ones this run draws from its seed.
+
+        Raises:
+            ConfigError: The saved sets differ (the checkpoint belongs to another run).
+        """
+        saved = {k: v.cpu() for k, v in state.items()}
+        if saved.keys() != self.state_dict().keys() or not all(
+            torch.equal(saved[k], v) for k, v in self.state_dict().items()
+        ):
+            raise ConfigError(
+                "the checkpoint's SSD scaling sets differ from this run's (another seed, number "
+                "of clients or embedding size); resume only the run that wrote it."
+            )
 
 
 def build(options: SSDOptions, context: MethodContext) -> SSD:

@@ -43,6 +43,8 @@ class SSLModel(nn.Module):
         self.projector = projector
         self.feature_dim = feature_dim
         self.embed_dim = embed_dim
+        # A method's extra parts (predictor, centroids), attached by name; empty for most methods.
+        self.extras = nn.ModuleDict()
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Encode and project a batch.

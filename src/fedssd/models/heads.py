@@ -24,3 +24,16 @@ def mlp_projector(in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 512) ->
         nn.ReLU(inplace=True),
         nn.Linear(hidden_dim, out_dim),
     )
+
+
+def mlp_predictor(dim: int, *, hidden_dim: int = 2048) -> nn.Sequential:
+    """The BYOL/SimSiam predictor ``Linear -> BatchNorm1d -> ReLU -> Linear`` (BASELINES.md 6).
+
+    Maps ``(batch, dim)`` projector outputs to ``(batch, dim)`` predictions; the same shape of
+    MLP as the projector, with the embedding width on both ends.
+
+    Args:
+        dim: Embedding dimension (input and output).
+        hidden_dim: Width of the hidden layer (2048 in the project default).
+    """
+    return mlp_projector(dim, hidden_dim=hidden_dim, out_dim=dim)

@@ -1,0 +1,199 @@
+"""Checkpoints: everything a run needs to continue, written so that a crash never breaks one.
+
+A checkpoint is a folder ``<run>/checkpoints/round-NNNNNN/`` holding ``model.safetensors`` (the
+global model), ``server.safetensors`` (the method's server state), ``clients.safetensors`` (the
+client store's tensors) and ``state.json`` (the round, the metrics so far, the client store's
+scalars, what run it belongs to, and the SHA-256 of each tensor file). It is written under a
+temporary name and renamed into place, so the newest complete checkpoint is always intact; older
+ones beyond ``keep`` are then deleted. Loading reads safetensors and JSON only (nothing is
+unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence.
+
+All random numbers of a run are derived from the run seed and the round (fedssd.seeding), so the
+round number restores every random stream: there is no generator state to save.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from fedssd.errors import DataError
+from fedssd.federation.store import ClientStore
+from fedssd.outputs import jsonable, save_model, write_json
+
+FORMAT_VERSION = 1
+FOLDER = "checkpoints"
+_TENSOR_FILES = ("model", "server", "clients")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """The state of a run after ``rounds_done`` rounds.
+
+    Attributes:
+        rounds_done: Rounds completed (the resumed run starts with round index ``rounds_done``).
+        model: The global model's state dict.
+        server: The method's server state.
+        store: The client store.
+        history: The per-round records so far (the lines of ``metrics.jsonl``).
+        identity: What run it belongs to (see :func:`run_identity`).
+    """
+
+    rounds_done: int
+    model: dict[str, torch.Tensor]
+    server: dict[str, torch.Tensor]
+    store: ClientStore
+    history: list[dict[str, Any]]
+    identity: dict[str, Any]
+
+
+def run_identity(config_data: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a resolved config a checkpoint must match: seed, data, model, method,
+    federation (the rest, e.g. evaluation settings, may differ on resume)."""
+    keys = ("seed", "data", "model", "method", "federation")
+    return {key: jsonable(config_data[key]) for key in keys if key in config_data}
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path:
+    """Write ``checkpoint`` atomically and delete all but the ``keep`` newest.
+
+    Returns:
+        The checkpoint's folder.
+    """
+    root = run_dir / FOLDER
+    root.mkdir(exist_ok=True)
+    final = root / f"round-{checkpoint.rounds_done:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {
+        "model": checkpoint.model,
+        "server": checkpoint.server,
+        "clients": checkpoint.store.tensors(),
+    }
+    digests = {}
+    for name, state in tensors.items():
+        path = tmp / f"{name}.safetensors"
+        save_model(path, state)
+        digests[name] = _sha256(path)
+    write_json(
+        tmp / "state.json",
+        {
+            "format": FORMAT_VERSION,
+            "rounds_done": checkpoint.rounds_done,
+            "identity": checkpoint.identity,
+            "clients": checkpoint.store.meta(),
+            "sha256": digests,
+            "history": checkpoint.history,
+        },
+    )
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
+    root = run_dir / FOLDER
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("round-"))
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint folder, verifying every file.
+
+    Raises:
+        DataError: A file is missing, truncated, corrupted or not a fedssd checkpoint.
+    """
+    try:
+        meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"checkpoint {path} has no state.json; it is incomplete.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"checkpoint {path}/state.json is corrupted (not valid JSON).") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
+        raise DataError(f"checkpoint {path} is not a fedssd checkpoint of format {FORMAT_VERSION}.")
+    try:
+        digests = meta["sha256"]
+        tensors: dict[str, dict[str, torch.Tensor]] = {}
+        for name in _TENSOR_FILES:
+            file = path / f"{name}.safetensors"
+            if not file.is_file():
+                raise DataError(f"checkpoint {path} is missing {file.name}.")
+            if _sha256(file) != digests[name]:
+                raise DataError(
+                    f"checkpoint file {file} is corrupted or truncated (its SHA-256 does not "
+                    "match the one recorded when it was written)."
+                )
+            tensors[name] = load_file(str(file))
+        store = ClientStore.restore(meta["clients"], tensors["clients"])
+        return Checkpoint(
+            rounds_done=int(meta["rounds_done"]),
+            model=tensors["model"],
+            server=tensors["server"],
+            store=store,
+            history=list(meta["history"]),
+            identity=dict(meta["identity"]),
+        )
+    except (KeyError, TypeError, ValueError, SafetensorError) as error:
+        raise DataError(f"checkpoint {path} is malformed ({error}).") from None
+
+
+def check_model_state(
+    expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], *, where: Path
+) -> None:
+    """Refuse a saved model state whose entries or shapes differ from the model's.
+
+    Raises:
+        DataError: In one sentence naming the first difference.
+    """
+    missing = sorted(set(expected) - set(saved))
+    extra = sorted(set(saved) - set(expected))
+    if missing or extra:
+        what = f"lacks {missing[0]!r}" if missing else f"has an unknown entry {extra[0]!r}"
+        raise DataError(f"checkpoint {where} does not fit this run's model: it {what}.")
+    for key, value in expected.items():
+        if saved[key].shape != value.shape or saved[key].dtype != value.dtype:
+            raise DataError(
+                f"checkpoint {where} does not fit this run's model: {key!r} is "
+                f"{tuple(saved[key].shape)} {saved[key].dtype}, the model's is "
+                f"{tuple(value.shape)} {value.dtype}."
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Flush a folder's entries to disk (so a rename survives a power cut), where supported."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

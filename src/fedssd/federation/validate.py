@@ -1,0 +1,72 @@
+"""Server-side checks of client updates, shared by the simulator and the Flower strategy.
+
+A client may send garbage: non-finite numbers after a diverged local run, a model of another
+shape, or (poisoned or broken) weights far from everyone else's. Each check gives a reason the
+round's record can carry; a rejected update is left out of the aggregation and the round goes on.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping, Sequence
+
+import torch
+
+
+def check_update(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> str | None:
+    """Why ``state`` cannot be aggregated with models shaped like ``expected``, or None.
+
+    Args:
+        expected: The entries a client must send (name -> tensor of the right shape and dtype).
+        state: What the client sent.
+    """
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        return f"missing entry {missing[0]!r}"
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        return f"unexpected entry {extra[0]!r}"
+    for key, reference in expected.items():
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            return f"entry {key!r} is not a tensor"
+        if value.shape != reference.shape:
+            return (
+                f"entry {key!r} has shape {tuple(value.shape)}, expected {tuple(reference.shape)}"
+            )
+        if value.dtype != reference.dtype:
+            return f"entry {key!r} has dtype {value.dtype}, expected {reference.dtype}"
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return f"entry {key!r} holds NaN or infinite values"
+    return None
+
+
+def update_distance(
+    reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> float:
+    """The L2 distance between two states over their floating-point entries."""
+    total = torch.zeros((), dtype=torch.float64)
+    for key, value in state.items():
+        if value.is_floating_point():
+            diff = value.detach().double() - reference[key].detach().double().to(value.device)
+            total += diff.square().sum().cpu()
+    return float(total.sqrt())
+
+
+def norm_outliers(distances: Sequence[float], *, ratio: float, min_peers: int) -> list[int]:
+    """Positions whose distance exceeds ``ratio`` times the median of the *other* distances.
+
+    Comparing each update with the median of the others means a single huge update cannot
+    raise the bar that judges it. Nothing is rejected with fewer than ``min_peers`` others or
+    when ``ratio`` is 0.
+    """
+    if ratio <= 0 or len(distances) - 1 < min_peers:
+        return []
+    flagged = []
+    for i, distance in enumerate(distances):
+        median = statistics.median(d for j, d in enumerate(distances) if j != i)
+        if median > 0 and distance > ratio * median:
+            flagged.append(i)
+    return flagged

@@ -1,0 +1,553 @@
+"""Re-evaluating a finished run with the paper's protocols: ``fedssd eval``.
+
+A run folder written by :func:`fedssd.api.train` holds ``config.toml`` and
+``model.safetensors``; :func:`evaluate_run` loads that model and evaluates it again, on the
+run's own data or, for transfer, on another dataset (SSD.md section 5):
+
+- ``knn``: weighted kNN (the run's k and temperature) on normalised h, bank = the labelled pool;
+- ``linear``: linear probe on frozen, un-normalised h (Adam, the run's probe settings), plus
+  ``-L_unif`` and the effective rank of h on the pool (the paper's transfer table reports them);
+- ``finetune``: semi-supervised fine-tuning of the encoder on a stratified 1% or 10% of the
+  pool (:mod:`fedssd.evaluation.finetune`).
+
+The pool is every client's training image (the run's ``train_subset``, if any) and the test
+set the run's (``test_subset``, if any), so ``knn`` and ``linear`` on the run's own data give
+the numbers of its ``summary.json``. The result goes to ``<run>/eval/<protocol>[-<labels>]
+[-on-<dataset>].json``. This module is the edge that reads and writes run folders; the
+evaluations themselves are pure functions in :mod:`fedssd.evaluation`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+
+from fedssd.api import (
+    EvaluationViews,
+    autocast_dtype,
+    load_config,
+    make_model,
+    prepare_data,
+    select_device,
+    stderr_log,
+)
+from fedssd.config import Config, DataConfig
+from fedssd.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
+from fedssd.data.partition import subset_indices
+from fedssd.errors import ConfigError, DataError
+from fedssd.evaluation.features import extract_features
+from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fraction
+from fedssd.evaluation.knn import knn_accuracy
+from fedssd.evaluation.linear_probe import linear_probe
+from fedssd.evaluation.metrics import representation_metrics
+from fedssd.models import SSLModel
+from fedssd.outputs import write_json
+from fedssd.seeding import EVALUATION, SUBSET, derive_seed, numpy_rng
+
+Log = Callable[[str], None]
+
+PROTOCOLS = ("knn", "linear", "finetune")
+LABEL_FRACTIONS = (0.01, 0.1)
+"""The labelled fractions of the paper's semi-supervised fine-tuning (FT 1% and FT 10%)."""
+
+# The parts of a saved model every run has; other prefixes (a method's ``extras.``) are ignored.
+_MODEL_PREFIXES = ("encoder.", "projector.")
+# Sub-streams of the run's EVALUATION seed for fine-tuning: which images are labelled, and the
+# head's initialisation, shuffling and augmentation.
+_FINETUNE_SUBSET = 1
+_FINETUNE_TRAIN = 2
+
+
+def load_run(run_dir: Path) -> tuple[Config, SSLModel]:
+    """The resolved config and the trained model (on the CPU) of a finished run.
+
+    Only ``encoder.*`` and ``projector.*`` tensors are read, and they must match the model that
+    ``config.toml`` describes exactly; other tensors (a method's ``extras.*``) are ignored. The
+    file is read as safetensors only, so it can never run code.
+
+    Args:
+        run_dir: A folder written by :func:`fedssd.api.train`.
+
+    Returns:
+        ``(config, model)``; the model is in eval mode.
+
+    Raises:
+        ConfigError: ``config.toml`` is not a valid configuration.
+        DataError: The folder, its config or its model file is missing, or the model file is
+            damaged or does not match the config.
+    """
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.toml"
+    model_path = run_dir / "model.safetensors"
+    if not run_dir.is_dir():
+        raise DataError(f"Run folder {run_dir} does not exist; pass a folder `fedssd train` wrote.")
+    for path in (config_path, model_path):
+        if not path.is_file():
+            raise DataError(
+                f"{run_dir} has no {path.name}; pass the folder of a run that finished training."
+            )
+    config = load_config(config_path)
+    tensors = _read_model_tensors(model_path)
+    with torch.device("meta"):
+        probe = make_model(config, 3, torch.device("meta"))
+    expected = {k: v for k, v in probe.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        what = f"lacks {missing[0]}" if missing else f"has the unknown tensor {unexpected[0]}"
+        raise DataError(
+            f"{model_path} {what}, so it does not hold the model {config_path.name} describes; "
+            "evaluate the folder the model was trained in."
+        )
+    # The first convolution's weight is (out, in_channels, k, k); its file shape tells the
+    # channels the model was trained on, which the config alone does not say (npz, rgb).
+    first_conv = tensors[next(key for key, value in expected.items() if value.dim() == 4)]
+    # A malformed tensor keeps the default here and is reported by the shape check below.
+    in_channels = int(first_conv.shape[1]) if first_conv.dim() == 4 and first_conv.shape[1] else 3
+    model = make_model(config, in_channels, torch.device("cpu"))
+    own = {k: v for k, v in model.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
+    for key, value in own.items():
+        if tuple(tensors[key].shape) != tuple(value.shape):
+            raise DataError(
+                f"{model_path} holds {key} of shape {tuple(tensors[key].shape)} where "
+                f"{config_path.name} implies {tuple(value.shape)}; evaluate the folder the "
+                "model was trained in."
+            )
+    model.load_state_dict(tensors, strict=False)
+    return config, model.eval()
+
+
+def _read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The ``encoder.*`` and ``projector.*`` tensors of a safetensors file, on the CPU."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return {
+                key: handle.get_tensor(key)
+                for key in handle.keys()  # noqa: SIM118 - safe_open handles are not mappings
+                if key.startswith(_MODEL_PREFIXES)
+            }
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        raise DataError(
+            f"{path} is not a readable safetensors file ({_first_line(error)}); it is damaged or "
+            "truncated, so train the run again or restore the file."
+        ) from None
+
+
+def _first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()).rstrip(".")
+    return text[:160] or type(error).__name__
+
+
+def result_name(protocol: str, labels: float | None, eval_data: str | None) -> str:
+    """The file name of a result: ``<protocol>[-<labels>][-on-<eval_data>].json``."""
+    name = protocol
+    if labels is not None:
+        name += f"-{labels:g}"
+    if eval_data is not None:
+        name += f"-on-{eval_data}"
+    return name + ".json"
+
+
+def _check_arguments(
+    protocol: str,
+    labels: float | None,
+    eval_data: str | None,
+    eval_path: str | None,
+    epochs: int | None,
+) -> None:
+    """Refuse an impossible request before any file is read."""
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"Unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}.")
+    fractions = ", ".join(f"{f:g}" for f in LABEL_FRACTIONS)
+    if protocol == "finetune" and labels not in LABEL_FRACTIONS:
+        raise ConfigError(
+            f"Fine-tuning needs the labelled fraction as labels={fractions} (the paper's 1% and "
+            f"10%), got {labels}."
+        )
+    if protocol != "finetune" and labels is not None:
+        raise ConfigError(
+            f"The {protocol} protocol uses every labelled image; pass labels only with finetune."
+        )
+    if epochs is not None and (protocol == "knn" or epochs < 1):
+        raise ConfigError(
+            f"epochs must be a positive number of linear-probe or fine-tuning epochs (kNN has "
+            f"none), got {epochs} for {protocol}."
+        )
+    if eval_data is not None and eval_data not in DATASET_NAMES:
+        raise ConfigError(
+            f"Unknown evaluation dataset {eval_data!r}; choose one of {', '.join(DATASET_NAMES)}."
+        )
+    if eval_path is not None and eval_data is None:
+        raise ConfigError(
+            "An evaluation path was given without an evaluation dataset; name it with eval_data "
+            "(--eval-data)."
+        )
+    if eval_data == "npz" and eval_path is None:
+        raise ConfigError(
+            "Evaluation on an npz dataset needs eval_path (--eval-path) set to the .npz file."
+        )
+
+
+def _own_views(config: Config, log: Log) -> EvaluationViews:
+    """The run's own pool and test set, exactly as its final evaluation saw them."""
+    return prepare_data(config, log=log).evaluation_views()
+
+
+def _transfer_views(
+    config: Config, eval_data: str, eval_path: str | None, log: Log
+) -> tuple[EvaluationViews, Config]:
+    """Another dataset's training set (the pool, one client) and test set, with the run's data
+    options (root, download, padding, channels, subset sizes)."""
+    path = None if eval_path is None else str(Path(eval_path).expanduser().resolve())
+    data = dataclasses.replace(config.data, name=eval_data, path=path)
+    dataset = _load(data, log)
+    labels = dataset.y_train.numpy()
+    pool = np.arange(labels.shape[0])
+    if 0 < data.train_subset < labels.shape[0]:
+        pool = subset_indices(labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0))
+    test_labels = dataset.y_test.numpy()
+    test = np.arange(test_labels.shape[0])
+    if 0 < data.test_subset < test_labels.shape[0]:
+        test = subset_indices(
+            test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
+        )
+    pool_t, test_t = torch.from_numpy(pool), torch.from_numpy(test)
+    views = EvaluationViews(
+        train_images=dataset.x_train[pool_t],
+        train_labels=dataset.y_train[pool_t],
+        train_clients=torch.zeros(pool.shape[0], dtype=torch.long),
+        test_images=dataset.x_test[test_t],
+        test_labels=dataset.y_test[test_t],
+        num_classes=dataset.num_classes,
+    )
+    return views, dataclasses.replace(config, data=data)
+
+
+def _load(data: DataConfig, log: Log) -> ImageDataset:
+    return load_dataset(
+        data.name,
+        path=data.path,
+        root=data.root,
+        download=data.download,
+        pad_to_32=data.pad_to_32,
+        rgb=data.rgb,
+        log=log,
+    )
+
+
+def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_data: str) -> None:
+    """Refuse images the model was not trained on (another channel count or size)."""
+    shape = tuple(views.train_images.shape[1:])
+    channels = _in_channels(model)
+    if shape[0] != channels:
+        raise DataError(
+            f"{eval_data} images have {shape[0]} channel(s) but the model was trained on "
+            f"{channels}; set data.rgb in the run's config.toml or convert the evaluation data."
+        )
+    # The run does not record its image side, so its own data is read again (never downloaded).
+    try:
+        source = _load(dataclasses.replace(config.data, download=False), lambda _message: None)
+    except DataError:
+        raise DataError(
+            f"Transfer evaluation reads the run's own {config.data.name} data to learn the image "
+            "size the model was trained on, and it could not be found; make it available "
+            "(data.path or data.root in the run's config.toml) and retry."
+        ) from None
+    trained = tuple(source.x_train.shape[1:])
+    if trained[1:] != shape[1:]:
+        raise DataError(
+            f"{eval_data} images are {shape[1]}x{shape[2]} but the model was trained on "
+            f"{trained[1]}x{trained[2]} images; resize or pad the evaluation data to that size."
+        )
+
+
+def _in_channels(model: SSLModel) -> int:
+    first_conv = next(p for p in model.encoder.parameters() if p.dim() == 4)
+    return int(first_conv.shape[1])
+
+
+def evaluate_run(
+    run_dir: Path,
+    protocol: str,
+    *,
+    labels: float | None = None,
+    eval_data: str | None = None,
+    eval_path: str | None = None,
+    epochs: int | None = None,
+    device: str | None = None,
+    log: Log | None = stderr_log,
+) -> dict[str, Any]:
+    """Evaluate a finished run's model with one protocol and save the result in the run folder.
+
+    Args:
+        run_dir: A folder written by :func:`fedssd.api.train`.
+        protocol: ``knn``, ``linear`` or ``finetune``.
+        labels: The labelled fraction for ``finetune``: 0.01 or 0.1 (the paper's 1% and 10%).
+        eval_data: Another dataset to evaluate on (transfer); None uses the run's own data.
+        eval_path: A file or folder holding ``eval_data`` (required for ``npz``).
+        epochs: Linear-probe or fine-tuning epochs instead of the run's probe setting or the
+            paper's 200 fine-tuning epochs.
+        device: ``auto``, ``cpu``, ``cuda``...; None uses the run's ``device``.
+        log: Receives progress lines; None for silence.
+
+    Returns:
+        The result as written to ``run_dir/eval/<protocol>[-<labels>][-on-<eval_data>].json``:
+        ``knn_acc``; or ``linear_probe_acc``, ``linear_probe_train_acc``,
+        ``uniformity_global`` and ``effective_rank``; or ``finetune_best_acc``,
+        ``finetune_last_acc``, ``finetune_best_epoch``, ``finetune_evaluations``,
+        ``labels`` and ``labelled_images``; always ``protocol``, ``method``, ``trained_on``,
+        ``eval_data``, ``train_images``, ``test_images`` and ``seconds``.
+
+    Raises:
+        fedssd.errors.FedSSDError: A user-caused problem (arguments, run folder, data), in one
+            sentence.
+    """
+    started = time.perf_counter()
+    say: Log = log or (lambda _message: None)
+    _check_arguments(protocol, labels, eval_data, eval_path, epochs)
+    config, model = load_run(Path(run_dir))
+    target = select_device(device or config.device)
+    if eval_data is None:
+        views = _own_views(config, say)
+        if views.train_images.shape[1] != _in_channels(model):
+            raise DataError(
+                f"The run's data now has {views.train_images.shape[1]} channel(s) but its model "
+                f"was trained on {_in_channels(model)}; restore the data the run was trained on."
+            )
+    else:
+        views, _ = _transfer_views(config, eval_data, eval_path, say)
+        _check_shape(config, model, views, eval_data)
+    model.to(target)
+    evaluation = config.evaluation
+    seed = derive_seed(config.seed, EVALUATION)
+    dataset_name = eval_data or config.data.name
+    say(
+        f"{protocol} evaluation of {run_dir} on {dataset_name}: "
+        f"{views.train_images.shape[0]} training and {views.test_images.shape[0]} test images"
+    )
+    result: dict[str, Any] = {
+        "protocol": protocol,
+        "method": config.method.name,
+        "trained_on": config.data.name,
+        "eval_data": eval_data,
+        "train_images": int(views.train_images.shape[0]),
+        "test_images": int(views.test_images.shape[0]),
+    }
+    if protocol == "finetune":
+        assert labels is not None  # checked by _check_arguments
+        result.update(
+            _finetune(config, model, views, labels=labels, epochs=epochs, device=target, log=say)
+        )
+    else:
+        h_train, _ = extract_features(
+            model, views.train_images, batch_size=evaluation.batch_size, device=target
+        )
+        h_test, _ = extract_features(
+            model, views.test_images, batch_size=evaluation.batch_size, device=target
+        )
+        if protocol == "knn":
+            result["knn_acc"] = knn_accuracy(
+                h_train.to(target),
+                views.train_labels,
+                h_test,
+                views.test_labels,
+                num_classes=views.num_classes,
+                k=evaluation.knn_k,
+                temperature=evaluation.knn_temperature,
+            )
+        else:
+            probe = linear_probe(
+                h_train,
+                views.train_labels,
+                h_test,
+                views.test_labels,
+                num_classes=views.num_classes,
+                epochs=epochs or evaluation.linear_epochs,
+                lr=evaluation.linear_lr,
+                batch_size=evaluation.linear_batch_size,
+                seed=seed,
+                device=target,
+                log=say,
+            )
+            quality = representation_metrics(
+                h_train,
+                views.train_clients,
+                max_samples=evaluation.metrics_samples,
+                max_per_client=evaluation.metrics_per_client,
+                seed=seed,
+            )
+            result.update(
+                linear_probe_acc=probe.accuracy,
+                linear_probe_train_acc=probe.train_accuracy,
+                linear_epochs=epochs or evaluation.linear_epochs,
+                uniformity_global=quality["uniformity_global"],
+                effective_rank=quality["effective_rank"],
+            )
+    result["seconds"] = time.perf_counter() - started
+    out_dir = Path(run_dir) / "eval"
+    try:
+        out_dir.mkdir(exist_ok=True)
+    except OSError as error:
+        raise DataError(
+            f"Cannot create {out_dir} ({error.strerror}); check its permissions."
+        ) from None
+    path = out_dir / result_name(protocol, labels, eval_data)
+    write_json(path, result)
+    say(f"{protocol} result written to {path}")
+    return result
+
+
+def _finetune(
+    config: Config,
+    model: SSLModel,
+    views: EvaluationViews,
+    *,
+    labels: float,
+    epochs: int | None,
+    device: torch.device,
+    log: Log,
+) -> dict[str, Any]:
+    """Fine-tune on a stratified labelled fraction of the pool (seeds from the run seed)."""
+    pool_labels = views.train_labels.numpy()
+    chosen = stratified_fraction(
+        pool_labels, labels, numpy_rng(config.seed, EVALUATION, _FINETUNE_SUBSET)
+    )
+    settings = FinetuneSettings(
+        epochs=epochs or FinetuneSettings().epochs,
+        eval_batch_size=config.evaluation.batch_size,
+    )
+    picked = torch.from_numpy(chosen)
+    log(
+        f"fine-tuning on {chosen.shape[0]} labelled images ({100 * labels:g}%) for "
+        f"{settings.epochs} epochs, test every {settings.eval_every}"
+    )
+    outcome = finetune(
+        model.encoder,
+        feature_dim=model.feature_dim,
+        train_images=views.train_images[picked],
+        train_labels=views.train_labels[picked],
+        test_images=views.test_images,
+        test_labels=views.test_labels,
+        num_classes=views.num_classes,
+        settings=settings,
+        seed=derive_seed(config.seed, EVALUATION, _FINETUNE_TRAIN),
+        device=device,
+        autocast_dtype=autocast_dtype(config.precision, device),
+        log=log,
+    )
+    return {
+        "finetune_best_acc": outcome.best_accuracy,
+        "finetune_last_acc": outcome.last_accuracy,
+        "finetune_best_epoch": outcome.best_epoch,
+        "finetune_evaluations": [list(item) for item in outcome.evaluations],
+        "finetune_epochs": settings.epochs,
+        "labels": labels,
+        "labelled_images": int(chosen.shape[0]),
+    }
+
+
+# ------------------------------------------------------------------------------------- CLI
+
+
+def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to an argparse sub-parsers object and return its parser."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "eval",
+        help="re-evaluate a finished run (kNN, linear probe, semi-supervised fine-tuning)",
+        description=(
+            "Load a run folder's config.toml and model.safetensors and evaluate the model with "
+            "one of the paper's protocols, on the run's data or (with --eval-data) on another "
+            "dataset. The result is written to DIR/eval/<protocol>[-<labels>][-on-<data>].json."
+        ),
+    )
+    parser.add_argument("--run", required=True, type=Path, metavar="DIR", help="a run folder")
+    parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="which evaluation")
+    parser.add_argument(
+        "--labels",
+        type=float,
+        choices=LABEL_FRACTIONS,
+        help="labelled fraction for finetune: 0.01 or 0.1 (the paper's 1%% and 10%%)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        metavar="NAME",
+        help="evaluate on another dataset (transfer): " + ", ".join(DATASET_NAMES),
+    )
+    parser.add_argument(
+        "--eval-path", type=Path, metavar="PATH", help="file or folder holding --eval-data"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        metavar="N",
+        help="linear-probe or fine-tuning epochs (default: the run's probe epochs; 200)",
+    )
+    parser.add_argument(
+        "--device", metavar="NAME", help="auto, cpu, cuda or cuda:N (default: the run's device)"
+    )
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    return parser
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """Run ``fedssd eval``: print the headline numbers and where the result went.
+
+    Raises:
+        fedssd.errors.FedSSDError: As :func:`evaluate_run`; the CLI prints it and exits 2.
+    """
+    result = evaluate_run(
+        args.run,
+        args.protocol,
+        labels=args.labels,
+        eval_data=args.eval_data,
+        eval_path=None if args.eval_path is None else str(args.eval_path),
+        epochs=args.epochs,
+        device=args.device,
+        log=None if args.quiet else stderr_log,
+    )
+    print(format_result(result))
+    name = result_name(args.protocol, args.labels, args.eval_data)
+    print(f"\nresult written to {Path(args.run) / 'eval' / name}")
+    return 0
+
+
+def format_result(result: dict[str, Any]) -> str:
+    """A one-row Markdown table of a result's headline numbers."""
+    columns: list[tuple[str, str]] = [
+        ("method", result["method"]),
+        ("data", result["eval_data"] or result["trained_on"]),
+    ]
+    if result.get("labels") is not None:
+        columns.append(("labels", f"{100 * result['labels']:g}% ({result['labelled_images']})"))
+    percentages = (
+        ("knn_acc", "kNN acc %"),
+        ("linear_probe_acc", "LP acc %"),
+        ("finetune_best_acc", "FT best %"),
+        ("finetune_last_acc", "FT last %"),
+    )
+    for key, title in percentages:
+        if key in result:
+            columns.append((title, f"{100 * result[key]:.2f}"))
+    for key, title, fmt in (
+        ("uniformity_global", "-L_unif", "{:.3f}"),
+        ("effective_rank", "eff. rank", "{:.1f}"),
+    ):
+        value = result.get(key)
+        if key in result:
+            columns.append(
+                (title, "n/a" if value is None or not math.isfinite(value) else fmt.format(value))
+            )
+    columns.append(("seconds", f"{result['seconds']:.0f}"))
+    header = "| " + " | ".join(title for title, _ in columns) + " |"
+    rule = "| " + " | ".join("---" for _ in columns) + " |"
+    row = "| " + " | ".join(value for _, value in columns) + " |"
+    return "\n".join((header, rule, row))
