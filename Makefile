@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data demo smoke test lint clean
+.PHONY: help venv data demo smoke test lint bench bench-quick clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -41,6 +41,12 @@ lint: $(STAMP)  ## ruff and mypy
 	$(PY) -m ruff check src tests
 	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy
+
+bench: $(STAMP)  ## measure training efficiency, round overhead, DataLoader speed-up, GPU, scaling (minutes)
+	$(PY) -m benchmarks.bench
+
+bench-quick: $(STAMP)  ## the same benchmark at reduced sizes (under 2 minutes on 2 CPU cores)
+	$(PY) -m benchmarks.bench --quick
 
 clean:  ## remove the virtual environment and run outputs
 	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Benchmarks that print fedssd's speed figures (run ``python -m benchmarks.bench``)."""
