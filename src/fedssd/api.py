@@ -429,7 +429,7 @@ def train(
     # Everything the user can get wrong has been checked: only now is the output folder touched.
     out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
     if out_dir is not None:
-        _write_header(out_dir, cfg, experiment.data)
+        write_header(out_dir, cfg, experiment.data)
     return _run(
         experiment, out_dir=out_dir, resume_from=None, started=started, say=say, verbose=verbose
     )
@@ -512,7 +512,7 @@ def _run(
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
-        callbacks.append(_checkpointer(cfg, out_dir, experiment.method, store, history))
+        callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
     history = run_rounds(
         global_model=experiment.global_model,
         client_model=experiment.client_model,
@@ -567,7 +567,7 @@ def finish_run(
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
 
-def _checkpointer(
+def checkpointer(
     config: Config,
     out_dir: Path,
     method: Method,
@@ -595,7 +595,7 @@ def _checkpointer(
     return save
 
 
-def _write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
+def write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
     """The files written before training: the resolved config and the partition."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
     histogram = label_histogram(

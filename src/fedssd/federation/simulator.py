@@ -230,6 +230,60 @@ def run_round(
         updates.append(
             ClientUpdate(client_id, state, float(result.num_batches), payload, result.loss)
         )
+    new_state, record = conclude_round(
+        round_index,
+        method=method,
+        global_state=global_state,
+        clients=clients,
+        lr=lr,
+        results=results,
+        updates=updates,
+        failed=failed,
+        guards=guards,
+        started=start,
+    )
+    if new_state is not None:
+        global_model.load_state_dict(new_state)
+    if client_scalars:
+        record["client_state"] = client_scalars
+    return record
+
+
+def conclude_round(
+    round_index: int,
+    *,
+    method: Method,
+    global_state: Mapping[str, torch.Tensor],
+    clients: list[int],
+    lr: float,
+    results: Sequence[LocalResult],
+    updates: list[ClientUpdate],
+    failed: dict[int, str],
+    guards: Guards,
+    started: float,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The server half of a round once the clients' checked updates are in (shared with the
+    Flower strategy): drop norm outliers, stop on divergence, skip a round with too few
+    updates, aggregate with the method, check the result.
+
+    Args:
+        round_index: The 0-based round.
+        method: Aggregates the accepted updates.
+        global_state: The global state the round started from.
+        clients: The sampled client ids.
+        lr: The round's learning rate.
+        results: Every client's local result (those that trained), in sample order.
+        updates: The checked updates, in sample order.
+        failed: Client id -> reason; outliers are added to it.
+        guards: Fault and validation settings.
+        started: ``time.perf_counter()`` when the round started.
+
+    Returns:
+        The new global state (None when the round was skipped) and the round's record.
+
+    Raises:
+        TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
+    """
     updates = _drop_outliers(updates, global_state, guards.validation, failed)
     trained = [r for r in results if r.num_batches > 0]
     if trained and not any(r.finite for r in trained):
@@ -238,25 +292,27 @@ def run_round(
             "or infinite; lower federation.lr (the last good checkpoint, if any, is kept)."
         )
     skipped = len(updates) < max(1, guards.faults.min_clients)
+    new_state = None
     if not skipped:
         new_state = method.aggregate(global_state, updates, round_index=round_index)
-        if not all(
-            bool(torch.isfinite(v).all()) for v in new_state.values() if v.is_floating_point()
-        ):
+        if not _finite(new_state):
             raise TrainingDiverged(
                 f"training diverged in round {round_index + 1}: the aggregated global model holds "
                 "NaN or infinite values; lower federation.lr (the last good checkpoint, if any, "
                 "is kept)."
             )
-        global_model.load_state_dict(new_state)
     record = _round_record(round_index, clients, lr, results)
     record["accepted"] = len(updates)
-    record["failed"] = {str(k): v for k, v in failed.items()}
+    record["failed"] = {str(k): v for k, v in sorted(failed.items())}
     record["skipped"] = skipped
-    if client_scalars:
-        record["client_state"] = client_scalars
-    record["seconds"] = time.perf_counter() - start
-    return record
+    record["seconds"] = time.perf_counter() - started
+    return new_state, record
+
+
+def _finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating-point entry is finite (one device sync for the whole state)."""
+    checks = [torch.isfinite(v).all() for v in state.values() if v.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
 
 
 def _drop_outliers(

@@ -38,8 +38,11 @@ def check_update(
             )
         if value.dtype != reference.dtype:
             return f"entry {key!r} has dtype {value.dtype}, expected {reference.dtype}"
-        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            return f"entry {key!r} holds NaN or infinite values"
+    floats = [key for key, value in state.items() if value.is_floating_point()]
+    # One device-to-host sync for the whole state; the offending entry is looked up only on failure.
+    if floats and not bool(torch.stack([torch.isfinite(state[k]).all() for k in floats]).all()):
+        bad = next(k for k in floats if not bool(torch.isfinite(state[k]).all()))
+        return f"entry {bad!r} holds NaN or infinite values"
     return None
 
 
@@ -47,11 +50,13 @@ def update_distance(
     reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
 ) -> float:
     """The L2 distance between two states over their floating-point entries."""
-    total = torch.zeros((), dtype=torch.float64)
-    for key, value in state.items():
-        if value.is_floating_point():
-            diff = value.detach().double() - reference[key].detach().double().to(value.device)
-            total += diff.square().sum().cpu()
+    squares = [
+        (value.detach().double() - reference[key].detach().double().to(value.device)).square().sum()
+        for key, value in state.items()
+        if value.is_floating_point()
+    ]
+    # Summed on the device, read once (one sync instead of one per entry).
+    total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
     return float(total.sqrt())
 
 

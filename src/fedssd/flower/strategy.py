@@ -1,0 +1,271 @@
+"""A Flower strategy running a fedssd method: sampling, checks and aggregation as in the simulator.
+
+:class:`MethodStrategy` samples client ids with :func:`fedssd.federation.sampling.sample_clients`
+(the run seed and the round alone decide), sends each sampled client's node the global state, the
+method's server state and the round's task, validates every reply with
+:func:`fedssd.federation.validate.check_update` and the norm-outlier rule, and delegates
+aggregation to ``method.aggregate``. Updates are aggregated in sample order whatever order the
+replies arrive in, so the float sums match the in-process simulator's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from fedssd.errors import FedSSDError
+from fedssd.federation.client import LocalResult
+from fedssd.federation.faults import Fault, draw_fault
+from fedssd.federation.sampling import sample_clients
+from fedssd.federation.simulator import (
+    Callback,
+    Guards,
+    Schedule,
+    conclude_round,
+    local_keys,
+    round_lr,
+)
+from fedssd.federation.validate import check_update
+from fedssd.flower import records
+from fedssd.methods.protocol import ClientUpdate, Method
+
+Log = Callable[[str], None]
+
+
+class ClientsFailed(FedSSDError):
+    """Every client sent to in a round answered with an error (a broken node setup)."""
+
+
+@dataclasses.dataclass
+class _Round:
+    """What the strategy remembers between sending a round's tasks and reading the replies."""
+
+    index: int
+    clients: list[int]
+    lr: float
+    global_state: dict[str, torch.Tensor]
+    faults: dict[int, Fault | None]
+    started: float
+
+
+class MethodStrategy(Strategy):
+    """Runs a fedssd method over Flower nodes (see the module docstring).
+
+    Args:
+        global_model: The server's global model; updated in place after each round.
+        method: The method (its server state travels to the clients every round).
+        schedule: Rounds, sampling and learning rates.
+        guards: Simulated faults and update validation.
+        nodes: Client id -> Flower node id (from the nodes' ``partition-id``).
+        experiment_text: The resolved config as TOML text, sent to the clients.
+        callbacks: Called after each round with its record and the global model (kNN monitor,
+            metrics file, checkpoints, progress), as :func:`fedssd.federation.simulator.run_rounds`
+            calls them.
+        log: Progress lines.
+    """
+
+    def __init__(
+        self,
+        *,
+        global_model: nn.Module,
+        method: Method,
+        schedule: Schedule,
+        guards: Guards,
+        nodes: Mapping[int, int],
+        experiment_text: str,
+        callbacks: Sequence[Callback] = (),
+        log: Log = lambda _message: None,
+    ) -> None:
+        self.global_model = global_model
+        self.method = method
+        self.schedule = schedule
+        self.guards = guards
+        self.nodes = dict(nodes)
+        self.experiment_text = experiment_text
+        self.callbacks = list(callbacks)
+        self.log = log
+        self.history: list[dict[str, Any]] = []
+        self._round: _Round | None = None
+
+    def summary(self) -> None:
+        """Log the run's shape."""
+        self.log(
+            f"fedssd strategy: {self.schedule.rounds} rounds, {self.schedule.num_clients} clients "
+            f"at fraction {self.schedule.fraction}, nodes {self.nodes}"
+        )
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """One message per sampled client that does not crash (simulated faults)."""
+        round_index = server_round - 1
+        clients = sample_clients(
+            num_clients=self.schedule.num_clients,
+            fraction=self.schedule.fraction,
+            round_index=round_index,
+            seed=self.schedule.seed,
+        )
+        lr = round_lr(self.schedule, round_index)
+        global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
+        faults = {
+            client_id: draw_fault(
+                self.guards.faults,
+                seed=self.schedule.seed,
+                round_index=round_index,
+                client_id=client_id,
+            )
+            for client_id in clients
+        }
+        self._round = _Round(round_index, clients, lr, global_state, faults, time.perf_counter())
+        global_record = records.to_arrays(global_state)
+        method_record = records.to_arrays(self.method.state_dict())
+        messages = []
+        for position, client_id in enumerate(clients):
+            if faults[client_id] == "crash":
+                continue
+            task = ConfigRecord(
+                {
+                    "experiment": self.experiment_text,
+                    "round": round_index,
+                    "lr": lr,
+                    "client-id": client_id,
+                    "position": position,
+                }
+            )
+            content = RecordDict(
+                {records.GLOBAL: global_record, records.METHOD: method_record, records.TASK: task}
+            )
+            messages.append(
+                Message(
+                    content,
+                    dst_node_id=self.nodes[client_id],
+                    message_type=MessageType.TRAIN,
+                    group_id=str(server_round),
+                )
+            )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Check the replies as the simulator checks its clients, then aggregate with the method.
+
+        Raises:
+            ClientsFailed: Every client sent to answered with an error.
+            TrainingDiverged: See :func:`conclude_round`.
+        """
+        current = self._round
+        if current is None or current.index != server_round - 1:
+            raise RuntimeError("aggregate_train was called without configure_train")
+        by_client: dict[int, Message] = {}
+        node_to_client = {node: client for client, node in self.nodes.items()}
+        for message in replies:
+            sender = node_to_client.get(message.metadata.src_node_id)
+            if sender is not None:
+                by_client[sender] = message
+        expected = {
+            k: v
+            for k, v in current.global_state.items()
+            if k not in local_keys(self.global_model, self.method)
+        }
+        results: list[LocalResult] = []
+        updates: list[ClientUpdate] = []
+        failed: dict[int, str] = {}
+        errors: list[str] = []
+        for client_id in current.clients:
+            fault = current.faults[client_id]
+            if fault == "crash":
+                failed[client_id] = "crashed"
+                continue
+            reply = by_client.get(client_id)
+            if reply is None:
+                failed[client_id] = "no reply before the round timeout"
+                continue
+            if reply.has_error():
+                failed[client_id] = f"node error: {reply.error.reason}"
+                errors.append(failed[client_id])
+                continue
+            result = records.metrics_to_result(reply.content.metric_records[records.RESULT])
+            results.append(result)
+            if not result.finite:
+                failed[client_id] = "local loss is NaN or infinite"
+                continue
+            if fault is not None:
+                failed[client_id] = "missed the deadline" if fault == "straggle" else "update lost"
+                continue
+            if result.num_batches == 0:
+                continue
+            state = records.from_arrays(reply.content.array_records[records.STATE])
+            reason = check_update(expected, state)
+            if reason is not None:
+                failed[client_id] = f"rejected: {reason}"
+                continue
+            payload = records.from_arrays(reply.content.array_records[records.PAYLOAD])
+            device = next(iter(current.global_state.values())).device
+            updates.append(
+                ClientUpdate(
+                    client_id,
+                    {k: v.to(device) for k, v in state.items()},
+                    float(result.num_batches),
+                    {k: v.to(device) for k, v in payload.items()},
+                    result.loss,
+                )
+            )
+        sent = sum(1 for c in current.clients if current.faults[c] != "crash")
+        if sent and len(errors) == sent:
+            raise ClientsFailed(
+                f"every client failed in round {server_round}; the first said: {errors[0]}"
+            )
+        new_state, record = conclude_round(
+            current.index,
+            method=self.method,
+            global_state=current.global_state,
+            clients=current.clients,
+            lr=current.lr,
+            results=results,
+            updates=updates,
+            failed=failed,
+            guards=self.guards,
+            started=current.started,
+        )
+        if new_state is not None:
+            self.global_model.load_state_dict(new_state)
+        self.history.append(record)
+        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(updates)})
+        return records.to_arrays(self.global_model.state_dict()), metrics
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Flower's server-side evaluation hook: run the round callbacks on the round's record.
+
+        Called by :meth:`Strategy.start` before the first round (nothing to do) and after each.
+        """
+        if server_round == 0 or not self.history:
+            return None
+        record = self.history[-1]
+        for callback in self.callbacks:
+            extra = callback(record, self.global_model)
+            if extra:
+                record.update(extra)
+        if "knn_acc" in record:
+            return MetricRecord({"knn_acc": float(record["knn_acc"])})
+        return None
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No client-side evaluation: the server evaluates the global model itself."""
+        return []
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Nothing to aggregate (see :meth:`configure_evaluate`)."""
+        return None

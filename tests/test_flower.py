@@ -1,0 +1,458 @@
+"""fedssd on Flower: the same weights as the in-process simulator, and a real TLS deployment.
+
+(1) Equivalence: a tiny experiment (small CNN, 3 clients, 2 rounds, 300 Fashion-MNIST images) run
+through :func:`fedssd.api.train` and through the Flower ServerApp / ClientApp on Flower's
+simulation engine (Ray) ends with the same global weights, for a FedAvg method
+(fedalignuniform), SSD (server state: scaling sets) and FedEMA (per-client state in the node's
+Context.state, server lambdas sent back each round).
+
+(2) Deployment: a SuperLink and 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication,
+``flwr run`` of the repository's Flower App for 2 rounds; the run's files are checked and its
+weights compared with the in-process run; a SuperNode whose key was never registered is refused.
+Every process is started in its own session and stopped in ``finally``; ports are free ports
+picked at runtime.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+import contextlib
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from flwr.app import Context, RecordDict
+from safetensors.torch import load_file
+
+from fedssd.api import build_experiment, load_config, train
+from fedssd.errors import ConfigError
+from fedssd.federation.client import LocalResult
+from fedssd.flower import records
+from fedssd.flower.client_app import client_id_of
+from fedssd.methods.protocol import ClientState
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+METHODS = ("fedema", "fedalignuniform", "ssd")  # a stateful method first: see _SIMULATION
+
+EXPERIMENT = """\
+seed = 5
+device = "cpu"
+
+[data]
+name = "fashion_mnist"
+partition = "dirichlet"
+alpha = 0.5
+train_subset = 300
+test_subset = 100
+min_client_size = 10
+pad_to_32 = false
+rgb = false
+
+[model]
+encoder = "small_cnn"
+width = 4
+projector_hidden = 32
+
+[method]
+name = "ssd"
+
+[federation]
+num_clients = 3
+fraction = 1.0
+rounds = 2
+local_epochs = 1
+batch_size = 32
+lr = 0.05
+
+[evaluation]
+every = 1
+knn_k = 10
+linear_epochs = 1
+metrics_samples = 100
+metrics_per_client = 30
+"""
+
+# The Flower side of the equivalence test, run in its own process (Ray starts workers and
+# changes the environment). One simulation runs the three experiments one after the other over
+# the same 3 virtual SuperNodes (Ray starts once); FedEMA goes first because client state lives
+# in each node's Context.state for the whole simulation.
+_SIMULATION = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+    from fedssd.flower.client_app import app as client_app
+    from fedssd.flower.server_app import RunSettings, run_federation
+
+    config, out, *methods = sys.argv[1:]
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        for name in methods:
+            settings = RunSettings(
+                config=Path(config), overrides=(f"method.name={name}",),
+                out=Path(out) / name, connect_timeout=120.0, round_timeout=300.0,
+            )
+            run_federation(grid, settings, log=print)
+
+    run_simulation(
+        server, client_app, num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}},
+    )
+    """
+)
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        RAY_USAGE_STATS_ENABLED="0",
+    )
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("experiment") / "tiny.toml"
+    path.write_text(EXPERIMENT)
+    return path
+
+
+@pytest.fixture(scope="module")
+def in_process(
+    experiment: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Final global weights of the in-process simulator, per method."""
+    out = tmp_path_factory.mktemp("in_process")
+    return {
+        name: {
+            k: v.detach().clone()
+            for k, v in train(
+                experiment, overrides=[f"method.name={name}"], out=out / name, log=None
+            )
+            .model.state_dict()
+            .items()
+        }
+        for name in METHODS
+    }
+
+
+@pytest.fixture(scope="module")
+def simulated(experiment: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The three experiments through the Flower App on Flower's simulation engine."""
+    out = tmp_path_factory.mktemp("simulated")
+    done = subprocess.run(
+        [sys.executable, "-c", _SIMULATION, str(experiment), str(out), *METHODS],
+        env=_env(FLWR_HOME=str(out / "flwr-home")),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+def _assert_same_weights(expected: dict[str, torch.Tensor], path: Path) -> None:
+    got = load_file(path)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_simulation_matches_in_process_simulator(
+    method: str,
+    experiment: Path,
+    in_process: dict[str, dict[str, torch.Tensor]],
+    simulated: Path,
+) -> None:
+    run = simulated / method
+    _assert_same_weights(in_process[method], run / "model.safetensors")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    assert all(r["accepted"] == 3 and r["failed"] == {} for r in lines)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["method"] == method and 0.0 <= summary["knn_acc"] <= 1.0
+    # Training moved the weights (two skipped rounds would also match the simulator).
+    initial = build_experiment(
+        load_config(experiment, [f"method.name={method}"]), log=lambda _m: None
+    ).global_model.state_dict()
+    assert any(not torch.equal(initial[k], v) for k, v in in_process[method].items())
+
+
+def test_records_round_trip_client_state_and_results() -> None:
+    state = RecordDict()
+    kept = ClientState(
+        tensors={"target.w": torch.arange(6, dtype=torch.float32).reshape(2, 3)},
+        scalars={"lambda": 0.25},
+        last_round=3,
+        participations=2,
+    )
+    records.save_client_state(state, 7, kept)
+    assert records.load_client_state(state, 6) is None
+    back = records.load_client_state(state, 7)
+    assert back is not None
+    assert torch.equal(back.tensors["target.w"], kept.tensors["target.w"])
+    assert (back.scalars, back.last_round, back.participations) == ({"lambda": 0.25}, 3, 2)
+    result = LocalResult(4, 5, 120, -1.5, {"align": 0.5, "uniform": -2.0}, 1.25)
+    assert records.metrics_to_result(records.result_to_metrics(result)) == result
+
+
+def test_client_id_comes_from_the_node_config() -> None:
+    def context(node_config: dict[str, object]) -> Context:
+        return Context(
+            run_id=1, node_id=99, node_config=node_config, state=RecordDict(), run_config={}
+        )
+
+    assert client_id_of(context({"partition-id": 2, "num-partitions": 3})) == 2
+    with pytest.raises(ConfigError, match="partition-id"):
+        client_id_of(context({}))
+
+
+# --- deployment --------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _write_tls(folder: Path) -> None:
+    """A test CA and a server certificate for 127.0.0.1 signed by it (as the openssl commands in
+    docs/flower.md make them)."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedssd test CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+            ),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    pem = serialization.Encoding.PEM
+    (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(cert.public_bytes(pem))
+    (folder / "server.key").write_bytes(
+        key.private_bytes(
+            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+        )
+    )
+
+
+def _write_node_key(path: Path) -> None:
+    """An ECDSA P-384 key pair in OpenSSH format (as ``ssh-keygen -t ecdsa -b 384`` writes)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        )
+    )
+    path.with_suffix(".pub").write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+
+
+class _Processes:
+    """Processes started in their own sessions, all stopped (TERM, then KILL) on close."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        log.close()
+        self.started.append((name, process))
+        return process
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")
+
+    def close(self) -> None:
+        for _, process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for _, process in self.started:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+            # Children that outlived their parent (the ServerApp / ClientApp runners).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the SuperLink exited while starting"
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[_Processes]:
+    started = _Processes(tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()
+
+
+def test_deployment_with_tls_and_supernode_authentication(
+    tmp_path: Path,
+    experiment: Path,
+    in_process: dict[str, dict[str, torch.Tensor]],
+    processes: _Processes,
+) -> None:
+    _write_tls(tmp_path)
+    for name in ("node0", "node1", "node2", "rogue"):
+        _write_node_key(tmp_path / name)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = _free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tmp_path / "ca.crt"}"\n'
+    )
+    env = _env(FLWR_HOME=str(home))
+    ca = str(tmp_path / "ca.crt")
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", ca,
+            "--ssl-certfile", str(tmp_path / "server.pem"),
+            "--ssl-keyfile", str(tmp_path / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+        ],
+        env,
+    )  # fmt: skip
+    _wait_for_port(port, superlink, timeout=60)
+    for k in range(3):
+        registered = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(tmp_path / f"node{k}.pub"), "test"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+
+    def supernode(name: str, key: str, partition: int, *extra: str) -> subprocess.Popen[bytes]:
+        return processes.start(
+            name,
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", ca,
+                "--auth-supernode-private-key", str(tmp_path / key),
+                "--node-config", f"partition-id={partition} num-partitions=3",
+                "--port", str(_free_port()),
+                *extra,
+            ],
+            env,
+        )  # fmt: skip
+
+    for k in range(3):
+        supernode(f"supernode{k}", f"node{k}", k)
+    rogue = supernode("rogue", "rogue", 0, "--max-retries", "1", "--max-wait-time", "20")
+
+    out = tmp_path / "run"
+    run_config = f'config="{experiment}" out="{out}" overrides="method.name=ssd"'
+    done = subprocess.run(
+        [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "test", "--stream",
+         "--run-config", run_config],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    deadline = time.monotonic() + 60
+    while not (out / "summary.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert (out / "summary.json").exists(), done.stdout[-3000:] + processes.log("superlink")
+
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2]
+    assert all(r["accepted"] == 3 and r["failed"] == {} for r in lines)
+    assert "knn_acc" in json.loads((out / "summary.json").read_text())
+    assert (out / "config.toml").exists() and (out / "partition.json").exists()
+    _assert_same_weights(in_process["ssd"], out / "model.safetensors")
+
+    # The SuperNode whose key was never registered gave up without being let in.
+    assert rogue.wait(timeout=60) != 0, processes.log("rogue")
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "test", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert len(json.loads(listed.stdout)["nodes"]) == 3
