@@ -173,24 +173,27 @@ def test_resume_refuses_bad_folders_and_checkpoints(
     assert "has finished" in resume_error(run)
     assert "not a fedssd run folder" in resume_error(tmp_path / "nothing")
     (run / "summary.json").unlink()
-    newest = list_checkpoints(run)[-1]
-    model_file = newest / "model.safetensors"
-    original = model_file.read_bytes()
+    files = [c / "model.safetensors" for c in list_checkpoints(run)]
+    originals = [f.read_bytes() for f in files]
 
-    model_file.write_bytes(original[: len(original) // 2])  # truncated
+    for file, data in zip(files, originals, strict=True):
+        file.write_bytes(data[: len(data) // 2])  # truncated
     assert "corrupted or truncated" in resume_error(run)
-    flipped = bytearray(original)
-    flipped[-5] ^= 0xFF
-    model_file.write_bytes(bytes(flipped))  # one flipped byte
+    for file, data in zip(files, originals, strict=True):
+        flipped = bytearray(data)
+        flipped[-5] ^= 0xFF
+        file.write_bytes(bytes(flipped))  # one flipped byte
     assert "corrupted or truncated" in resume_error(run)
-    model_file.write_bytes(original)
+    for file, data in zip(files, originals, strict=True):
+        file.write_bytes(data)
 
     config = (run / "config.toml").read_text()
     (run / "config.toml").write_text(config.replace("seed = 17", "seed = 18"))
     assert "different configuration" in resume_error(run)
     (run / "config.toml").write_text(config)
 
-    (newest / "state.json").write_text("{not json")
+    for checkpoint in list_checkpoints(run):
+        (checkpoint / "state.json").write_text("{not json")
     assert "corrupted" in resume_error(run)
     for checkpoint in list_checkpoints(run):
         for file in checkpoint.iterdir():
@@ -199,6 +202,33 @@ def test_resume_refuses_bad_folders_and_checkpoints(
     assert "no checkpoint" in resume_error(run)
     assert main(["train", "--resume", str(run), "--config", SMOKE]) == 2
     assert "drop --config" in capsys.readouterr().err
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    whole = fedssd.train(
+        SMOKE, overrides=[*TINY, "federation.rounds=3"], out=tmp_path / "w", log=None
+    )
+    run = tmp_path / "run"
+    fedssd.train(SMOKE, overrides=[*TINY, "federation.rounds=3"], out=run, log=None)
+    (run / "summary.json").unlink()
+    newest = list_checkpoints(run)[-1]
+    (newest / "clients.safetensors").write_bytes(b"")  # as after a power cut
+    (run / "checkpoints" / ".tmp-round-000004-1").mkdir()  # left by a killed write
+    assert main(["train", "--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint file {newest}/clients.safetensors is corrupted" in err
+    assert "resuming" in err and "after round 2 of 3" in err
+    assert not list((run / "checkpoints").glob(".tmp-*"))
+    _same_weights(whole.out_dir, run)  # type: ignore[arg-type]
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    fedssd.train(SMOKE, overrides=[*TINY, "federation.rounds=4"], out=run, log=None)
+    fedssd.train(SMOKE, overrides=[*TINY, "federation.rounds=2"], out=run, overwrite=True, log=None)
+    assert [p.name for p in list_checkpoints(run)] == ["round-000001", "round-000002"]
 
 
 def test_checkpoint_write_is_atomic_and_rotated(
@@ -277,8 +307,9 @@ def _run(
     rounds: int = 2,
     fraction: float = 1.0,
     store: ClientStore | None = None,
+    data: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
 ) -> tuple[list[dict[str, Any]], nn.Module, nn.Module]:
-    images, indices = _images()
+    images, indices = _images() if data is None else data
     start, global_model = _model(), _model()
     history = run_rounds(
         global_model=global_model,
@@ -509,6 +540,21 @@ def test_update_checks() -> None:
     assert norm_outliers([1.0, 1.1, 0.9, 50.0, 60.0], ratio=10, min_peers=2) == [3, 4]
     assert norm_outliers([1.0, 50.0], ratio=10, min_peers=2) == []  # too few peers to judge
     assert norm_outliers([1.0, 1.1, 0.9, 50.0], ratio=0, min_peers=2) == []  # switched off
+
+
+def test_a_large_honest_client_is_not_mistaken_for_an_outlier() -> None:
+    """Client 0 holds 20 times the data of the others (as under a Dirichlet split): in total it
+    moves far more than 10 times the median, per local step it does not, and it is kept."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (240, 3, 8, 8), dtype=torch.uint8)
+    indices = [torch.arange(0, 160), *(torch.arange(160 + 16 * k, 176 + 16 * k) for k in range(5))]
+    recorder = Recorder(build_method("fedalignuniform", {}, _context()))
+    history, start, _ = _run(recorder, rounds=1, data=(images, indices))
+    assert history[0]["failed"] == {} and history[0]["accepted"] == 6
+    updates = recorder.rounds[0]
+    totals = [update_distance(start.state_dict(), u.state) for u in updates]
+    others = sorted(totals[1:])
+    assert totals[0] > 10 * others[len(others) // 2]  # the total-distance rule would reject it
 
 
 def test_validation_settings_are_used() -> None:

@@ -29,6 +29,7 @@ from fedssd.checkpoint import (
     check_model_state,
     list_checkpoints,
     load_checkpoint,
+    remove_partial_checkpoints,
     run_identity,
     save_checkpoint,
 )
@@ -458,21 +459,22 @@ def resume(
             f"the run in {out_dir} has finished (summary.json exists); nothing to resume."
         )
     cfg = load_config(config_path)
+    remove_partial_checkpoints(out_dir)
     checkpoints = list_checkpoints(out_dir)
     if not checkpoints:
         raise ConfigError(
             f"{out_dir} has no checkpoint to resume from (the run stopped before its first one, "
             f"written every {cfg.checkpoint.every} rounds); start it again with --overwrite."
         )
-    saved = load_checkpoint(checkpoints[-1])
+    saved, path = _newest_readable(checkpoints, say)
     if saved.identity != run_identity(config_module.to_dict(cfg)):
         raise DataError(
-            f"checkpoint {checkpoints[-1]} was written by a different configuration than "
+            f"checkpoint {path} was written by a different configuration than "
             f"{config_path}; resume only the run that wrote it."
         )
     check_setup(cfg)
     experiment = build_experiment(cfg, log=say)
-    check_model_state(experiment.global_model.state_dict(), saved.model, where=checkpoints[-1])
+    check_model_state(experiment.global_model.state_dict(), saved.model, where=path)
     experiment.global_model.load_state_dict(saved.model)
     experiment.method.load_state_dict(saved.server)
     say(f"resuming {out_dir} after round {saved.rounds_done} of {cfg.federation.rounds}")
@@ -484,6 +486,26 @@ def resume(
     return _run(
         experiment, out_dir=out_dir, resume_from=saved, started=started, say=say, verbose=verbose
     )
+
+
+def _newest_readable(checkpoints: Sequence[Path], say: Log) -> tuple[Checkpoint, Path]:
+    """The newest checkpoint that passes verification; older ones are tried when a newer one is
+    damaged (e.g. by a power cut), each skipped one reported.
+
+    Raises:
+        DataError: None of them can be read (the newest one's problem is reported).
+    """
+    first_error: DataError | None = None
+    for path in reversed(checkpoints):
+        try:
+            saved = load_checkpoint(path)
+        except DataError as error:
+            first_error = first_error or error
+            say(f"warning: {error} Trying the checkpoint before it.")
+            continue
+        return saved, path
+    assert first_error is not None
+    raise first_error
 
 
 def _run(

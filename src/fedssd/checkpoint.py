@@ -107,6 +107,14 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
     return final
 
 
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete temporary folders left by checkpoint writes that were killed mid-way."""
+    root = run_dir / FOLDER
+    if root.is_dir():
+        for partial in root.glob(".tmp-*"):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first (temporary folders are ignored)."""
     root = run_dir / FOLDER

@@ -195,8 +195,8 @@ class ValidationConfig:
     """Server-side checks of each client update (non-finite values, keys and shapes always).
 
     Attributes:
-        max_norm_ratio: Reject an update whose distance to the global model is more than this
-            many times the median distance of the round's other updates (0 = no norm check).
+        max_norm_ratio: Reject an update whose weights moved, per local step, more than this
+            many times the median of the round's other updates (0 = no norm check).
         min_peers: The norm check needs at least this many other updates in the round.
     """
 

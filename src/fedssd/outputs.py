@@ -1,4 +1,5 @@
-"""Files a run writes: config.toml, metrics.jsonl, partition.json, summary.json, model.safetensors.
+"""Files a run writes: config.toml, metrics.jsonl, partition.json, summary.json, model.safetensors,
+checkpoints/ and eval/.
 
 Every file that is written whole goes through a temporary file and ``os.replace``, so an
 interrupted write never leaves a truncated file behind.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +28,8 @@ RUN_FILES = (
     "summary.json",
     "model.safetensors",
     "server_state.safetensors",
+    "checkpoints",
+    "eval",
 )
 
 
@@ -59,7 +63,12 @@ def prepare_run_dir(path: Path, *, overwrite: bool) -> Path:
     except OSError as error:
         raise ConfigError(f"cannot write to output folder {path}: {error.strerror}.") from None
     for name in existing:
-        (path / name).unlink()
+        target = path / name
+        # An earlier run's checkpoints must go too: resume would otherwise find them.
+        if target.is_dir():
+            shutil.rmtree(target)
+        else:
+            target.unlink()
     return path
 
 
@@ -79,6 +88,8 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -103,10 +114,20 @@ def save_model(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _fsync_file(path: str) -> None:
+    """Flush a written file to disk, so that a rename after it never exposes an empty file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def jsonable(value: Any) -> Any:

@@ -175,6 +175,7 @@ def run_round(
     results: list[LocalResult] = []
     failed: dict[int, str] = {}
     client_scalars: dict[str, dict[str, float]] = {}
+    movements: dict[int, float] = {}
     for position, client_id in enumerate(clients):
         fault = draw_fault(
             guards.faults, seed=schedule.seed, round_index=round_index, client_id=client_id
@@ -184,8 +185,14 @@ def run_round(
             continue
         client_model.load_state_dict(global_state)
         stored = store.get(client_id)
+        origin: Mapping[str, torch.Tensor] = expected
         if hooks is not None:
             hooks.begin_client(client_model, stored, client_id=client_id, round_index=round_index)
+            # A stateful method may start a client away from the global model (FedEMA's mix):
+            # its movement is measured from where it started.
+            origin = {
+                k: v.detach().clone() for k, v in client_model.state_dict().items() if k in expected
+            }
         result = local_train(
             client_model,
             method,
@@ -230,6 +237,7 @@ def run_round(
         updates.append(
             ClientUpdate(client_id, state, float(result.num_batches), payload, result.loss)
         )
+        movements[client_id] = update_distance(origin, state) / result.num_batches
     new_state, record = conclude_round(
         round_index,
         method=method,
@@ -241,6 +249,7 @@ def run_round(
         failed=failed,
         guards=guards,
         started=start,
+        movements=movements,
     )
     if new_state is not None:
         global_model.load_state_dict(new_state)
@@ -261,6 +270,7 @@ def conclude_round(
     failed: dict[int, str],
     guards: Guards,
     started: float,
+    movements: Mapping[int, float] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """The server half of a round once the clients' checked updates are in (shared with the
     Flower strategy): drop norm outliers, stop on divergence, skip a round with too few
@@ -277,6 +287,8 @@ def conclude_round(
         failed: Client id -> reason; outliers are added to it.
         guards: Fault and validation settings.
         started: ``time.perf_counter()`` when the round started.
+        movements: Client id -> distance its weights moved in local training, per local step
+            (the norm check's measure); None measures each update from ``global_state``.
 
     Returns:
         The new global state (None when the round was skipped) and the round's record.
@@ -284,7 +296,11 @@ def conclude_round(
     Raises:
         TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
     """
-    updates = _drop_outliers(updates, global_state, guards.validation, failed)
+    if movements is None:
+        movements = {
+            u.client_id: update_distance(global_state, u.state) / u.weight for u in updates
+        }
+    updates = _drop_outliers(updates, movements, guards.validation, failed)
     trained = [r for r in results if r.num_batches > 0]
     if trained and not any(r.finite for r in trained):
         raise TrainingDiverged(
@@ -317,20 +333,24 @@ def _finite(state: Mapping[str, torch.Tensor]) -> bool:
 
 def _drop_outliers(
     updates: list[ClientUpdate],
-    global_state: Mapping[str, torch.Tensor],
+    movements: Mapping[int, float],
     validation: ValidationConfig,
     failed: dict[int, str],
 ) -> list[ClientUpdate]:
-    """``updates`` without those whose distance to the global model is an outlier."""
+    """``updates`` without those whose movement per local step is an outlier.
+
+    Per step, because an honest client with many batches moves further in total (under a
+    Dirichlet split, client sizes differ by hundreds of times).
+    """
     if validation.max_norm_ratio <= 0 or len(updates) <= validation.min_peers:
         return updates
-    distances = [update_distance(global_state, u.state) for u in updates]
+    steps = [movements[u.client_id] for u in updates]
     outliers = set(
-        norm_outliers(distances, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
+        norm_outliers(steps, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
     )
     for i in sorted(outliers):
         failed[updates[i].client_id] = (
-            f"rejected: update norm {distances[i]:.3g} is more than "
+            f"rejected: update moved {steps[i]:.3g} per local step, more than "
             f"{validation.max_norm_ratio:g} times the median of the others"
         )
     return [u for i, u in enumerate(updates) if i not in outliers]
