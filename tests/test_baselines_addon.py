@@ -21,6 +21,7 @@ from fedssd import losses
 from fedssd.cli import main
 from fedssd.data.augment import AugmentConfig, two_views
 from fedssd.data.datasets import load_dataset
+from fedssd.errors import ConfigError
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.feddecorr import decorrelation_loss
@@ -119,8 +120,9 @@ def test_fedx_teacher_is_one_module_reloaded_from_each_global() -> None:
             p.add_(1.0)  # a new global model arrives
     method.begin_client(model, None, client_id=5, round_index=1)
     assert method.teacher is teacher  # reused, not copied again
+    assert teacher is not None
     for key, value in model.state_dict().items():
-        assert torch.equal(method.teacher.state_dict()[key], value)
+        assert torch.equal(teacher.state_dict()[key], value)
     assert not any(p.requires_grad for p in teacher.parameters())
 
 
@@ -267,6 +269,47 @@ def test_min_norm_weights_two_vectors_closed_form() -> None:
         min_norm_weights(w @ w.T, torch.tensor([0.5, 0.5], dtype=torch.float64)),
         torch.tensor([1.0, 0.0], dtype=torch.float64),
     )
+
+
+@pytest.mark.parametrize(
+    ("rule", "weights", "expected"),
+    [
+        # Released solver (BASELINES.md 4.3 step 4): c = pi = (3/4, 1/4) is returned unchanged,
+        # g = 0.75 (2, 0) + 0.25 (0, 2) = (1.5, 0.5), theta = -0.5 g.
+        ("released", (0.75, 0.25), (-0.75, -0.25)),
+        # Exact min-norm of two orthogonal vectors of equal length: c = (1/2, 1/2), g = (1, 1).
+        ("exact", (0.5, 0.5), (-0.5, -0.5)),
+    ],
+)
+def test_two_client_rule_of_eua(
+    rule: str, weights: tuple[float, float], expected: tuple[float, float]
+) -> None:
+    """Two accepted updates with deviations (2, 0) and (0, 4) and data weights 3 : 1."""
+    context = MethodContext(
+        num_clients=2, feature_dim=4, embed_dim=4, seed=0, device=torch.device("cpu")
+    )
+    method = build_method("fedu2", {"two_client_rule": rule, "server_lr": 0.5}, context)
+    assert isinstance(method, FedU2)
+    if rule == "released":
+        assert FedU2Options().two_client_rule == "released"  # the default follows the code
+    updates = [
+        ClientUpdate(0, {"w": torch.tensor([-2.0, 0.0])}, 3.0),
+        ClientUpdate(1, {"w": torch.tensor([0.0, -4.0])}, 1.0),
+    ]
+    new = method.aggregate({"w": torch.zeros(2)}, updates, round_index=0)
+    torch.testing.assert_close(new["w"], torch.tensor(expected))
+    pi = torch.tensor([0.75, 0.25], dtype=torch.float64)
+    _, c = eua_mgda(
+        {"w": torch.zeros(2)},
+        [u.state for u in updates],
+        pi,
+        server_lr=0.5,
+        parameter_keys={"w"},
+        two_client_rule=rule,  # type: ignore[arg-type]
+    )
+    torch.testing.assert_close(c, torch.tensor(weights, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="two_client_rule"):
+        FedU2Options(two_client_rule="closest")  # type: ignore[arg-type]
 
 
 def test_min_norm_weights_match_a_grid_search() -> None:
@@ -488,7 +531,8 @@ def test_hooks_keep_no_client_state_for_stateless_addons() -> None:
         method.begin_client(model, store.get(2), client_id=2, round_index=0)
         kept, payload = method.end_client(model, store.get(2), client_id=2, round_index=0)
         store.put(2, kept)
-        assert payload == {} and store.get(2) is not None and store.get(2).tensors == {}
+        stored = store.get(2)
+        assert payload == {} and stored is not None and stored.tensors == {}
 
 
 def _tiny_context() -> MethodContext:

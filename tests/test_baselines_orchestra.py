@@ -6,22 +6,25 @@ import itertools
 import json
 import math
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from fedssd import cli
+from fedssd.aggregate import fedavg
 from fedssd.data.augment import SSL_AUGMENT, two_views
 from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
-from fedssd.federation.client import LocalSettings
+from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import ClientUpdate, MethodContext, build_method
 from fedssd.methods.orchestra import (
     CENTROIDS_KEY,
     PAYLOAD_KEY,
+    TARGET_PREFIX,
     Orchestra,
     OrchestraOptions,
     cluster_assignment_loss,
@@ -236,9 +239,9 @@ def _one_round(
 
 
 def test_target_is_kept_per_client_across_a_gap() -> None:
-    """First participation copies the global online network; a client that returns after other
-    clients trained gets its own target back, not the global one or another client's."""
-    method = Orchestra(OrchestraOptions(init_round=False), _context())
+    """Client mode: first participation copies the global online network; a client that returns
+    after other clients trained gets its own target back, not the global one or another client's."""
+    method = Orchestra(OrchestraOptions(init_round=False, target_mode="client"), _context())
     model = _model(method)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     store = ClientStore()
@@ -266,6 +269,152 @@ def test_target_is_kept_per_client_across_a_gap() -> None:
     assert other is not None
     weight = "target.projector.0.weight"
     assert not torch.equal(other.tensors[weight], kept[weight])
+
+
+def _target_state(method: Orchestra) -> dict[str, torch.Tensor]:
+    assert method._target is not None
+    return {k: v.clone() for k, v in method._target.state_dict().items()}
+
+
+def _settings(**changes: float) -> LocalSettings:
+    values: dict[str, float] = {"momentum": 0.9, "weight_decay": 1e-4, **changes}
+    return LocalSettings(epochs=1, batch_size=6, lr=0.05, augment=SSL_AUGMENT, **values)  # type: ignore[arg-type]
+
+
+def test_global_mode_averages_the_target_and_keeps_no_client_state() -> None:
+    """Default (released code, BASELINES.md 9.4 step 1): each client starts from the global
+    target, sends its target, the server FedAvgs the targets with the weights' weights, and the
+    client store holds no tensor; the global target survives a state_dict round trip."""
+    assert OrchestraOptions().target_mode == "global"
+    options = OrchestraOptions(
+        global_centroids=4, local_centroids=2, memory_size=8, server_steps=5, init_round=False
+    )
+    method = Orchestra(options, _context(num_clients=2))
+    images = torch.randint(0, 256, (30, 3, 8, 8), dtype=torch.uint8)
+    global_model, client_model = _model(method), _model(method)
+    online = {k: v.clone() for k, v in global_model.state_dict().items()}
+    store = ClientStore()
+    schedule = Schedule(
+        num_clients=2, fraction=1.0, rounds=2, lr=0.05, lr_schedule="constant", seed=1
+    )
+    starts: list[dict[str, torch.Tensor]] = []
+    updates: list[list[ClientUpdate]] = []
+    begin, aggregate = method.begin_client, method.aggregate
+
+    def recording_begin(model, stored, *, client_id, round_index):  # type: ignore[no-untyped-def]
+        assert stored is None or not stored.tensors  # nothing kept from an earlier round
+        begin(model, stored, client_id=client_id, round_index=round_index)
+        starts.append(_target_state(method))
+
+    def recording(global_state, new_updates, *, round_index):  # type: ignore[no-untyped-def]
+        updates.append(list(new_updates))
+        return aggregate(global_state, new_updates, round_index=round_index)
+
+    method.begin_client = recording_begin  # type: ignore[method-assign]
+    method.aggregate = recording  # type: ignore[method-assign]
+    run_rounds(
+        global_model=global_model,
+        client_model=client_model,
+        method=method,
+        images=images,
+        client_indices=[torch.arange(0, 12), torch.arange(12, 30)],  # unequal weights 2 : 3
+        schedule=schedule,
+        settings=_settings(),
+        store=store,
+    )
+    # Round 0: no global target yet, both clients start from the global online network.
+    for start in starts[:2]:
+        for k, v in start.items():
+            assert torch.equal(v, online[k])
+    # The server's target after round 0 is the FedAvg of the two uploaded targets ...
+    round0 = updates[0]
+    assert {u.weight for u in round0} == {2.0, 3.0}
+    sent = [{k[len(TARGET_PREFIX) :]: v for k, v in u.payload.items() if k != PAYLOAD_KEY}
+            for u in round0]  # fmt: skip
+    assert set(sent[0]) == set(starts[0])
+    assert not torch.equal(sent[0]["projector.0.weight"], sent[1]["projector.0.weight"])
+    expected = fedavg(sent, [u.weight for u in round0])
+    # ... and both clients of round 1 start from it, whatever they sent themselves.
+    for start in starts[2:]:
+        assert set(start) == set(expected)
+        for k, v in start.items():
+            torch.testing.assert_close(v, expected[k], rtol=0, atol=0)
+    # The target never enters the model's state (SGD and the weights' FedAvg never see it).
+    assert not any("target" in k for k in global_model.state_dict())
+    # No per-client state: the store's entries hold no tensor and no scalar.
+    assert len(store) == 2
+    for client_id in (0, 1):
+        kept = store.get(client_id)
+        assert kept is not None and not kept.tensors and not kept.scalars
+    # The global target is the method's server state: checkpointed and restored exactly.
+    saved = method.state_dict()
+    final = fedavg(
+        [{k[len(TARGET_PREFIX) :]: v for k, v in u.payload.items() if k != PAYLOAD_KEY}
+         for u in updates[1]],
+        [u.weight for u in updates[1]],
+    )  # fmt: skip
+    assert set(saved) == {f"{TARGET_PREFIX}{k}" for k in final}
+    for k, v in final.items():
+        assert torch.equal(saved[f"{TARGET_PREFIX}{k}"], v)
+    fresh = Orchestra(options, _context(num_clients=2))
+    fresh.load_state_dict(saved)
+    fresh.begin_client(client_model, None, client_id=0, round_index=2)
+    for k, v in _target_state(fresh).items():
+        assert torch.equal(v, final[k])
+
+
+def test_target_is_never_trained_by_sgd() -> None:
+    """Local SGD (momentum, weight decay) moves the online network but never the target: with
+    m = 1 the EMA keeps it frozen, so it must end exactly where it started; with m = 0.996 one
+    step gives exactly the EMA of the start and the online network after that step."""
+    images = torch.randint(0, 256, (12, 3, 8, 8), dtype=torch.uint8)
+    modes: tuple[Literal["global", "client"], ...] = ("global", "client")
+    for mode in modes:
+        method = Orchestra(
+            OrchestraOptions(
+                global_centroids=4, local_centroids=2, memory_size=8,
+                target_momentum=1.0, init_round=False, target_mode=mode,
+            ),
+            _context(num_clients=2),
+        )  # fmt: skip
+        model = _model(method)
+        method.begin_client(model, None, client_id=0, round_index=0)
+        assert method._target is not None
+        assert all(not p.requires_grad for p in method._target.parameters())
+        trained = {id(p) for p in model.parameters()}
+        assert not any(id(p) in trained for p in method._target.parameters())
+        before = _target_state(method)
+        online = [p.clone() for p in model.encoder.parameters()]
+        result = local_train(
+            model, method, images, torch.arange(12), settings=_settings(),
+            generator=torch.Generator().manual_seed(0), client_id=0, position=0,
+            after_step=method.after_step,
+        )  # fmt: skip
+        assert result.num_batches == 2
+        moved = zip(online, model.encoder.parameters(), strict=True)
+        assert any(not torch.equal(a, b) for a, b in moved)
+        after = _target_state(method)
+        for k, v in before.items():
+            if "running" in k or "num_batches" in k:
+                continue  # the target runs in train mode: its BN statistics follow the data
+            assert torch.equal(v, after[k]), k
+    # m = 0.996: one SGD step, then the target is 0.996 start + 0.004 online (nothing else).
+    method = Orchestra(
+        OrchestraOptions(global_centroids=4, local_centroids=2, memory_size=8, init_round=False),
+        _context(num_clients=2),
+    )
+    model = _model(method)
+    method.begin_client(model, None, client_id=0, round_index=0)
+    assert method._target is not None
+    start = [p.clone() for p in method._target.parameters()]
+    local_train(
+        model, method, images[:6], torch.arange(6), settings=_settings(),
+        generator=torch.Generator().manual_seed(0), client_id=0, position=0,
+        after_step=method.after_step,
+    )  # fmt: skip
+    online_after = [*model.encoder.parameters(), *model.projector.parameters()]
+    for t, s0, o in zip(method._target.parameters(), start, online_after, strict=True):
+        torch.testing.assert_close(t, 0.996 * s0 + 0.004 * o)
 
 
 # --- rounds and aggregation ---------------------------------------------------------------------

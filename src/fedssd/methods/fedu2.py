@@ -59,6 +59,9 @@ class FedU2Options:
         famo_server_lr: FAMO's server step (1/2 makes the step a convex combination) [I].
         famo_logit_lr: Step of FAMO's logit update.
         famo_decay: Weight decay gamma of FAMO's logits.
+        two_client_rule: MGDA with exactly two accepted updates: ``released`` returns the data
+            weights pi unchanged, as the released solver does for fewer than three objectives
+            (BASELINES.md 4.3 step 4); ``exact`` uses the two-vector min-norm closed form [I].
     """
 
     uniformity_weight: float = 1.0
@@ -74,6 +77,7 @@ class FedU2Options:
     famo_server_lr: float = 0.5
     famo_logit_lr: float = 0.01
     famo_decay: float = 0.01
+    two_client_rule: Literal["released", "exact"] = "released"
 
     def __post_init__(self) -> None:
         require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
@@ -87,6 +91,10 @@ class FedU2Options:
         require(self.famo_server_lr > 0, "method.famo_server_lr must be > 0")
         require(self.famo_logit_lr >= 0, "method.famo_logit_lr must be >= 0")
         require(self.famo_decay >= 0, "method.famo_decay must be >= 0")
+        require(
+            self.two_client_rule in ("released", "exact"),
+            "method.two_client_rule must be 'released' or 'exact'",
+        )
 
 
 # ---------------------------------------------------------------- FUR (client)
@@ -209,20 +217,29 @@ def project_to_simplex(v: torch.Tensor) -> torch.Tensor:
 
 
 def min_norm_weights(
-    gram: torch.Tensor, init: torch.Tensor, *, max_iter: int = 250, tol: float = 1e-5
+    gram: torch.Tensor,
+    init: torch.Tensor,
+    *,
+    max_iter: int = 250,
+    tol: float = 1e-5,
+    two_client_rule: Literal["released", "exact"] = "exact",
 ) -> torch.Tensor:
     """``argmin_{c in simplex} ||sum_k c_k v_k||^2`` from the Gram matrix of the v_k (MGDA).
 
-    Two vectors: the closed form ``c_1 = clip(<v_2 - v_1, v_2> / ||v_1 - v_2||^2, 0, 1)``. More:
-    projected gradient steps (step 1 / largest eigenvalue) from ``init``, each followed by an exact
-    line search on the segment, until the L1 change is below ``tol`` (Sener & Koltun's solver
-    without its unbounded loop).
+    Two vectors: with ``two_client_rule="exact"`` the closed form
+    ``c_1 = clip(<v_2 - v_1, v_2> / ||v_1 - v_2||^2, 0, 1)``; with ``"released"`` ``init``
+    unchanged, as the released solver returns its starting point for fewer than three vectors
+    (BASELINES.md 4.3 step 4). More: projected gradient steps (step 1 / largest eigenvalue) from
+    ``init``, each followed by an exact line search on the segment, until the L1 change is below
+    ``tol`` (Sener & Koltun's solver without its unbounded loop).
 
     Args:
         gram: ``(k, k)`` Gram matrix ``<v_i, v_j>`` (float64 recommended).
         init: ``(k,)`` starting point on the simplex (the data weights).
         max_iter: Iteration cap.
         tol: Stop when ``||c_new - c||_1 < tol``.
+        two_client_rule: What two vectors get (see above); the function's own default is the
+            true minimiser, :class:`FedU2Options` defaults to the released behaviour.
 
     Returns:
         ``(k,)`` weights on the simplex.
@@ -231,6 +248,8 @@ def min_norm_weights(
     if k == 1:
         return torch.ones(1, dtype=gram.dtype)
     if k == 2:
+        if two_client_rule == "released":
+            return init.to(gram.dtype).clone()
         denominator = gram[0, 0] + gram[1, 1] - 2 * gram[0, 1]
         if denominator <= 1e-12:
             return init.to(gram.dtype).clone()  # v_1 = v_2: every combination has the same norm
@@ -278,6 +297,7 @@ def eua_mgda(
     *,
     server_lr: float,
     parameter_keys: Collection[str],
+    two_client_rule: Literal["released", "exact"] = "released",
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """EUA as the released server runs it: one step along the min-norm combination.
 
@@ -291,6 +311,8 @@ def eua_mgda(
         pi: ``(k,)`` the (sharpened) data weights, summing to 1.
         server_lr: eta_s.
         parameter_keys: Entries that are parameters (the rest are averaged).
+        two_client_rule: Two clients: ``released`` keeps c = pi (the released solver),
+            ``exact`` solves the min-norm problem (see :func:`min_norm_weights`).
 
     Returns:
         The new state and the weights c.
@@ -303,7 +325,9 @@ def eua_mgda(
         gram += (deviations @ deviations.T).double().cpu()
     norms = gram.diagonal().sqrt()
     scales = torch.where(norms > 0, 2.0 / norms.clamp_min(1e-300), torch.zeros_like(norms))
-    weights = min_norm_weights(gram * scales[:, None] * scales[None, :], pi)
+    weights = min_norm_weights(
+        gram * scales[:, None] * scales[None, :], pi, two_client_rule=two_client_rule
+    )
     coefficients = (weights * scales).tolist()
     result = _average(reference, states, pi, buffers)
     for key in params:
@@ -471,7 +495,12 @@ class FedU2:
         pi = sharpened_weights([u.weight for u in updates], opts.sharpen_temperature)
         if opts.aggregator == "mgda":
             result, _ = eua_mgda(
-                reference, states, pi, server_lr=opts.server_lr, parameter_keys=keys
+                reference,
+                states,
+                pi,
+                server_lr=opts.server_lr,
+                parameter_keys=keys,
+                two_client_rule=opts.two_client_rule,
             )
         else:
             ids = torch.tensor([u.client_id for u in updates])

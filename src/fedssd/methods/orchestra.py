@@ -16,10 +16,16 @@ What lives where (BASELINES.md sections 9.2 and 10):
   :meth:`Orchestra.aggregate` sets them from its clustering and they reach the clients with the
   global weights.
 - ``extras.rotation_head``: the degeneracy head ``Linear(embed_dim, 4)``, trained and FedAvg'd.
-- The EMA target (encoder + projector): one reusable module inside the method; each client's
-  target tensors are kept in its :class:`~fedssd.methods.protocol.ClientState` (the spec's
-  "stateful client" mode [I]); at first participation it is a copy of the received global online
-  network.
+- The EMA target (encoder + projector): one reusable module inside the method, never a model
+  parameter (SGD never sees it). ``target_mode="global"`` (default, the released code, BASELINES.md
+  9.4 step 1): clients keep nothing; each client starts from the global target, sends its target
+  beside the weights (payload ``target.*``), and the server FedAvgs the targets with the weights'
+  FedAvg weights into the global target, kept in the method's server state (checkpointed; the
+  Flower server sends it to the clients with the method state). ``target_mode="client"`` (the
+  spec's "stateful client" option [I]): each client's target is kept in its
+  :class:`~fedssd.methods.protocol.ClientState`. Either way, while there is no target yet (the
+  first round, or a client's first participation) it starts as a copy of the received global
+  online network, as the released code copies the online network at build time.
 - The projection memory: a per-round FIFO inside the method, filled during local training and
   clustered in :meth:`Orchestra.end_client`; the local centroids travel as the update's payload.
 """
@@ -54,6 +60,7 @@ ROTATION_HEAD = "rotation_head"
 CENTROIDS_KEY = f"extras.{CENTROIDS}.global_centroids"
 PAYLOAD_KEY = "local_centroids"
 _TARGET_PREFIX = "target."
+TARGET_PREFIX = _TARGET_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +95,10 @@ class OrchestraOptions:
             the method sees two views per step where the released code draws a third; ``view1``
             (default) is the one the online network does not otherwise see (only the target
             does), so it is the closest stand-in for an independent view.
+        target_mode: Where the EMA target lives between rounds. ``global`` (default, the
+            released code): FedAvg'd on the server with the weights and sent back every round;
+            clients keep no state. ``client`` [I]: kept per client id in the client store (the
+            spec's optional "stateful client" mode).
     """
 
     global_centroids: int = 128
@@ -108,6 +119,7 @@ class OrchestraOptions:
     init_round: bool = True
     cap_global_centroids: bool = True
     rotation_view: Literal["view1", "view2"] = "view1"
+    target_mode: Literal["global", "client"] = "global"
 
     def __post_init__(self) -> None:
         require(self.global_centroids >= 1, "method.global_centroids must be >= 1")
@@ -136,6 +148,10 @@ class OrchestraOptions:
         require(
             self.rotation_view in ("view1", "view2"),
             "method.rotation_view must be 'view1' or 'view2'",
+        )
+        require(
+            self.target_mode in ("global", "client"),
+            "method.target_mode must be 'global' or 'client'",
         )
 
 
@@ -410,6 +426,9 @@ class Orchestra:
             else options.global_centroids
         )
         self._target: nn.ModuleDict | None = None
+        # Global mode: the server's FedAvg of the clients' targets (target key -> tensor); None
+        # until the first aggregation, when clients start from the global online network.
+        self._global_target: dict[str, torch.Tensor] | None = None
         self._memory: _ProjectionMemory | None = None
         self._generator: torch.Generator | None = None
         self._init_pass = False
@@ -433,21 +452,22 @@ class Orchestra:
     def begin_client(
         self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
     ) -> None:
-        """Load the client's target (or copy the global online network), reset the memory."""
+        """Load the global (or the client's) target, else copy the online network; reset memory."""
         device = next(model.parameters()).device
         if self._target is None:
             self._target = _target_copy(model)
         target = self._target.to(device)
-        if stored is not None and any(k.startswith(_TARGET_PREFIX) for k in stored.tensors):
-            target.load_state_dict(
-                {
-                    k[len(_TARGET_PREFIX) :]: v
-                    for k, v in stored.tensors.items()
-                    if k.startswith(_TARGET_PREFIX)
-                }
-            )
+        if self.options.target_mode == "global" and self._global_target is not None:
+            target.load_state_dict(self._global_target)
+        elif (
+            self.options.target_mode == "client"
+            and stored is not None
+            and any(k.startswith(_TARGET_PREFIX) for k in stored.tensors)
+        ):
+            target.load_state_dict(_strip_target_prefix(stored.tensors))
         else:
-            # First participation: the target starts as the received global online network.
+            # No target yet (first round, or first participation in client mode): it starts as
+            # the received global online network, as the released code's copy at build time.
             target.load_state_dict(_online_state(model))
         # As in the released code the target runs in training mode (batch statistics).
         target.train()
@@ -515,15 +535,18 @@ class Orchestra:
     def end_client(
         self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
     ) -> tuple[ClientState, dict[str, torch.Tensor]]:
-        """Keep the client's target; send the local centroids of its memory as the payload."""
+        """Send the local centroids (and, in global mode, the target); keep the target in client
+        mode only."""
         target, memory, gen = self._client_parts()
+        target_tensors = {
+            f"{_TARGET_PREFIX}{k}": v.detach().clone() for k, v in target.state_dict().items()
+        }
+        client_mode = self.options.target_mode == "client"
         state = ClientState(
-            tensors={
-                f"{_TARGET_PREFIX}{k}": v.detach().clone() for k, v in target.state_dict().items()
-            },
+            tensors=target_tensors if client_mode else {},
             scalars=dict(stored.scalars) if stored is not None else {},
         )
-        payload: dict[str, torch.Tensor] = {}
+        payload: dict[str, torch.Tensor] = {} if client_mode else dict(target_tensors)
         if memory.filled > 0:
             o = self.options
             payload[PAYLOAD_KEY] = local_clustering(
@@ -547,9 +570,17 @@ class Orchestra:
         *,
         round_index: int,
     ) -> dict[str, torch.Tensor]:
-        """FedAvg of the weights, then the global clustering of all received local centroids."""
+        """FedAvg of the weights (and, in global mode, of the targets), then the global
+        clustering of all received local centroids."""
         new_state = dict(global_state)
         new_state.update(fedavg([u.state for u in updates], [u.weight for u in updates]))
+        with_target = [u for u in updates if any(k.startswith(_TARGET_PREFIX) for k in u.payload)]
+        if self.options.target_mode == "global" and with_target:
+            # The whole target state, BN buffers included, with the weights' FedAvg weights.
+            self._global_target = fedavg(
+                [_strip_target_prefix(u.payload) for u in with_target],
+                [u.weight for u in with_target],
+            )
         points = [u.payload[PAYLOAD_KEY] for u in updates if PAYLOAD_KEY in u.payload]
         if points:
             current = global_state[CENTROIDS_KEY]
@@ -569,11 +600,20 @@ class Orchestra:
         return new_state
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state beyond the model (the centroids are ``extras.centroids``)."""
-        return {}
+        """The global target (``target.*``) in global mode once it exists; else nothing (the
+        centroids are part of the model, ``extras.centroids``)."""
+        if self.options.target_mode != "global" or self._global_target is None:
+            return {}
+        return {f"{_TARGET_PREFIX}{k}": v.detach().clone() for k, v in self._global_target.items()}
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
+        """Restore the global target (a checkpoint, or the server's state on a Flower client)."""
+        target = _strip_target_prefix(state)
+        self._global_target = (
+            {k: v.detach().clone() for k, v in target.items()}
+            if target and self.options.target_mode == "global"
+            else None
+        )
 
     # -- helpers ---------------------------------------------------------------------------------
 
@@ -608,6 +648,11 @@ def _target_copy(model: nn.Module) -> nn.ModuleDict:
     )
     target.requires_grad_(False)
     return target
+
+
+def _strip_target_prefix(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The ``target.*`` entries of ``tensors`` under the target module's own key names."""
+    return {k[len(_TARGET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_TARGET_PREFIX)}
 
 
 def _online_state(model: nn.Module) -> dict[str, torch.Tensor]:
