@@ -22,7 +22,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 def test_help_names_every_command_and_option() -> None:
     parser = build_parser()
     text = parser.format_help()
-    for command in ("train", "compare", "data", "methods"):
+    for command in ("train", "compare", "data", "methods", "eval", "sweep", "report"):
         assert command in text
     sub = subprocess.run(
         [sys.executable, "-m", "fedssd.cli", "train", "--help"],
@@ -30,7 +30,7 @@ def test_help_names_every_command_and_option() -> None:
         text=True,
         check=True,
     )
-    for option in ("--config", "--set", "--out", "--overwrite", "--quiet", "--verbose"):
+    for option in ("--config", "--set", "--out", "--overwrite", "--quiet", "--verbose", "--resume"):
         assert option in sub.stdout
 
 

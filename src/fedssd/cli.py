@@ -154,8 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
         "methods", help="list the registered methods", description="List the registered methods."
     )
     from fedssd.protocols import add_eval_parser
+    from fedssd.report import add_report_parser
+    from fedssd.sweep import add_sweep_parser
 
     add_eval_parser(commands)
+    add_sweep_parser(commands)
+    add_report_parser(commands)
     return parser
 
 
@@ -177,6 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fedssd.protocols import run_eval
 
             return run_eval(args)
+        if args.command == "sweep":
+            from fedssd.sweep import run_sweep
+
+            return run_sweep(args)
+        if args.command == "report":
+            from fedssd.report import run_report
+
+            return run_report(args)
         return _methods()
     except TrainingDiverged as error:
         print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)

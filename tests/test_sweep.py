@@ -1,0 +1,461 @@
+"""Grids: parsing and validation, the table maths against hand computations, resume, and one
+real tiny sweep end to end."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import types
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import fedssd.api
+from fedssd import config as config_module
+from fedssd import sweep
+from fedssd.errors import ConfigError
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+GRIDS = Path(__file__).resolve().parents[1] / "configs" / "grids"
+
+# Small enough that a real run takes a few seconds on one core.
+TINY = [
+    "data.train_subset=400",
+    "data.test_subset=200",
+    "federation.rounds=1",
+    "evaluation.linear_epochs=5",
+    "evaluation.metrics_samples=200",
+    "evaluation.metrics_per_client=50",
+]
+
+
+def write_grid(
+    folder: Path,
+    *,
+    seeds: Sequence[int] = (1, 2),
+    rows: str | None = None,
+    settings: str = '[[settings]]\nname = "silo"\noverrides = []\n',
+    extra: str = "",
+    overrides: Sequence[str] = TINY,
+) -> Path:
+    """A grid file over configs/smoke.toml (base given as a path relative to the grid)."""
+    if rows is None:
+        rows = (
+            '[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n\n'
+            '[[rows]]\nname = "+PD"\nmethod = "ssd"\noverrides = ["method.dsr=false"]\n'
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    text = f'base = "{os.path.relpath(SMOKE, folder)}"\n'
+    text += f"seeds = {list(seeds)}\n"
+    text += f"overrides = {json.dumps(list(overrides))}\n"
+    text += extra + "\n" + settings + "\n" + rows
+    path = folder / "grid.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- table maths
+
+
+def test_summarize_is_mean_and_sample_std() -> None:
+    stat = sweep.summarize([1.0, 2.0, 4.0])
+    # mean 7/3; squared deviations 16/9, 1/9, 25/9 sum to 42/9; / (n - 1) = 7/3.
+    assert stat.n == 3
+    assert stat.mean == pytest.approx(7 / 3)
+    assert stat.std == pytest.approx(math.sqrt(7 / 3))
+    one = sweep.summarize([5.0])
+    assert one.mean == 5.0 and one.n == 1 and math.isnan(one.std)
+    assert sweep.summarize([]).n == 0
+    assert sweep.summarize([1.0, math.nan, 3.0]) == sweep.Stat(2.0, math.sqrt(2.0), 2)
+
+
+def test_paired_difference_by_seed() -> None:
+    row = {1: 0.5, 2: 0.7, 3: 0.2, 4: 9.0}  # seed 4 has no baseline: left out
+    base = {1: 0.4, 2: 0.2, 3: 0.3, 5: 1.0}
+    paired = sweep.paired_difference(row, base)
+    assert list(paired.differences) == [1, 2, 3]
+    assert [round(d, 12) for d in paired.differences.values()] == [0.1, 0.5, -0.1]
+    mean = (0.1 + 0.5 - 0.1) / 3
+    std = math.sqrt(((0.1 - mean) ** 2 + (0.5 - mean) ** 2 + (-0.1 - mean) ** 2) / 2)
+    assert paired.stat.mean == pytest.approx(mean)
+    assert paired.stat.std == pytest.approx(std)
+    assert paired.within_spread  # 0.167 <= 0.306
+    clear = sweep.paired_difference({1: 2.0, 2: 2.1, 3: 1.9}, {1: 1.0, 2: 1.0, 3: 1.0})
+    assert clear.stat.mean == pytest.approx(1.0) and clear.stat.std == pytest.approx(0.1)
+    assert not clear.within_spread
+    assert not sweep.paired_difference({1: 2.0}, {1: 1.0}).within_spread  # no spread from one
+
+
+def _records(values: dict[tuple[str, str], Sequence[float]]) -> list[dict[str, Any]]:
+    """Records with linear_probe_acc = value, knn_acc = value / 2 for seeds 1, 2, 3, ..."""
+    records = []
+    for (setting, row), series in values.items():
+        for seed, value in enumerate(series, start=1):
+            records.append(
+                {
+                    "setting": setting,
+                    "row": row,
+                    "method": "ssd",
+                    "seed": seed,
+                    "linear_probe_acc": value,
+                    "knn_acc": value / 2,
+                }
+            )
+    return records
+
+
+def _cells(table: str, first: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {first} |"))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_table_cells_match_hand_computation(tmp_path: Path) -> None:
+    grid = sweep.load_grid(write_grid(tmp_path, seeds=(1, 2, 3), extra='baseline = "base"'))
+    records = _records(
+        {
+            ("silo", "base"): [0.80, 0.82, 0.84],  # mean 82, std 2 (in %)
+            ("silo", "+PD"): [0.81, 0.85, 0.83],  # mean 83, std 2; diffs +1, +3, -1
+        }
+    )
+    table = sweep.render_table(grid, records)
+    assert "3 seeds (1, 2, 3)" in table
+    base, plus = _cells(table, "base"), _cells(table, "+PD")
+    assert base[:3] == ["base", "fedalignuniform", "82.00 ± 2.00"]
+    assert plus[:3] == ["+PD", "ssd", "**83.00 ± 2.00**"]
+    assert base[3] == "41.00 ± 1.00" and plus[3] == "**41.50 ± 1.00**"
+    # Paired: differences +1, +3, -1 points: mean 1, std 2, within the seed spread.
+    paired_section = table.split("## Paired differences")[1]
+    assert _cells(paired_section, "+PD")[1] == "+1.00 ± 2.00 (within seed spread)"
+    detail = next(line for line in paired_section.splitlines() if line.startswith("| silo | LP |"))
+    assert [c.strip() for c in detail.strip("|").split("|")][3:6] == ["+1.00", "+3.00", "-1.00"]
+
+
+def test_table_marks_partial_cells_and_ties(tmp_path: Path) -> None:
+    grid = sweep.load_grid(write_grid(tmp_path, seeds=(1, 2, 3)))
+    records = _records({("silo", "base"): [0.5, 0.7], ("silo", "+PD"): [0.6, 0.6, 0.6]})
+    table = sweep.render_table(grid, records)
+    assert "5 of 6 runs finished" in table
+    assert _cells(table, "base")[2] == "**60.00 ± 14.14** (n = 2)"  # equal means: both bold
+    assert _cells(table, "+PD")[2] == "**60.00 ± 0.00**"
+    assert "Paired" not in table  # no baseline named
+
+
+def test_lower_is_better_and_unbolded_columns(tmp_path: Path) -> None:
+    grid = sweep.load_grid(
+        write_grid(tmp_path, seeds=(1,), extra='columns = ["alignment", "train_seconds"]')
+    )
+    records = [
+        {"setting": "silo", "row": "base", "seed": 1, "alignment": 0.5, "train_seconds": 10.0},
+        {"setting": "silo", "row": "+PD", "seed": 1, "alignment": 0.4, "train_seconds": 5.0},
+    ]
+    table = sweep.render_table(grid, records)
+    assert _cells(table, "+PD")[4:6] == ["**0.400**", "5"]
+    assert _cells(table, "base")[4:6] == ["0.500", "10"]
+
+
+def test_results_csv_has_one_line_per_run_and_every_metric() -> None:
+    text = sweep.results_csv(
+        [
+            {"setting": "a", "row": "r", "method": "m", "seed": 1, "knn_acc": 0.5},
+            {"setting": "a", "row": "r", "method": "m", "seed": 2, "uniformity_global": 3.1},
+        ]
+    )
+    rows = list(csv.DictReader(text.splitlines()))
+    assert [r["seed"] for r in rows] == ["1", "2"]
+    assert list(rows[0]) == ["setting", "row", "method", "seed", "knn_acc", "uniformity_global"]
+    assert rows[1]["knn_acc"] == "" and rows[1]["uniformity_global"] == "3.1"
+
+
+def test_columns_parse() -> None:
+    ft = sweep.parse_column("finetune:0.01")
+    assert (ft.title, ft.protocol, ft.labels, ft.percent) == ("FT 1%", "finetune", 0.01, True)
+    lp = sweep.parse_column("linear-on:cifar10")
+    assert (lp.title, lp.protocol, lp.eval_data) == ("LP on cifar10", "linear", "cifar10")
+    rank = sweep.parse_column("linear-on:cifar10@effective_rank")
+    assert (rank.result_key, rank.percent, rank.title) == (
+        "effective_rank",
+        False,
+        "eff. rank on cifar10",
+    )
+    assert sweep.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}) == 0.7
+    assert sweep.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}, "x") is None
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a run started although the grid is invalid")
+
+    monkeypatch.setattr(fedssd.api, "train", refuse)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [
+        ({"extra": "colums = []"}, "unknown key 'colums'"),
+        ({"extra": 'columns = ["finetune:2"]'}, "labelled fraction"),
+        ({"extra": 'columns = ["top5"]'}, "unknown column 'top5'"),
+        ({"extra": 'baseline = "nope"'}, "baseline 'nope'"),
+        ({"seeds": ()}, "seeds must be a non-empty list"),
+        ({"seeds": (1, 1)}, "must not repeat"),
+        ({"overrides": ["federation.rounds"]}, "key=value"),
+        ({"overrides": ["seed=3"]}, "list seeds in seeds"),
+        ({"overrides": ["method.dsr=false"]}, "move it into the rows"),
+        ({"rows": '[[rows]]\nname = "a"\nmethod = "ssd"\nfoo = 1\n'}, "unknown key 'foo'"),
+        ({"rows": '[[rows]]\nname = "a b"\nmethod = "ssd"\n'}, "names a folder"),
+        ({"rows": '[[rows]]\nname = "a"\n'}, "needs method"),
+        ({"rows": '[[rows]]\nname = "a"\nmethod = "ssd"\n' * 2}, "used twice"),
+        ({"rows": '[[rows]]\nname="a"\nmethod="ssd"\noverrides=["method.name=x"]\n'}, "a row's"),
+    ],
+)
+def test_grid_errors_are_one_sentence(
+    kwargs: dict[str, Any], fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    with pytest.raises(ConfigError) as caught:
+        sweep.plan(sweep.load_grid(write_grid(tmp_path, **kwargs)), tmp_path / "out")
+    message = str(caught.value)
+    assert fragment in message
+    assert "\n" not in message and message.endswith(".")
+
+
+@pytest.mark.parametrize(
+    ("rows", "fragment"),
+    [
+        ('[[rows]]\nname = "a"\nmethod = "nope"\n', "unknown method 'nope'"),
+        ('[[rows]]\nname = "a"\nmethod = "ssd"\noverrides = ["method.dsr=3"]\n', "true or false"),
+        ('[[rows]]\nname = "a"\nmethod = "ssd"\noverrides = ["method.bogus=1"]\n', "bogus"),
+        ('[[rows]]\nname = "a"\nmethod = "ssd"\noverrides = ["data.alpha=-1"]\n', "data.alpha"),
+        (
+            '[[rows]]\nname = "ok"\nmethod = "ssd"\n\n'
+            '[[rows]]\nname = "late"\nmethod = "fedalignuniform"\n'
+            'overrides = ["federation.rounds=0"]\n',
+            "row 'late'",
+        ),
+    ],
+)
+def test_every_config_is_checked_before_any_run(
+    rows: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    grid = sweep.load_grid(write_grid(tmp_path, rows=rows))
+    with pytest.raises(ConfigError) as caught:
+        sweep.plan(grid, tmp_path / "out")
+    assert fragment in str(caught.value)
+    assert "\n" not in str(caught.value) and str(caught.value).endswith(".")
+    assert not (tmp_path / "out").exists()
+
+
+def test_setting_errors_name_the_setting_and_split_files_are_checked(tmp_path: Path) -> None:
+    bad = '[[settings]]\nname = "x"\noverrides = ["federation.fraction=3"]\n'
+    with pytest.raises(ConfigError, match=r"setting 'x'.*fraction"):
+        sweep.plan(sweep.load_grid(write_grid(tmp_path, settings=bad)), tmp_path / "o")
+    missing = (
+        '[[settings]]\nname = "x"\noverrides = ["data.partition=\\"file\\"", '
+        '"data.split_file=\\"absent.json\\"", "data.train_subset=0"]\n'
+    )
+    with pytest.raises(ConfigError, match=r"split file .*absent\.json does not exist"):
+        sweep.plan(sweep.load_grid(write_grid(tmp_path, settings=missing)), tmp_path / "o")
+
+
+def test_rows_get_their_method_and_keep_shared_base_options(tmp_path: Path) -> None:
+    path = write_grid(
+        tmp_path,
+        settings='[[settings]]\nname = "device"\noverrides = '
+        '["federation.num_clients=6", "federation.fraction=0.5"]\n',
+    )
+    runs = sweep.plan(sweep.load_grid(path), tmp_path / "out")
+    assert [(r.row, r.seed) for r in runs] == [("base", 1), ("base", 2), ("+PD", 1), ("+PD", 2)]
+    first, pd_only = runs[0], runs[2]
+    assert first.config.method.name == "fedalignuniform" and first.config.seed == 1
+    assert first.config.federation.num_clients == 6 and first.config.federation.fraction == 0.5
+    assert first.config.federation.rounds == 1  # the grid's common overrides
+    assert pd_only.config.method.options["dsr"] is False and pd_only.config.method.options["pd"]
+    assert first.run_dir == tmp_path / "out" / "device" / "base" / "seed-1"
+
+
+def test_shipped_grids_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _no_training(monkeypatch)
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # split files are read from the root
+    fmnist = sweep.plan(sweep.load_grid(GRIDS / "fmnist_ablation.toml"), tmp_path / "f")
+    assert len(fmnist) == 50
+    assert {r.config.data.name for r in fmnist} == {"fashion_mnist"}
+    for name in ("paper_main.toml", "paper_ablation.toml", "paper_transfer.toml"):
+        grid = sweep.load_grid(GRIDS / name)
+        assert sweep.plan(grid, tmp_path / name)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class FakeTrain:
+    """Stands in for fedssd.api.train: writes config.toml, optionally summary.json, and counts."""
+
+    def __init__(self, *, finish: bool = True) -> None:
+        self.calls: list[tuple[Path, bool]] = []
+        self.finish = finish
+
+    def __call__(self, config: Any, *, out: Path, overwrite: bool, **_kwargs: Any) -> None:
+        self.calls.append((Path(out), overwrite))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(config_module.dumps(config), encoding="utf-8")
+        if self.finish:
+            summary = {"linear_probe_acc": 0.5 + config.seed / 100, "knn_acc": 0.4}
+            (out / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+
+
+def fake_protocols(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str, Any]]:
+    """A stand-in fedssd.protocols whose evaluate_run records its calls."""
+    calls: list[tuple[Path, str, Any]] = []
+
+    def evaluate_run(run_dir: Path, protocol: str, **kwargs: Any) -> dict[str, Any]:
+        calls.append((Path(run_dir), protocol, kwargs.get("labels")))
+        return {"finetune_best_acc": 0.6, "finetune_last_acc": 0.55}
+
+    module = types.ModuleType("fedssd.protocols")
+    module.evaluate_run = evaluate_run  # type: ignore[attr-defined]
+    module.LABEL_FRACTIONS = (0.01, 0.1)  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "fedssd.protocols", module)
+    monkeypatch.setattr(fedssd, "protocols", module, raising=False)
+    return calls
+
+
+def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    evaluations = fake_protocols(monkeypatch)
+    fake = FakeTrain()
+    monkeypatch.setattr(fedssd.api, "train", fake)
+    # Two columns of one evaluation: it runs once per run, each column shows its own key.
+    columns = 'columns = ["finetune:0.1", "finetune:0.1@finetune_last_acc"]'
+    grid = sweep.load_grid(write_grid(tmp_path, extra=columns))
+    out = tmp_path / "sweep"
+    lines: list[str] = []
+    runs = sweep.plan(grid, out)
+    sweep.execute(grid, out, runs, log=lines.append, run_log=None)
+    assert len(fake.calls) == 4 and len(evaluations) == 4
+    assert "run 4/4" in "\n".join(lines) and "left" in "\n".join(lines)
+
+    # Interrupted: a folder without summary.json. Trained but not evaluated: no columns.json.
+    interrupted = out / "silo" / "+PD" / "seed-2"
+    (interrupted / "summary.json").unlink()
+    (interrupted / "metrics.jsonl").write_text('{"round": 1}\n', encoding="utf-8")
+    unevaluated = out / "silo" / "base" / "seed-1"
+    (unevaluated / sweep.COLUMNS_FILE).unlink()
+    fake.calls.clear()
+    evaluations.clear()
+    lines.clear()
+    runs = sweep.plan(grid, out)
+    assert [sweep.run_status(r, grid.columns) for r in runs] == [
+        "evaluate",
+        "done",
+        "done",
+        "restart",
+    ]
+    records = sweep.execute(grid, out, runs, log=lines.append, run_log=None)
+    assert fake.calls == [(interrupted, True)]
+    assert sorted(e[0] for e in evaluations) == sorted([unevaluated, interrupted])
+    assert sum("skipped" in line for line in lines) == 2
+    assert len(records) == 4 and all(r["finetune:0.1"] == 0.6 for r in records)
+    assert all(r["finetune:0.1@finetune_last_acc"] == 0.55 for r in records)
+    assert records[0]["finetune:0.1/finetune_last_acc"] == 0.55
+
+    # Everything done: nothing runs; a changed grid refuses to reuse the runs.
+    fake.calls.clear()
+    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None)
+    assert fake.calls == []
+    changed = sweep.load_grid(grid.path, ["federation.lr=0.01"])
+    with pytest.raises(ConfigError, match="different config"):
+        sweep.plan(changed, out)
+
+
+def test_missing_protocols_module_is_refused_before_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    monkeypatch.setitem(sys.modules, "fedssd.protocols", None)
+    monkeypatch.delattr(fedssd, "protocols", raising=False)
+    grid = sweep.load_grid(write_grid(tmp_path, extra='columns = ["finetune:0.01"]'))
+    with pytest.raises(ConfigError, match=r"needs fedssd\.protocols"):
+        sweep.plan(grid, tmp_path / "out")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedssd")
+    sweep.add_sweep_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(argv)
+
+
+def test_real_tiny_sweep_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_train: Callable[..., Any] = fedssd.api.train
+    calls: list[Path] = []
+
+    def counting_train(*args: Any, **kwargs: Any) -> Any:
+        calls.append(Path(kwargs["out"]))
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(fedssd.api, "train", counting_train)
+    grid_path = write_grid(tmp_path, extra='baseline = "base"')
+    out = tmp_path / "sweep"
+    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    assert len(calls) == 4
+    printed = capsys.readouterr()
+    assert "| row | method | silo LP | silo kNN |" in printed.out
+    assert "[sweep] run 4/4" in printed.err
+
+    with (out / "results.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["row"], r["seed"]) for r in rows] == [
+        ("base", "1"),
+        ("base", "2"),
+        ("+PD", "1"),
+        ("+PD", "2"),
+    ]
+    summaries = {
+        (r["row"], int(r["seed"])): json.loads(
+            (out / "silo" / r["row"] / f"seed-{r['seed']}" / "summary.json").read_text()
+        )
+        for r in rows
+    }
+    for r in rows:
+        assert float(r["knn_acc"]) == summaries[(r["row"], int(r["seed"]))]["knn_acc"]
+    # The table's kNN cell of +PD from the two summaries, by hand.
+    a, b = (100 * summaries[("+PD", s)]["knn_acc"] for s in (1, 2))
+    table = (out / "table.md").read_text(encoding="utf-8")
+    expected = f"{(a + b) / 2:.2f} ± {abs(a - b) / math.sqrt(2):.2f}"
+    assert expected in _cells(table, "+PD")[3]
+    assert json.loads((out / "sweep.json").read_text())["baseline"] == "base"
+
+    # Interrupt one run (summary gone, a partial metrics file left): only it is trained again.
+    victim = out / "silo" / "base" / "seed-2"
+    before = (victim / "metrics.jsonl").read_text()
+    (victim / "summary.json").unlink()
+    (victim / "metrics.jsonl").write_text(before + '{"round": 99}\n')
+    calls.clear()
+    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    assert calls == [victim]
+    # Restarted cleanly: the metrics file holds one fresh line per round, and the same seed
+    # gives the same results as the first time.
+    assert _untimed((victim / "metrics.jsonl").read_text()) == _untimed(before)
+    again = json.loads((victim / "summary.json").read_text())
+    for key in ("knn_acc", "linear_probe_acc", "uniformity_global"):
+        assert again[key] == pytest.approx(summaries[("base", 2)][key], rel=1e-5)
+
+
+def _untimed(jsonl: str) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in jsonl.splitlines()
+    ]
