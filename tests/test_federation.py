@@ -15,6 +15,7 @@ from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.sampling import clients_per_round, sample_clients
 from fedssd.federation.simulator import Schedule, round_lr, run_rounds
 from fedssd.methods import ClientUpdate, Method, MethodContext, build_method
+from fedssd.methods.server import aggregate_updates
 from fedssd.models import build_model
 from fedssd.seeding import CLIENT, derive_seed, generator
 
@@ -159,13 +160,7 @@ class Recording:
         round_index: int,
     ) -> dict[str, torch.Tensor]:
         self.rounds.append(list(updates))
-        return self.inner.aggregate(global_state, updates, round_index=round_index)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        pass
+        return aggregate_updates(self.inner, global_state, updates, round_index=round_index)
 
 
 def test_round_loop_trains_each_sampled_client_from_the_global_model() -> None:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import pytest
 import torch
 from torch import nn
 
 from fedssd.errors import ConfigError
 from fedssd.methods import METHODS, ClientUpdate, MethodContext, build_method, resolve_options
+from fedssd.methods.server import aggregate_updates, load_server_state, server_state
 from fedssd.methods.ssd import SSD, SSDOptions, draw_scaling_sets
 from fedssd.models import build_model
 
@@ -73,7 +76,8 @@ def views(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_registered_method_honours_the_protocol(name: str) -> None:
     """Built with default options on a real (tiny) model: a finite scalar loss with gradients,
-    named detached parts, and an aggregate that returns every entry of the global state."""
+    named detached parts, an aggregate (the method's or the default FedAvg) that returns every
+    entry of the global state, and a server state that loads back."""
     from fedssd.api import attach_extras
     from fedssd.federation.simulator import local_keys
     from fedssd.methods.protocol import ClientHooks
@@ -101,8 +105,11 @@ def test_every_registered_method_honours_the_protocol(name: str) -> None:
     local = local_keys(model, method)
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in local}
     updates = [ClientUpdate(1, state, 2.0, payload), ClientUpdate(1, state, 1.0, payload)]
-    new_state = method.aggregate(global_state, updates, round_index=1)
+    new_state = aggregate_updates(method, global_state, updates, round_index=1)
     assert new_state.keys() == global_state.keys()
+    saved = server_state(method)
+    load_server_state(method, saved)
+    assert server_state(method).keys() == saved.keys()
 
 
 def test_ssd_parts_and_ablation_switches() -> None:
@@ -224,6 +231,87 @@ def test_ssd_loss_is_symmetric_in_the_two_views(options: dict[str, object]) -> N
 
 def test_pd_only_ablation_needs_no_scaling_sets() -> None:
     method = build_method("ssd", {"dsr": False}, context(num_clients=40))
-    assert method.state_dict() == {}
+    assert server_state(method) == {}
     with pytest.raises(ConfigError, match="embedding dimension per client"):
         build_method("ssd", {}, context(num_clients=40))
+
+
+class _LossOnly:
+    """A method with only ``local_loss``: FedAvg and no server state by default."""
+
+    def local_loss(
+        self, model: nn.Module, view1: torch.Tensor, view2: torch.Tensor, **_: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.zeros(()), {}
+
+
+class _OwnRule(_LossOnly):
+    """A method with its own aggregate and server state (records what it was given)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.table = torch.tensor([1.0, 2.0])
+
+    def aggregate(
+        self,
+        global_state: Mapping[str, torch.Tensor],
+        updates: Sequence[ClientUpdate],
+        *,
+        round_index: int,
+    ) -> dict[str, torch.Tensor]:
+        self.seen.append(round_index)
+        return {k: v + 1 for k, v in global_state.items()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"table": self.table.clone()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.table = state["table"].clone()
+
+
+def test_aggregate_updates_defaults_to_fedavg_keeping_local_entries() -> None:
+    """By hand: weights 3 and 1 give (3 * [1, 2] + [5, -2]) / 4 = [2, 1]; the integer counter
+    (3 * 4 + 8) / 4 = 5; ``extras.local.w`` (sent by no client) stays the global value, and
+    the result keeps global_state's key order."""
+    global_state = {
+        "encoder.w": torch.tensor([0.0, 0.0]),
+        "extras.local.w": torch.tensor([7.0]),
+        "encoder.n": torch.tensor(0),
+    }
+    updates = [
+        ClientUpdate(0, {"encoder.w": torch.tensor([1.0, 2.0]), "encoder.n": torch.tensor(4)}, 3.0),
+        ClientUpdate(
+            1, {"encoder.w": torch.tensor([5.0, -2.0]), "encoder.n": torch.tensor(8)}, 1.0
+        ),
+    ]
+    new = aggregate_updates(_LossOnly(), global_state, updates, round_index=0)
+    assert list(new) == list(global_state)
+    torch.testing.assert_close(new["encoder.w"], torch.tensor([2.0, 1.0]))
+    assert new["encoder.n"].dtype == torch.int64 and int(new["encoder.n"]) == 5
+    torch.testing.assert_close(new["extras.local.w"], torch.tensor([7.0]))
+
+
+def test_aggregate_updates_uses_the_methods_own_rule() -> None:
+    method = _OwnRule()
+    new = aggregate_updates(
+        method,
+        {"w": torch.tensor([1.0])},
+        [ClientUpdate(0, {"w": torch.tensor([9.0])}, 1.0)],
+        round_index=4,
+    )
+    torch.testing.assert_close(new["w"], torch.tensor([2.0]))
+    assert method.seen == [4]
+
+
+def test_server_state_defaults_and_refusal() -> None:
+    """A method without state saves {} and accepts {} back, but refuses another method's state;
+    a method with state round-trips it."""
+    plain = _LossOnly()
+    assert server_state(plain) == {}
+    load_server_state(plain, {})
+    with pytest.raises(ConfigError, match=r"keeps none; resume only the run that wrote it\.$"):
+        load_server_state(plain, {"table": torch.zeros(2)})
+    own = _OwnRule()
+    torch.testing.assert_close(server_state(own)["table"], torch.tensor([1.0, 2.0]))
+    load_server_state(own, {"table": torch.tensor([3.0, 4.0])})
+    torch.testing.assert_close(server_state(own)["table"], torch.tensor([3.0, 4.0]))

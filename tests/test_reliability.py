@@ -406,13 +406,9 @@ class Recorder:
         round_index: int,
     ) -> dict[str, torch.Tensor]:
         self.rounds.append(list(updates))
-        return self.inner.aggregate(global_state, updates, round_index=round_index)  # type: ignore[no-any-return]
+        from fedssd.methods.server import aggregate_updates
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        pass
+        return aggregate_updates(self.inner, global_state, updates, round_index=round_index)
 
 
 class Saboteur(Recorder):

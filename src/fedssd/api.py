@@ -44,6 +44,7 @@ from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedu
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.methods.protocol import ExtendsModel, Method
+from fedssd.methods.server import load_server_state, server_state
 from fedssd.models import SSLModel, build_model
 from fedssd.outputs import (
     append_jsonl,
@@ -476,7 +477,7 @@ def resume(
     experiment = build_experiment(cfg, log=say)
     check_model_state(experiment.global_model.state_dict(), saved.model, where=path)
     experiment.global_model.load_state_dict(saved.model)
-    experiment.method.load_state_dict(saved.server)
+    load_server_state(experiment.method, saved.server)
     say(f"resuming {out_dir} after round {saved.rounds_done} of {cfg.federation.rounds}")
     # The metrics file is rewritten from the checkpoint: lines of rounds after it are redone.
     write_text_atomic(
@@ -582,9 +583,9 @@ def finish_run(
     }
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())
-        server_state = experiment.method.state_dict()
-        if server_state:
-            save_model(out_dir / "server_state.safetensors", server_state)
+        method_state = server_state(experiment.method)
+        if method_state:
+            save_model(out_dir / "server_state.safetensors", method_state)
         write_json(out_dir / "summary.json", summary)
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
@@ -607,7 +608,7 @@ def checkpointer(
         checkpoint = Checkpoint(
             rounds_done=done,
             model={k: v.detach() for k, v in model.state_dict().items()},
-            server=method.state_dict(),
+            server=server_state(method),
             store=store,
             history=history[:done],
             identity=identity,

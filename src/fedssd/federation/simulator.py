@@ -1,7 +1,8 @@
 """The in-process federated simulator: the round loop.
 
 sample clients -> for each: load the global weights into one reused client model, the method's
-client hooks, train locally, check the update -> ``method.aggregate`` -> callbacks (evaluate,
+client hooks, train locally, check the update -> the method's aggregate (FedAvg by default,
+:func:`~fedssd.methods.server.aggregate_updates`) -> callbacks (evaluate,
 log, checkpoint, progress). The loop never learns a method's name.
 """
 
@@ -24,6 +25,7 @@ from fedssd.federation.sampling import sample_clients
 from fedssd.federation.store import ClientStore
 from fedssd.federation.validate import check_update, norm_outliers, update_distance
 from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
+from fedssd.methods.server import aggregate_updates
 from fedssd.seeding import CLIENT, generator
 
 # A callback sees the round's record and the new global model, and may return metrics to add.
@@ -310,7 +312,7 @@ def conclude_round(
     skipped = len(updates) < max(1, guards.faults.min_clients)
     new_state = None
     if not skipped:
-        new_state = method.aggregate(global_state, updates, round_index=round_index)
+        new_state = aggregate_updates(method, global_state, updates, round_index=round_index)
         if not _finite(new_state):
             raise TrainingDiverged(
                 f"training diverged in round {round_index + 1}: the aggregated global model holds "

@@ -31,6 +31,7 @@ from fedssd.federation.client import local_train
 from fedssd.federation.simulator import local_keys
 from fedssd.flower import records
 from fedssd.methods.protocol import ClientHooks
+from fedssd.methods.server import load_server_state
 from fedssd.seeding import CLIENT, generator
 
 if sys.version_info >= (3, 11):
@@ -110,7 +111,7 @@ def train_client(message: Message, context: Context) -> Message:
     lr = float(task["lr"])  # type: ignore[arg-type]
     experiment = experiment_for(node_config_for(str(task["experiment"]), context))
     method, model = experiment.method, experiment.client_model
-    method.load_state_dict(records.from_arrays(message.content.array_records[records.METHOD]))
+    load_server_state(method, records.from_arrays(message.content.array_records[records.METHOD]))
     device = experiment.device
     model.load_state_dict(
         {

@@ -10,9 +10,9 @@ Record names used in a message (the content of one :class:`~flwr.app.RecordDict`
     The full global model state (server -> client), including the method's local modules, whose
     global values seed a client the first time it trains.
 ``method``
-    The method's server-side state (``method.state_dict()``; SSD's scaling sets, FedEMA's
-    lambdas), loaded by the client's method before training, exactly as the in-process
-    simulator's shared method object would see it.
+    The method's server-side state (:func:`fedssd.methods.server.server_state`: SSD's scaling
+    sets, FedEMA's lambdas; empty for most methods), loaded by the client's method before
+    training, exactly as the in-process simulator's shared method object would see it.
 ``task``
     The round's instructions: resolved experiment config (TOML text), round index, learning
     rate, the client id the server expects and its position in the round's sample.

@@ -3,9 +3,10 @@
 :class:`MethodStrategy` samples client ids with :func:`fedssd.federation.sampling.sample_clients`
 (the run seed and the round alone decide), sends each sampled client's node the global state, the
 method's server state and the round's task, validates every reply with
-:func:`fedssd.federation.validate.check_update` and the norm-outlier rule, and delegates
-aggregation to ``method.aggregate``. Updates are aggregated in sample order whatever order the
-replies arrive in, so the float sums match the in-process simulator's.
+:func:`fedssd.federation.validate.check_update` and the norm-outlier rule, and aggregates with
+:func:`fedssd.methods.server.aggregate_updates` (the method's rule, else FedAvg). Updates are
+aggregated in sample order whatever order the replies arrive in, so the float sums match the
+in-process simulator's.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from fedssd.federation.simulator import (
 from fedssd.federation.validate import check_update
 from fedssd.flower import records
 from fedssd.methods.protocol import ClientUpdate, Method
+from fedssd.methods.server import server_state
 
 Log = Callable[[str], None]
 
@@ -126,7 +128,7 @@ class MethodStrategy(Strategy):
         }
         self._round = _Round(round_index, clients, lr, global_state, faults, time.perf_counter())
         global_record = records.to_arrays(global_state)
-        method_record = records.to_arrays(self.method.state_dict())
+        method_record = records.to_arrays(server_state(self.method))
         messages = []
         for position, client_id in enumerate(clients):
             if faults[client_id] == "crash":

@@ -7,14 +7,12 @@ on the Hypersphere", ICML 2020, run locally on each client; the base of SSD (SSD
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +67,7 @@ def align_uniform_loss(
 
 
 class FedAlignUniform:
-    """Local alignment + uniformity, FedAvg over encoder and projector."""
+    """Local alignment + uniformity; FedAvg on the server (encoder and projector)."""
 
     def __init__(self, options: AlignUniformOptions, context: MethodContext) -> None:
         self.options = options
@@ -89,23 +87,6 @@ class FedAlignUniform:
             return align_uniform_loss(
                 out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
             )
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg weighted by local mini-batch counts."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: AlignUniformOptions, context: MethodContext) -> FedAlignUniform:

@@ -14,14 +14,12 @@ client and persists across its participations.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from fedssd.aggregate import fedavg
 from fedssd.methods.byol_common import PREDICTOR, TargetNetwork, byol_loss
-from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import ClientState, MethodContext, require
 from fedssd.models.heads import mlp_predictor
 
 
@@ -43,7 +41,7 @@ class BYOLOptions:
 
 
 class FedBYOL:
-    """Local BYOL against the client's own EMA target; FedAvg of the online network."""
+    """Local BYOL against the client's own EMA target; FedAvg on the server (online network)."""
 
     local_modules: frozenset[str] = frozenset()
 
@@ -83,23 +81,6 @@ class FedBYOL:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss against the client's target."""
         return byol_loss(model, self.target, view1, view2)
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg of the online network (predictor included) by local mini-batch counts."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state (the targets live in the client store)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: BYOLOptions, context: MethodContext) -> FedBYOL:

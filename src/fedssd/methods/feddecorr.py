@@ -12,15 +12,13 @@ server, no per-client state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
-from fedssd.aggregate import fedavg
 from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views, full_precision
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,23 +129,6 @@ class FedDecorr:
                 decorr = decorr / 2
             parts["decorr"] = decorr.detach()
             return loss + opts.decorr_weight * decorr, parts
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg weighted by local mini-batch counts (FedDecorr changes only the client)."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: FedDecorrOptions, context: MethodContext) -> FedDecorr:

@@ -9,15 +9,13 @@ outputs of the two views, FedAvg of encoder and projector. No per-client state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
 from fedssd.methods.fedalignuniform import forward_views, full_precision
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +34,7 @@ class SimCLROptions:
 
 
 class FedSimCLR:
-    """Local NT-Xent, FedAvg over encoder and projector."""
+    """Local NT-Xent; FedAvg on the server (encoder and projector)."""
 
     def __init__(self, options: SimCLROptions, context: MethodContext) -> None:
         self.options = options
@@ -55,23 +53,6 @@ class FedSimCLR:
         with full_precision(view1.device):
             loss = losses.nt_xent(*out.z_raw, temperature=self.options.temperature)
         return loss, {"ntxent": loss.detach()}
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg weighted by local mini-batch counts."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: SimCLROptions, context: MethodContext) -> FedSimCLR:

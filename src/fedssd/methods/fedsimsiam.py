@@ -12,16 +12,14 @@ projector output and ``p = predictor(u)``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
 from fedssd.methods.byol_common import PREDICTOR, predictor_of
 from fedssd.methods.fedalignuniform import full_precision
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 from fedssd.models.heads import mlp_predictor
 
 
@@ -41,7 +39,7 @@ class SimSiamOptions:
 
 
 class FedSimSiam:
-    """Local SimSiam; FedAvg over encoder, projector and predictor."""
+    """Local SimSiam; FedAvg on the server (encoder, projector and predictor)."""
 
     def __init__(self, options: SimSiamOptions, context: MethodContext) -> None:
         self.options = options
@@ -70,23 +68,6 @@ class FedSimSiam:
                 p2, u1.float()
             )
         return loss, {"simsiam": loss.detach()}
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg (predictor included) weighted by local mini-batch counts."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: SimSiamOptions, context: MethodContext) -> FedSimSiam:

@@ -21,13 +21,11 @@ own last update (start vs end of its last local training), which does not grow w
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
 from torch import nn
 
-from fedssd.aggregate import fedavg
 from fedssd.methods.byol_common import (
     PREDICTOR,
     TargetNetwork,
@@ -38,7 +36,7 @@ from fedssd.methods.byol_common import (
     strip_prefix,
     subset,
 )
-from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import ClientState, MethodContext, require
 from fedssd.models.heads import mlp_predictor
 
 PREDICTOR_PREFIX = "predictor."
@@ -75,7 +73,8 @@ def dapu_keeps_local(div: float, threshold: float) -> bool:
 
 
 class FedU:
-    """BYOL with a per-client target and the divergence-aware predictor update."""
+    """BYOL with a per-client target and the divergence-aware predictor update; FedAvg on the
+    server (encoder, projector and predictor)."""
 
     local_modules: frozenset[str] = frozenset()
 
@@ -150,23 +149,6 @@ class FedU:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss against the client's target."""
         return byol_loss(model, self.target, view1, view2)
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg of encoder, projector and predictor by local mini-batch counts."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state (targets and predictors live in the client store)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: FedUOptions, context: MethodContext) -> FedU:

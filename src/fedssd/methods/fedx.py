@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
@@ -25,13 +24,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
 from fedssd.methods.fedalignuniform import (
     ViewOutputs,
     align_uniform_loss,
     full_precision,
 )
-from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import ClientState, MethodContext, require
 
 HEAD = "fedx_q"
 """Name of the prediction head q among the model's extras."""
@@ -145,7 +143,8 @@ def prediction_head(dim: int) -> nn.Module:
 
 
 class FedX:
-    """FedAlignUniform plus FedX's relational and cross (global) distillation terms."""
+    """FedAlignUniform plus FedX's relational and cross (global) distillation terms; FedAvg on
+    the server (encoder, projector and head q)."""
 
     local_modules: frozenset[str] = frozenset()
 
@@ -253,27 +252,6 @@ class FedX:
                 loss = loss + local_con
                 parts["local_con"] = local_con.detach()
             return loss, parts
-
-    # -- server
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """FedAvg (weights normalised over the participating clients) of encoder, projector
-        and head q."""
-        averaged = fedavg([u.state for u in updates], [u.weight for u in updates])
-        return {k: averaged.get(k, v) for k, v in global_state.items()}
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
 
 
 def build(options: FedXOptions, context: MethodContext) -> FedX:

@@ -16,14 +16,13 @@ target (DSR with alpha -> infinity).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
 from fedssd.methods.fedalignuniform import (
     ViewOutputs,
@@ -31,7 +30,7 @@ from fedssd.methods.fedalignuniform import (
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 from fedssd.methods.ssd import draw_scaling_sets
 
 
@@ -94,7 +93,7 @@ def hard_dsr_penalty(z: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
 
 
 class HSD:
-    """FedAlignUniform with each client confined to its own subspace; FedAvg."""
+    """FedAlignUniform with each client confined to its own subspace; FedAvg on the server."""
 
     def __init__(self, options: HSDOptions, context: MethodContext) -> None:
         self.options = options
@@ -138,16 +137,6 @@ class HSD:
             ) / 2
             parts["hsd"] = penalty.detach()
             return loss + opts.hsd_weight * penalty, parts
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """Plain FedAvg."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The subspace assignment (saved so that a run can be inspected or resumed)."""

@@ -210,13 +210,6 @@ class LDAWA:
         # Entries no client sends (a method's local modules; none for L-DAWA) stay as they were.
         return {k: result.get(k, v) for k, v in global_state.items()}
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """No server-side state: the reference is the round's starting global model."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        """Nothing to restore."""
-
 
 def build(options: LDAWAOptions, context: MethodContext) -> LDAWA:
     """Registry factory."""

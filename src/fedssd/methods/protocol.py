@@ -1,4 +1,9 @@
-"""What a method is: a local loss plus a server-side aggregation hook (DESIGN.md)."""
+"""What a method is: a local loss plus optional capabilities (DESIGN.md).
+
+Only :class:`Method` (``local_loss``) is required. The round loop detects the rest with
+``isinstance``: :class:`Aggregates` (a server rule other than FedAvg), :class:`HasServerState`,
+:class:`ExtendsModel` and :class:`ClientHooks`; :mod:`fedssd.methods.server` supplies the defaults.
+"""
 
 from __future__ import annotations
 
@@ -76,7 +81,7 @@ class ClientState:
 
 
 class Method(Protocol):
-    """A federated SSL method as the round loop sees it."""
+    """A federated SSL method as the round loop sees it: the one required part, its local loss."""
 
     def local_loss(
         self,
@@ -98,6 +103,12 @@ class Method(Protocol):
         """
         ...
 
+
+@runtime_checkable
+class Aggregates(Protocol):
+    """A method with its own server-side rule; without it the server runs FedAvg
+    (:func:`fedssd.methods.server.aggregate_updates`)."""
+
     def aggregate(
         self,
         global_state: Mapping[str, torch.Tensor],
@@ -112,8 +123,14 @@ class Method(Protocol):
         """
         ...
 
+
+@runtime_checkable
+class HasServerState(Protocol):
+    """A method that keeps state on the server (saved in checkpoints, beside the model, and sent
+    to Flower clients each round); without it the server state is empty."""
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The method's server-side state (saved in checkpoints and with the model)."""
+        """The method's server-side state."""
         ...
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:

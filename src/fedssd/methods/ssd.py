@@ -15,14 +15,13 @@ Switching ``dsr`` or ``pd`` off gives the paper's ablation rows (+PD only, +DSR 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
 from fedssd.methods.fedalignuniform import (
     ViewOutputs,
@@ -30,7 +29,7 @@ from fedssd.methods.fedalignuniform import (
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.protocol import MethodContext, require
 from fedssd.seeding import SCALING_SETS, numpy_rng
 
 
@@ -123,7 +122,8 @@ def draw_scaling_sets(*, embed_dim: int, num_clients: int, seed: int) -> Scaling
 
 
 class SSD:
-    """Soft separation (DSR) and projector distillation (PD) on top of FedAlignUniform."""
+    """Soft separation (DSR) and projector distillation (PD) on top of FedAlignUniform; FedAvg
+    on the server (SSD adds no server-side step, SSD.md section 4)."""
 
     def __init__(self, options: SSDOptions, context: MethodContext) -> None:
         if options.pd and context.feature_dim != context.embed_dim:
@@ -191,16 +191,6 @@ class SSD:
             loss = loss + opts.pd_weight * pd
             parts["pd"] = pd.detach()
         return loss, parts
-
-    def aggregate(
-        self,
-        global_state: Mapping[str, torch.Tensor],
-        updates: Sequence[ClientUpdate],
-        *,
-        round_index: int,
-    ) -> dict[str, torch.Tensor]:
-        """Plain FedAvg: SSD adds no server-side step (SSD.md section 4)."""
-        return fedavg([u.state for u in updates], [u.weight for u in updates])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The scaling sets (when DSR is on), saved so that a run can be inspected or resumed."""
