@@ -266,6 +266,21 @@ def test_setting_errors_name_the_setting_and_split_files_are_checked(tmp_path: P
         sweep.plan(sweep.load_grid(write_grid(tmp_path, settings=missing)), tmp_path / "o")
 
 
+def test_a_split_that_cannot_be_made_stops_the_sweep_before_any_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _no_training(monkeypatch)
+    impossible = (
+        '[[settings]]\nname = "crowded"\noverrides = ["federation.num_clients=30", '
+        '"data.min_client_size=12"]\n'
+    )
+    grid = sweep.load_grid(write_grid(tmp_path, settings=impossible, seeds=(3,)))
+    runs = sweep.plan(grid, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"setting 'crowded', seed 3: No Dirichlet split"):
+        sweep.check_partitions(runs, "grid grid.toml")
+    assert not (tmp_path / "out").exists()
+
+
 def test_rows_get_their_method_and_keep_shared_base_options(tmp_path: Path) -> None:
     path = write_grid(
         tmp_path,

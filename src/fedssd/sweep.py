@@ -27,7 +27,7 @@ from typing import Any, Literal, TypeGuard
 
 from fedssd import config as config_module
 from fedssd.config import Config
-from fedssd.errors import ConfigError
+from fedssd.errors import ConfigError, FedSSDError
 
 Log = Callable[[str], None]
 Status = Literal["done", "evaluate", "restart", "new"]
@@ -431,6 +431,33 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
     for run in runs:
         _check_same_config(run)
     return runs
+
+
+def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
+    """Load the data and split it for every distinct (data, clients, seed) of the runs still to
+    do, so that a split that cannot be made (e.g. a Dirichlet draw leaving a client below
+    ``data.min_client_size``) stops the sweep before its first run, not in the middle.
+
+    Raises:
+        ConfigError: A run's data cannot be read or split, naming the setting and seed.
+    """
+    import fedssd.api as api
+
+    seen: set[str] = set()
+    for run in runs:
+        if (run.run_dir / "summary.json").is_file():
+            continue
+        cfg = run.config
+        key = repr((cfg.data, cfg.federation.num_clients, cfg.seed))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            api.prepare_data(cfg, log=lambda _message: None)
+        except FedSSDError as error:
+            raise ConfigError(
+                f"{where}, setting {run.setting!r}, seed {run.seed}: {error}"
+            ) from None
 
 
 def _check_same_config(run: PlannedRun) -> None:
@@ -896,6 +923,8 @@ def run_sweep(args: argparse.Namespace) -> int:
     grid = load_grid(args.grid, args.overrides)
     out: Path = args.out or Path("runs") / grid.path.stem
     runs = plan(grid, out)
+    if not args.tables_only:
+        check_partitions(runs, f"grid {grid.path.name}")
     if args.dry_run:
         for index, run in enumerate(runs, start=1):
             status = run_status(run, grid.columns)
