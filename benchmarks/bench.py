@@ -407,16 +407,16 @@ def measure_rounds(
         return out
 
     client_model.load_state_dict = timed_load  # type: ignore[method-assign]
-    # Timed on the instance (not through a proxy) so the loop's protocol checks see the method.
-    original_aggregate = method.aggregate
 
-    def timed_aggregate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        start = time.perf_counter()
-        out = original_aggregate(*args, **kwargs)
-        seconds["aggregation"] += time.perf_counter() - start
-        return out
+    # The server step's aggregation, timed where the round loop calls it.
+    def wrap_aggregate(inner: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:
+        def timed_aggregate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            seconds["aggregation"] += time.perf_counter() - start
+            return out
 
-    method.aggregate = timed_aggregate  # type: ignore[method-assign]
+        return timed_aggregate
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics_path = Path(tmp) / "metrics.jsonl"
@@ -444,6 +444,7 @@ def measure_rounds(
         with (
             _patched(simulator, "local_train", wrap_local_train),
             _patched(simulator, "generator", wrap_generator),
+            _patched(simulator, "aggregate_updates", wrap_aggregate),
         ):
             _sync(device)
             start = time.perf_counter()
