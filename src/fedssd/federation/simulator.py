@@ -178,6 +178,7 @@ def run_round(
     failed: dict[int, str] = {}
     client_scalars: dict[str, dict[str, float]] = {}
     movements: dict[int, float] = {}
+    measure = guards.validation.max_norm_ratio > 0  # the norm check's inputs cost a pass
     for position, client_id in enumerate(clients):
         fault = draw_fault(
             guards.faults, seed=schedule.seed, round_index=round_index, client_id=client_id
@@ -190,11 +191,14 @@ def run_round(
         origin: Mapping[str, torch.Tensor] = expected
         if hooks is not None:
             hooks.begin_client(client_model, stored, client_id=client_id, round_index=round_index)
-            # A stateful method may start a client away from the global model (FedEMA's mix):
-            # its movement is measured from where it started.
-            origin = {
-                k: v.detach().clone() for k, v in client_model.state_dict().items() if k in expected
-            }
+            if measure:
+                # A stateful method may start a client away from the global model (FedEMA's
+                # mix): its movement is measured from where it started.
+                origin = {
+                    k: v.detach().clone()
+                    for k, v in client_model.state_dict().items()
+                    if k in expected
+                }
         result = local_train(
             client_model,
             method,
@@ -239,7 +243,8 @@ def run_round(
         updates.append(
             ClientUpdate(client_id, state, float(result.num_batches), payload, result.loss)
         )
-        movements[client_id] = update_distance(origin, state) / result.num_batches
+        if measure:
+            movements[client_id] = update_distance(origin, state) / result.num_batches
     new_state, record = conclude_round(
         round_index,
         method=method,
@@ -298,11 +303,11 @@ def conclude_round(
     Raises:
         TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
     """
-    if movements is None:
+    if movements is None and guards.validation.max_norm_ratio > 0:
         movements = {
             u.client_id: update_distance(global_state, u.state) / u.weight for u in updates
         }
-    updates = _drop_outliers(updates, movements, guards.validation, failed)
+    updates = _drop_outliers(updates, movements or {}, guards.validation, failed)
     trained = [r for r in results if r.num_batches > 0]
     if trained and not any(r.finite for r in trained):
         raise TrainingDiverged(
