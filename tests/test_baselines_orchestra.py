@@ -421,8 +421,7 @@ def test_target_is_never_trained_by_sgd() -> None:
 
 
 def _fashion(n: int) -> torch.Tensor:
-    if not FASHION.is_dir():
-        pytest.skip("Fashion-MNIST is not installed in /usr/share/datasets/fashion-mnist")
+    assert FASHION.is_dir(), f"Fashion-MNIST is not in {FASHION}; run `make data`"
     data = load_dataset("fashion_mnist", path=FASHION, download=False)
     return data.x_train[:n]
 
