@@ -7,8 +7,9 @@ the torch version, the thread count and the configuration, and written to
 
 1. ``train_efficiency``: SSD local training (batched two-view augmentation, every loss term,
    SGD step: the real :func:`fedssd.federation.client.local_train`) divided by bare model
-   forward + backward on already-made views of the same batch size; the two are timed in
-   alternation and compared by their medians, so load from other processes hits both alike.
+   forward + backward on already-made views of the same batch size; the two are timed back to
+   back in each repetition and the median of the per-repetition ratios is reported, so load
+   from other processes hits both alike.
 2. ``round_overhead`` (K = 50 clients of about 1,000 images) and ``round_overhead_small_clients``
    (K = 200 of about 50): the real round loop :func:`fedssd.federation.simulator.run_rounds` with
    its ``local_train`` wrapped by a timer; overhead = 1 - time inside local training / wall time.
@@ -54,6 +55,7 @@ from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import Method
 from fedssd.models import SSLModel, build_model
 from fedssd.outputs import append_jsonl
+from fedssd.runtime import DESCRIPTION, tune_malloc
 
 RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
 
@@ -99,7 +101,9 @@ class BenchConfig:
         mode: A name printed with the results.
         encoder: The small encoder of the CPU measurements.
         batch_size: Local mini-batch size (the paper's 128).
-        efficiency_batches: Mini-batches per timed repetition of the efficiency measurement.
+        efficiency_batches: Mini-batches per timed repetition of the efficiency measurement: one
+            ``local_train`` call, whose fixed costs (a fresh optimizer, the result) these batches
+            share as a client's epoch does (39 batches per epoch in the paper's cross-silo runs).
         efficiency_reps: Alternating repetitions of bare and SSD training.
         overhead_clients: ``(K, images per client)`` of the ``round_overhead`` case.
         small_clients: ``(K, images per client)`` of ``round_overhead_small_clients``.
@@ -118,8 +122,8 @@ class BenchConfig:
     mode: str
     encoder: SmallEncoder = SmallEncoder()
     batch_size: int = 128
-    efficiency_batches: int = 4
-    efficiency_reps: int = 5
+    efficiency_batches: int = 16
+    efficiency_reps: int = 11
     overhead_clients: tuple[int, int] = (50, 1000)
     small_clients: tuple[int, int] = (200, 50)
     overhead_rounds: int = 2
@@ -137,8 +141,8 @@ class BenchConfig:
 FULL = BenchConfig(mode="full")
 QUICK = BenchConfig(
     mode="quick",
-    efficiency_batches=2,
-    efficiency_reps=5,
+    efficiency_batches=8,
+    efficiency_reps=7,
     overhead_clients=(50, 200),
     small_clients=(200, 50),
     overhead_rounds=1,
@@ -258,7 +262,7 @@ def measure_efficiency(
         method: The SSD method.
         batch_size: Mini-batch size.
         batches: Mini-batches per timed repetition.
-        reps: Repetitions; each times bare, augmentation alone and ``local_train`` once.
+        reps: Repetitions; each times bare, ``local_train`` and augmentation alone once.
         seed: Seed of the images.
         device: Where to run.
         autocast: Mixed-precision dtype, or None.
@@ -304,15 +308,19 @@ def measure_efficiency(
     for fn in (bare, ssd):  # warm-up
         fn()
     for _ in range(reps):
-        for name, fn in (("bare", bare), ("augment", augment_only), ("ssd", ssd)):
+        for name, fn in (("bare", bare), ("ssd", ssd), ("augment", augment_only)):
             _sync(device)
             start = time.perf_counter()
             fn()
             _sync(device)
             timings[name].append((time.perf_counter() - start) / batches)
     bare_s, ssd_s, aug_s = (_median(timings[k]) for k in ("bare", "ssd", "augment"))
+    # Each repetition times bare and SSD back to back; the median of those paired ratios is
+    # less disturbed by other load on the machine than a ratio of separate medians.
+    ratios = [b / s for b, s in zip(timings["bare"], timings["ssd"], strict=True)]
     return {
-        "efficiency": bare_s / ssd_s,
+        "efficiency": _median(ratios),
+        "efficiency_per_rep": ratios,
         "bare_ms_per_batch": 1e3 * bare_s,
         "ssd_ms_per_batch": 1e3 * ssd_s,
         "augment_ms_per_batch": 1e3 * aug_s,
@@ -822,13 +830,20 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run(config: BenchConfig, *, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Measure every figure of issue 6 with ``config``'s sizes and return them as a dict."""
+def run(
+    config: BenchConfig, *, allocator: str = "default", say: Callable[[str], None] = print
+) -> dict[str, Any]:
+    """Measure every figure of issue 6 with ``config``'s sizes and return them as a dict.
+
+    ``allocator`` says how the process's malloc is set up (:func:`fedssd.runtime.tune_malloc`).
+    """
     device = torch.device("cpu")
     info = machine()
+    info["allocator"] = allocator
     say(
         f"fedssd benchmark ({config.mode}) | torch {info['torch']} | {info['threads']} threads | "
-        f"{info['cpu_count']} CPUs | {info['processor']} | CUDA: {info['cuda'] or 'none'}"
+        f"{info['cpu_count']} CPUs | {info['processor']} | CUDA: {info['cuda'] or 'none'} | "
+        f"allocator: {allocator}"
     )
     results: dict[str, Any] = {
         "mode": config.mode,
@@ -977,11 +992,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="reduced sizes (under 2 minutes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    parser.add_argument(
+        "--default-allocator",
+        action="store_true",
+        help="leave glibc's malloc settings as they are (training tunes them: fedssd.runtime)",
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Training (fedssd.api, the Flower ClientApp) tunes the allocator, so the benchmark does too.
+    allocator = "default" if args.default_allocator or not tune_malloc() else DESCRIPTION
     started = time.perf_counter()
-    results = run(QUICK if args.quick else FULL)
+    results = run(QUICK if args.quick else FULL, allocator=allocator)
     results["bench_seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -11,6 +11,7 @@ import torch
 
 from fedssd.aggregate import fedavg
 from fedssd.data.augment import SSL_AUGMENT
+from fedssd.federation import client as client_module
 from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.sampling import clients_per_round, sample_clients
 from fedssd.federation.simulator import Schedule, round_lr, run_rounds
@@ -123,6 +124,19 @@ def test_local_training_is_reproducible_and_counts_batches() -> None:
     assert batches == count_batches(33, batch_size=16, epochs=2) == 4
     assert loss1 == loss2 and loss1 != loss3
     assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_fused_sgd_trains_like_the_per_tensor_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
+    indices = torch.arange(48)
+    fused, fused_loss, _ = _local(3, indices, images)
+    assert client_module.fused_sgd(list(build_model(encoder="small_cnn", width=4).parameters()))
+    monkeypatch.setattr(client_module, "fused_sgd", lambda params: False)
+    plain, plain_loss, _ = _local(3, indices, images)
+    assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
+    for key, value in plain.items():
+        torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
 def _context(dim: int, num_clients: int = 4) -> MethodContext:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -131,3 +132,26 @@ def test_dsr_released_stops_the_target_gradient() -> None:
     # d/dZ ||Z - P||_F / N with P constant = (Z - P) / (N ||Z - P||_F)
     assert z.grad is not None
     torch.testing.assert_close(z.grad, diff / (n * diff.norm()))
+
+
+@pytest.mark.parametrize(
+    "term",
+    [
+        lambda z, h: losses.uniformity(z, 2.0),
+        lambda z, h: losses.dsr_paper(z, torch.linspace(1.0, 10.0, 8)),
+        lambda z, h: losses.dsr_released(z, torch.linalg.qr(torch.randn(8, 8))[0], torch.ones(8)),
+        lambda z, h: losses.projector_distillation_kl(h, z, 0.5),
+        lambda z, h: losses.projector_distillation_mse(h, z),
+    ],
+    ids=["uniformity", "dsr_paper", "dsr_released", "pd_kl", "pd_mse"],
+)
+def test_a_stack_of_views_gives_each_views_value(term: Any) -> None:
+    torch.manual_seed(3)
+    z = losses.normalize(torch.randn(2, 16, 8))
+    h = torch.randn(2, 16, 8)
+    torch.manual_seed(4)
+    stacked = term(z, h)
+    torch.manual_seed(4)
+    per_view = torch.stack([term(z[0], h[0]), term(z[1], h[1])])
+    assert stacked.shape == (2,)
+    torch.testing.assert_close(stacked, per_view, rtol=1e-5, atol=1e-6)

@@ -55,6 +55,7 @@ from fedssd.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.runtime import tune_malloc
 from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
@@ -520,6 +521,7 @@ def _run(
 ) -> RunResult:
     """The round loop, the final evaluation and the final files of a built experiment."""
     cfg, data = experiment.config, experiment.data
+    tune_malloc()
     views = data.evaluation_views()
     sizes = [len(p) for p in data.client_indices]
     say(

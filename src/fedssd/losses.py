@@ -1,7 +1,9 @@
 """Loss terms as pure functions of tensors (SSD.md sections 1-4).
 
 Shapes: ``z`` and ``z_raw`` are ``(batch, embed_dim)``; ``h`` is ``(batch, feature_dim)``. Functions
-that take ``z`` expect unit-norm rows (see :func:`normalize`).
+that take ``z`` expect unit-norm rows (see :func:`normalize`). The SSD terms also take a stack of
+views, ``(views, batch, dim)``, and then return one value per view: computing both views in one
+call halves the number of small operations, which dominate these terms' cost on a CPU.
 """
 
 from __future__ import annotations
@@ -34,26 +36,36 @@ def uniformity(z: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     well-spread batches do not underflow.
 
     Args:
-        z: ``(batch, dim)`` unit-norm embeddings, batch >= 2.
+        z: ``(batch, dim)`` unit-norm embeddings, batch >= 2, or a stack ``(views, batch, dim)``.
         t: The temperature (2 in the paper).
+
+    Returns:
+        A scalar, or one value per view for a stack.
     """
-    n = z.shape[0]
+    n = z.shape[-2]
     # Squared distances from one matrix product: torch.pdist's backward is many times slower.
-    sq_norm = z.pow(2).sum(dim=1)
-    sq_dist = (sq_norm[:, None] + sq_norm[None, :] - 2 * z @ z.T).clamp_min(0)
-    upper = torch.ones(n, n, dtype=torch.bool, device=z.device).triu(diagonal=1)
-    return torch.logsumexp(-t * sq_dist[upper], dim=0) - math.log(n * (n - 1) / 2)
+    sq_norm = z.pow(2).sum(dim=-1)
+    sq_dist = sq_norm[..., :, None] + sq_norm[..., None, :] - 2 * z @ z.transpose(-2, -1)
+    sq_dist = sq_dist.clamp_min(0)
+    # The pairs i < j, by masking the rest to -inf (exp(-inf) = 0): a boolean index would cost a
+    # nonzero() forward and a scatter backward, several times the rest of the loss on a CPU.
+    outside = torch.ones(n, n, dtype=torch.bool, device=z.device).tril_()
+    logits = (-t * sq_dist).masked_fill(outside, float("-inf"))
+    return torch.logsumexp(logits.flatten(-2), dim=-1) - math.log(n * (n - 1) / 2)
 
 
 def dsr_paper(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """DSR as the paper writes it: ``mean_i ||z_i - stopgrad(z_i * d_k)||^2``.
 
     Args:
-        z: ``(batch, dim)`` unit-norm embeddings.
+        z: ``(batch, dim)`` unit-norm embeddings, or a stack ``(views, batch, dim)``.
         scale: ``(dim,)`` the client's scaling vector d_k (alpha on its dimensions, 1 elsewhere).
+
+    Returns:
+        A scalar, or one value per view for a stack.
     """
     target = (z * scale).detach()
-    return (z - target).pow(2).sum(dim=1).mean()
+    return (z - target).pow(2).sum(dim=-1).mean(dim=-1)
 
 
 def dsr_released(z: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,12 +77,15 @@ def dsr_released(z: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor) -> t
     With ``S = Q diag(sqrt(scale))`` this is the released ``z S S^T``.
 
     Args:
-        z: ``(batch, dim)`` unit-norm embeddings.
+        z: ``(batch, dim)`` unit-norm embeddings, or a stack ``(views, batch, dim)``.
         basis: ``(dim, dim)`` orthonormal basis Q shared by all clients.
         scale: ``(dim,)`` the client's scaling vector (alpha on its columns of Q, 1 elsewhere).
+
+    Returns:
+        A scalar, or one value per view for a stack.
     """
     target = normalize(((z @ basis) * scale) @ basis.T).detach()
-    return (z - target).pow(2).sum().sqrt() / z.shape[0]
+    return (z - target).pow(2).sum(dim=(-2, -1)).sqrt() / z.shape[-2]
 
 
 def projector_distillation_kl(
@@ -82,18 +97,22 @@ def projector_distillation_kl(
     as in the released code, gradients reach both the encoder and the projector (SSD.md section 3).
 
     Args:
-        h: ``(batch, dim)`` raw encoder output.
-        z_raw: ``(batch, dim)`` raw projector output (same ``dim`` as ``h``).
+        h: ``(batch, dim)`` raw encoder output, or a stack ``(views, batch, dim)``.
+        z_raw: ``(batch, dim)`` raw projector output (same shape as ``h``).
         temperature: Softmax temperature T (0.5 in the paper).
+
+    Returns:
+        A scalar, or one value per view for a stack.
     """
-    log_p = F.log_softmax(z_raw / temperature, dim=1)
-    log_q = F.log_softmax(h / temperature, dim=1)
-    return (log_p.exp() * (log_p - log_q)).sum(dim=1).mean()
+    log_p = F.log_softmax(z_raw / temperature, dim=-1)
+    log_q = F.log_softmax(h / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean(dim=-1)
 
 
 def projector_distillation_mse(h: torch.Tensor, z_raw: torch.Tensor) -> torch.Tensor:
-    """The MSE variant of projector distillation: ``mean((h - z_raw)^2)``."""
-    return (h - z_raw).pow(2).mean()
+    """The MSE variant of projector distillation: ``mean((h - z_raw)^2)``, one value per view for
+    a stack ``(views, batch, dim)``."""
+    return (h - z_raw).pow(2).mean(dim=(-2, -1))
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:

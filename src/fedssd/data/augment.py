@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fedssd.errors import ConfigError, DataError
@@ -259,8 +260,6 @@ def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) 
     Returns:
         ``(n, out_size, in_size)`` float32 weights, each row summing to 1.
     """
-    if in_size <= out_size:
-        return _upsample_weights(start, length, in_size, out_size)
     device = start.device
     step = (length.to(torch.float32) / out_size)[:, None, None]
     centre = start[:, None, None] + (torch.arange(out_size, device=device)[:, None] + 0.5) * step
@@ -272,13 +271,14 @@ def _resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) 
     return weights / weights.sum(dim=2, keepdim=True)
 
 
-def _upsample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
-    """:func:`_resize_weights` when no crop is longer than the output (the usual 32 -> 32 case).
+def _sample_positions(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Where each output pixel samples its crop when no crop is longer than the output.
 
-    Then every step is at most one pixel, the filter is the plain bilinear triangle and each
-    output pixel has two taps, ``floor(c - 0.5)`` and the next one, clamped to the crop (the
-    renormalisation over the crop gives the clamped tap the whole weight). Scattering two taps
-    per row is several times cheaper on a CPU than evaluating the filter on every input pixel.
+    Then every step is at most one pixel and antialiased bilinear resizing is plain bilinear
+    interpolation: output pixel ``k`` reads input position ``start + (k + 0.5) * step - 0.5``,
+    ``step = length / out_size``, with the taps that fall outside the crop moved onto its edge
+    pixel. Clamping the position to ``[start, start + length - 1]`` does exactly that, so the
+    crop and resize become one bilinear sampling of the uncropped image.
 
     Args:
         start: ``(n,)`` int64 first input pixel of the crop.
@@ -287,31 +287,26 @@ def _upsample_weights(start: Tensor, length: Tensor, in_size: int, out_size: int
         out_size: Output length, at least ``in_size``.
 
     Returns:
-        ``(n, out_size, in_size)`` float32 weights, each row summing to 1.
+        ``(n, out_size)`` float32 positions in :func:`torch.nn.functional.grid_sample`'s
+        normalised coordinates (``align_corners=False``).
     """
-    device = start.device
+    first = start.to(torch.float32)[:, None]
+    last = first + (length.to(torch.float32)[:, None] - 1.0)
     step = length.to(torch.float32)[:, None] / out_size
-    position = start[:, None] + (torch.arange(out_size, device=device) + 0.5) * step - 0.5
-    low = position.floor()
-    fraction = position - low
-    first = start[:, None]
-    last = (start + length - 1)[:, None]
-    low_tap = torch.minimum(torch.maximum(low.long(), first), last)
-    high_tap = torch.minimum(torch.maximum(low.long() + 1, first), last)
-    weights = torch.zeros(start.shape[0], out_size, in_size, device=device)
-    weights.scatter_add_(2, low_tap[:, :, None], (1.0 - fraction)[:, :, None])
-    weights.scatter_add_(2, high_tap[:, :, None], fraction[:, :, None])
-    return weights
+    pixel = torch.arange(out_size, device=start.device, dtype=torch.float32)
+    position = torch.minimum(torch.maximum(first + (pixel + 0.5) * step - 0.5, first), last)
+    return position.mul_(2.0 / in_size).add_(1.0 / in_size - 1.0)
 
 
 def crop_resize_flip(images: Tensor, *, boxes: Tensor, flip: Tensor, size: int) -> Tensor:
     """Crop each image to its box, resize it to ``(size, size)`` and optionally flip it.
 
-    Cropping and resizing along each axis is a linear map, so the whole step is
-    ``rows @ image @ columns^T`` with per-image matrices; a horizontal flip reverses the rows of
-    the column matrix, so it costs nothing extra. The channels are folded into the matrix
-    products (``(size, h) @ (h, c w)``, then ``(c size, w) @ (w, size)``), two batched products
-    of ``n`` matrices instead of ``n c`` small ones.
+    When the images are no larger than the output (CIFAR 32 -> 32, Fashion-MNIST 28 -> 32), every
+    crop is enlarged and the three steps are one batched bilinear sampling (``grid_sample``) at
+    per-image positions, the flip being the column positions in reverse. Otherwise cropping and
+    antialiased resizing along each axis is a linear map, and the step is
+    ``rows @ image @ columns^T`` with per-image matrices, the channels folded into the matrix
+    products (``(size, h) @ (h, c w)``, then ``(c size, w) @ (w, size)``).
 
     Args:
         images: ``(n, c, h, w)`` float images.
@@ -324,14 +319,27 @@ def crop_resize_flip(images: Tensor, *, boxes: Tensor, flip: Tensor, size: int) 
     """
     n, channels, height, width = images.shape
     top, left, box_h, box_w = boxes.unbind(dim=1)
-    rows = _resize_weights(top, box_h, height, size)
-    columns = _resize_weights(left, box_w, width, size)
-    columns = torch.where(flip[:, None, None], columns.flip(1), columns)
-    # Autocast would run these matrix products in half precision; the output contract is float32.
+    # Autocast would run these products in half precision; the output contract is float32.
     with torch.autocast(device_type=images.device.type, enabled=False):
-        stacked = images.to(torch.float32).transpose(1, 2).reshape(n, height, channels * width)
-        out = torch.bmm(rows, stacked).reshape(n, size * channels, width)
-        out = torch.bmm(out, columns.transpose(1, 2))
+        images = images.to(torch.float32)
+        if height <= size and width <= size:
+            rows = _sample_positions(top, box_h, height, size)
+            columns = _sample_positions(left, box_w, width, size)
+            columns = torch.where(flip[:, None], columns.flip(1), columns)
+            grid = torch.stack(
+                [columns[:, None, :].expand(n, size, size), rows[:, :, None].expand(n, size, size)],
+                dim=3,
+            )
+            out = F.grid_sample(
+                images, grid, mode="bilinear", padding_mode="border", align_corners=False
+            )
+            return out.clamp_(0.0, 1.0)
+        row_weights = _resize_weights(top, box_h, height, size)
+        column_weights = _resize_weights(left, box_w, width, size)
+        column_weights = torch.where(flip[:, None, None], column_weights.flip(1), column_weights)
+        stacked = images.transpose(1, 2).reshape(n, height, channels * width)
+        out = torch.bmm(row_weights, stacked).reshape(n, size * channels, width)
+        out = torch.bmm(out, column_weights.transpose(1, 2))
     return out.reshape(n, size, channels, size).transpose(1, 2).contiguous().clamp_(0.0, 1.0)
 
 
@@ -356,6 +364,7 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     Computes the HSV hue as colorsys and torchvision do (ties broken red, then green, then blue)
     and converts back with the branch-free formula ``c_n = V - C * clamp(min(k, 4 - k), 0, 1)``,
     ``k = (n + 6 H) mod 6`` for ``n = 5, 3, 1`` (red, green, blue), ``C = max - min`` the chroma.
+    The three ramps are computed as distances (below), in place.
 
     Args:
         images: ``(n, 3, h, w)`` float in ``[0, 1]``.
@@ -366,20 +375,27 @@ def adjust_hue(images: Tensor, shift: Tensor) -> Tensor:
     """
     red, green, blue = images.unbind(dim=1)
     value = images.amax(dim=1)
-    chroma = value - images.amin(dim=1)
-    safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
-    sixths = torch.where(
-        value == red,
-        (green - blue) / safe,
-        torch.where(value == green, (blue - red) / safe + 2.0, (red - green) / safe + 4.0),
+    low = images.amin(dim=1)
+    chroma = value - low
+    # A grey pixel (chroma 0) has all three differences 0, so any positive divisor gives hue 0.
+    safe = chroma.clamp_min(torch.finfo(chroma.dtype).tiny)
+    # Which channel holds the maximum, as 0/1 weights: lerp with them selects exactly and runs
+    # several times faster on a CPU than torch.where with a boolean mask.
+    red_max = (value == red).to(images.dtype)
+    green_max = (value == green).to(images.dtype)
+    not_red = torch.lerp(
+        (red - green).add_(safe, alpha=4.0), (blue - red).add_(safe, alpha=2.0), green_max
     )
-    turns = torch.remainder(sixths + 6.0 * shift[:, None, None], 6.0)
-    channels = []
-    for offset in (5.0, 3.0, 1.0):
-        k = torch.remainder(turns + offset, 6.0)
-        ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-        channels.append(value - chroma * ramp)
-    return torch.stack(channels, dim=1)
+    sixths = torch.lerp(not_red, green - blue, red_max)
+    hue = sixths.div_(safe).add_(6.0 * shift[:, None, None]).remainder_(6.0)
+    # With k = (n + 6 H) mod 6, clamp(min(k, 4 - k), 0, 1) = 1 - clamp(d_n - 1, 0, 1), d_n the
+    # distance from the shifted hue to the nearest of n's points (red 3; green -1 and 5; blue 1
+    # and 7), so c_n = (min - C) + C clamp(d_n, 1, 2): no remainder per channel.
+    out = torch.empty_like(images)
+    torch.sub(hue, 3.0, out=out[:, 0]).abs_()
+    torch.sub(hue, 2.0, out=out[:, 1]).abs_().sub_(3.0).abs_()
+    torch.sub(hue, 4.0, out=out[:, 2]).abs_().sub_(3.0).abs_()
+    return out.clamp_(1.0, 2.0).mul_(chroma.unsqueeze(1)).add_((low - chroma).unsqueeze(1))
 
 
 def color_jitter(
@@ -389,9 +405,12 @@ def color_jitter(
 
     For each of the four slots, every image applies the one operation its order puts there:
     brightness ``f x``, contrast ``f x + (1 - f) mean(gray(x))``, saturation
-    ``f x + (1 - f) gray(x)`` (one fused per-image affine map for the three) or a hue shift;
-    the result is clamped to ``[0, 1]`` after each, as torchvision does. Single-channel images
-    skip saturation and hue.
+    ``f x + (1 - f) gray(x)`` or a hue shift; the result is clamped to ``[0, 1]`` after each, as
+    torchvision does. Brightness, contrast and saturation are each a per-image colour matrix
+    ``f I + (1 - f) 1 w^T`` (``w`` the luminance weights; identity for the others) plus a bias,
+    so one batched matrix product applies whichever of the three every image has in a slot. Hue
+    shifts run only on the images that apply them in that slot. Single-channel images skip
+    saturation and hue.
 
     Args:
         images: ``(n, c, h, w)`` float in ``[0, 1]``, ``c`` 1 or 3.
@@ -404,9 +423,9 @@ def color_jitter(
     Returns:
         ``(n, c, h, w)`` float in ``[0, 1]``.
     """
-    color = images.shape[1] == 3
-    # The affine coefficients of all four slots at once, each (n, 4, 1, 1, 1): one small
-    # computation instead of a handful of tiny ones per slot (they dominate on a CPU).
+    n, channels, height, width = images.shape
+    color = channels == 3
+    device = images.device
     op = torch.where(active[:, None], order, -1)
     chosen = factors.gather(1, op.clamp(min=0))
     is_scaled = (op == BRIGHTNESS) | (op == CONTRAST)
@@ -414,26 +433,29 @@ def color_jitter(
     scale = torch.where(is_scaled | is_saturation, chosen, 1.0)
     mean_weight = torch.where(op == CONTRAST, 1.0 - chosen, 0.0)
     gray_weight = torch.where(is_saturation, 1.0 - chosen, 0.0)
-    scale, mean_weight, gray_weight = (
-        t[:, :, None, None, None] for t in (scale, mean_weight, gray_weight)
-    )
+    luma = torch.tensor(_LUMA if color else (1.0,), device=device)
+    # (n, 4, c, c): scale * I + gray_weight * 1 luma^T, one colour matrix per image and slot.
+    matrices = scale[:, :, None, None] * torch.eye(channels, device=device)
+    matrices = matrices + gray_weight[:, :, None, None] * luma.expand(channels, channels)
     hue = factors[:, HUE]
-    out = images
-    for slot in range(4):
-        gray = grayscale(out)
-        # mean_weight * mean(gray) + gray_weight * gray, as in-place ops on (n, 1, h, w): a
-        # broadcasting addcmul onto the larger (n, c, h, w) is several times slower on a CPU.
-        offset = gray.mul(gray_weight[:, slot])
-        offset.add_(mean_weight[:, slot] * gray.mean(dim=(1, 2, 3), keepdim=True))
-        out = out.mul(scale[:, slot]).add_(offset).clamp_(0.0, 1.0)
-        if color and include_hue:
-            # The hue shift is the costly operation, so it runs only on the images that apply it
-            # in this slot (the index costs one host sync per slot on a GPU, far less than
-            # computing the shift four times for the whole batch).
-            index = (op[:, slot] == HUE).nonzero().squeeze(1)
-            shifted = adjust_hue(out.index_select(0, index), hue.index_select(0, index))
-            out.index_copy_(0, index, shifted.clamp_(0.0, 1.0))
-    return out
+    out = images.reshape(n, channels, height * width)
+    # Autocast would run the colour products in half precision; the output contract is float32.
+    with torch.autocast(device_type=device.type, enabled=False):
+        for slot in range(4):
+            gray_mean = out.mean(dim=2) @ luma
+            bias = (mean_weight[:, slot] * gray_mean)[:, None, None]
+            # bmm, then the bias in place: baddbmm would first copy the broadcast bias into a
+            # whole batch-sized tensor, which costs more than the product itself on a CPU.
+            out = torch.bmm(matrices[:, slot], out).add_(bias).clamp_(0.0, 1.0)
+            if color and include_hue:
+                # The hue shift is the costly operation, so it runs only on the images that apply
+                # it in this slot (the index costs one host sync per slot on a GPU, far less than
+                # computing the shift four times for the whole batch).
+                index = (op[:, slot] == HUE).nonzero().squeeze(1)
+                picked = out.index_select(0, index).view(-1, channels, height, width)
+                shifted = adjust_hue(picked, hue.index_select(0, index)).clamp_(0.0, 1.0)
+                out.index_copy_(0, index, shifted.view(-1, channels, height * width))
+    return out.view(n, channels, height, width)
 
 
 def apply_params(images: Tensor, params: AugmentParams, config: AugmentConfig) -> Tensor:
@@ -458,7 +480,11 @@ def apply_params(images: Tensor, params: AugmentParams, config: AugmentConfig) -
             include_hue=config.hue > 0.0,
         )
     if config.grayscale_p > 0.0 and out.shape[1] == 3:
-        out = torch.where(params.grayscale[:, None, None, None], grayscale(out), out)
+        # Only the chosen images are converted (a broadcasting where over the whole batch costs
+        # several times more on a CPU); ``out`` is this function's own tensor.
+        index = params.grayscale.nonzero().squeeze(1)
+        gray = grayscale(out.index_select(0, index))
+        out.index_copy_(0, index, gray.expand(-1, out.shape[1], -1, -1))
     return out
 
 

@@ -32,6 +32,7 @@ from fedssd.federation.simulator import local_keys
 from fedssd.flower import records
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
+from fedssd.runtime import tune_malloc
 from fedssd.seeding import CLIENT, generator
 
 if sys.version_info >= (3, 11):
@@ -88,6 +89,7 @@ def _experiment(config_text: str) -> Experiment:
     the simulation engine's workers keep it between rounds and clients.
     """
     config = resolve(config_module.load(tomllib.loads(config_text)))
+    tune_malloc()
     return build_experiment(config, log=lambda _message: None)
 
 

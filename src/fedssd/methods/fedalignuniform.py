@@ -62,7 +62,7 @@ def align_uniform_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``L_align + beta * (L_unif(Z1) + L_unif(Z2)) / 2`` and its parts."""
     align = losses.alignment(*out.z)
-    unif = (losses.uniformity(out.z[0], t) + losses.uniformity(out.z[1], t)) / 2
+    unif = losses.uniformity(torch.stack(out.z), t).mean()
     return align + uniformity_weight * unif, {"align": align.detach(), "uniform": unif.detach()}
 
 

@@ -170,24 +170,22 @@ class SSD:
         )
         if opts.dsr:
             scale = self._scales[client_id if opts.dsr_keying == "client_id" else position]
-            z1, z2 = out.z
-            if opts.dsr_form == "paper":
-                dsr = (losses.dsr_paper(z1, scale) + losses.dsr_paper(z2, scale)) / 2
-            else:
-                dsr = (
-                    losses.dsr_released(z1, self._basis, scale)
-                    + losses.dsr_released(z2, self._basis, scale)
-                ) / 2
+            # Both views in one call (a stack), each view's term as in SSD.md, then their mean.
+            z = torch.stack(out.z)
+            dsr = (
+                losses.dsr_paper(z, scale)
+                if opts.dsr_form == "paper"
+                else losses.dsr_released(z, self._basis, scale)
+            ).mean()
             loss = loss + opts.dsr_weight * dsr
             parts["dsr"] = dsr.detach()
         if opts.pd:
-            pd_terms = [
-                losses.projector_distillation_kl(h, z, opts.pd_temperature)
+            h, z_raw = torch.stack(out.h), torch.stack(out.z_raw)
+            pd = (
+                losses.projector_distillation_kl(h, z_raw, opts.pd_temperature)
                 if opts.pd_form == "kl"
-                else losses.projector_distillation_mse(h, z)
-                for h, z in zip(out.h, out.z_raw, strict=True)
-            ]
-            pd = (pd_terms[0] + pd_terms[1]) / 2
+                else losses.projector_distillation_mse(h, z_raw)
+            ).mean()
             loss = loss + opts.pd_weight * pd
             parts["pd"] = pd.detach()
         return loss, parts
