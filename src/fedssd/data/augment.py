@@ -5,8 +5,9 @@ The pipeline is SimCLR's CIFAR augmentation as the SSD paper uses it (SSD.md sec
 inputs scaled to ``[0, 1]`` with no mean/std normalisation. Each transform follows the documented
 semantics of its torchvision namesake, written here for a whole batch at once: every random
 choice is drawn for all images in one call from an explicit ``torch.Generator``, the crop, resize
-and flip are one pair of batched matrix products, and the colour jitter's per-image random order
-is handled slot by slot with per-image coefficients, so there is no loop over images.
+and flip are one batched bilinear sampling (or a pair of batched matrix products when crops
+shrink), and the colour jitter's per-image random order is handled slot by slot with a per-image
+colour matrix, so there is no loop over images.
 
 Two differences from torchvision, both deliberate: grayscale and the contrast mean use PIL's
 luminance weights ``(0.299, 0.587, 0.114)`` (the paper's pipeline ran on PIL images; torchvision's
