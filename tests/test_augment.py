@@ -190,8 +190,8 @@ def test_crop_resize_flip_matches_interpolate_on_each_crop(
     )
     flip = torch.arange(24) % 2 == 0
     out = crop_resize_flip(images, boxes=boxes, flip=flip, size=32)
-    for i, (top, left, height, width) in enumerate(boxes.tolist()):
-        crop = images[i : i + 1, :, top : top + height, left : left + width]
+    for i, (top, left, box_h, box_w) in enumerate(boxes.tolist()):
+        crop = images[i : i + 1, :, top : top + box_h, left : left + box_w]
         expected = F.interpolate(
             crop, size=(32, 32), mode="bilinear", align_corners=False, antialias=True
         )[0]

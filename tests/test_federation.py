@@ -130,10 +130,18 @@ def test_fused_sgd_trains_like_the_per_tensor_loop(monkeypatch: pytest.MonkeyPat
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
     indices = torch.arange(48)
+    made: list[torch.optim.SGD] = []
+    real_sgd = torch.optim.SGD
+
+    def recording_sgd(*args: Any, **kwargs: Any) -> torch.optim.SGD:
+        made.append(real_sgd(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(torch.optim, "SGD", recording_sgd)
     fused, fused_loss, _ = _local(3, indices, images)
-    assert client_module.fused_sgd(list(build_model(encoder="small_cnn", width=4).parameters()))
     monkeypatch.setattr(client_module, "fused_sgd", lambda params: False)
     plain, plain_loss, _ = _local(3, indices, images)
+    assert [opt.param_groups[0]["fused"] for opt in made] == [True, False]
     assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
     for key, value in plain.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-5, msg=key)

@@ -57,8 +57,6 @@ def test_tuned_malloc_stops_page_faults_in_the_augmentation() -> None:
     assert tuned_faults < default_faults / 10
 
 
-def test_tune_malloc_reports_whether_it_applied(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tune_malloc_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(runtime.ENV_SWITCH, "0")
     assert runtime.tune_malloc() is False
-    monkeypatch.setenv(runtime.ENV_SWITCH, "1")
-    assert runtime.tune_malloc() is GLIBC

@@ -5,9 +5,10 @@ The pipeline is SimCLR's CIFAR augmentation as the SSD paper uses it (SSD.md sec
 inputs scaled to ``[0, 1]`` with no mean/std normalisation. Each transform follows the documented
 semantics of its torchvision namesake, written here for a whole batch at once: every random
 choice is drawn for all images in one call from an explicit ``torch.Generator``, the crop, resize
-and flip are one batched bilinear sampling (or a pair of batched matrix products when crops
-shrink), and the colour jitter's per-image random order is handled slot by slot with a per-image
-colour matrix, so there is no loop over images.
+and flip are one batched bilinear sampling (a pair of batched matrix products when the images
+are larger than the output, so that shrinking crops are antialiased), and the colour jitter's
+per-image random order is handled slot by slot with a per-image colour matrix, so there is no
+loop over images.
 
 Two differences from torchvision, both deliberate: grayscale and the contrast mean use PIL's
 luminance weights ``(0.299, 0.587, 0.114)`` (the paper's pipeline ran on PIL images; torchvision's
@@ -407,11 +408,12 @@ def color_jitter(
     For each of the four slots, every image applies the one operation its order puts there:
     brightness ``f x``, contrast ``f x + (1 - f) mean(gray(x))``, saturation
     ``f x + (1 - f) gray(x)`` or a hue shift; the result is clamped to ``[0, 1]`` after each, as
-    torchvision does. Brightness, contrast and saturation are each a per-image colour matrix
-    ``f I + (1 - f) 1 w^T`` (``w`` the luminance weights; identity for the others) plus a bias,
-    so one batched matrix product applies whichever of the three every image has in a slot. Hue
-    shifts run only on the images that apply them in that slot. Single-channel images skip
-    saturation and hue.
+    torchvision does. Brightness, contrast and saturation are each a per-image colour matrix and
+    bias: ``f I`` for brightness, ``f I`` and the bias ``(1 - f) mean(gray(x))`` for contrast,
+    ``f I + (1 - f) 1 w^T`` (``w`` the luminance weights) for saturation, and the identity for
+    an image whose slot holds the hue or that is not jittered; so one batched matrix product
+    applies whichever of the three every image has in a slot. Hue shifts run only on the images
+    that apply them in that slot. Single-channel images skip saturation and hue.
 
     Args:
         images: ``(n, c, h, w)`` float in ``[0, 1]``, ``c`` 1 or 3.
@@ -434,9 +436,12 @@ def color_jitter(
     scale = torch.where(is_scaled | is_saturation, chosen, 1.0)
     mean_weight = torch.where(op == CONTRAST, 1.0 - chosen, 0.0)
     gray_weight = torch.where(is_saturation, 1.0 - chosen, 0.0)
-    luma = torch.tensor(_LUMA if color else (1.0,), device=device)
+    luma = torch.tensor(_LUMA if color else (1.0,), device=device, dtype=images.dtype)
+    scale, mean_weight, gray_weight = (
+        t.to(images.dtype) for t in (scale, mean_weight, gray_weight)
+    )
     # (n, 4, c, c): scale * I + gray_weight * 1 luma^T, one colour matrix per image and slot.
-    matrices = scale[:, :, None, None] * torch.eye(channels, device=device)
+    matrices = scale[:, :, None, None] * torch.eye(channels, device=device, dtype=images.dtype)
     matrices = matrices + gray_weight[:, :, None, None] * luma.expand(channels, channels)
     hue = factors[:, HUE]
     out = images.reshape(n, channels, height * width)
