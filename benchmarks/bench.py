@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedssd.data.augment import SSL_AUGMENT, two_views
 from fedssd.federation import simulator
-from fedssd.federation.client import LocalResult, LocalSettings, local_train
+from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import Method
@@ -388,43 +388,21 @@ def measure_rounds(
         "aggregation": 0.0,
     }
 
-    def wrap_local_train(inner: Callable[..., LocalResult]) -> Callable[..., LocalResult]:
-        def timed_local_train(*args: Any, **kwargs: Any) -> LocalResult:
-            start = time.perf_counter()
-            result = inner(*args, **kwargs)
-            seconds["local_train"] += time.perf_counter() - start
-            return result
+    def timed(part: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+        """A wrapper that adds the wrapped function's wall time to ``seconds[part]``."""
 
-        return timed_local_train
+        def wrap(inner: Callable[..., Any]) -> Callable[..., Any]:
+            def timed_call(*args: Any, **kwargs: Any) -> Any:
+                start = time.perf_counter()
+                out = inner(*args, **kwargs)
+                seconds[part] += time.perf_counter() - start
+                return out
 
-    def wrap_generator(inner: Callable[..., torch.Generator]) -> Callable[..., torch.Generator]:
-        def timed_generator(*args: Any, **kwargs: Any) -> torch.Generator:
-            start = time.perf_counter()
-            gen = inner(*args, **kwargs)
-            seconds["seeding"] += time.perf_counter() - start
-            return gen
+            return timed_call
 
-        return timed_generator
+        return wrap
 
-    original_load = client_model.load_state_dict
-
-    def timed_load(*args: Any, **kwargs: Any) -> Any:
-        start = time.perf_counter()
-        out = original_load(*args, **kwargs)
-        seconds["load_state"] += time.perf_counter() - start
-        return out
-
-    client_model.load_state_dict = timed_load  # type: ignore[method-assign]
-
-    # The server step's aggregation, timed where the round loop calls it.
-    def wrap_aggregate(inner: Callable[..., dict[str, torch.Tensor]]) -> Callable[..., Any]:
-        def timed_aggregate(*args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-            start = time.perf_counter()
-            out = inner(*args, **kwargs)
-            seconds["aggregation"] += time.perf_counter() - start
-            return out
-
-        return timed_aggregate
+    client_model.load_state_dict = timed("load_state")(client_model.load_state_dict)  # type: ignore[method-assign]
 
     with tempfile.TemporaryDirectory() as tmp:
         metrics_path = Path(tmp) / "metrics.jsonl"
@@ -450,9 +428,9 @@ def measure_rounds(
             seed=seed,
         )
         with (
-            _patched(simulator, "local_train", wrap_local_train),
-            _patched(simulator, "generator", wrap_generator),
-            _patched(simulator, "aggregate_updates", wrap_aggregate),
+            _patched(simulator, "local_train", timed("local_train")),
+            _patched(simulator, "generator", timed("seeding")),
+            _patched(simulator, "aggregate_updates", timed("aggregation")),
         ):
             _sync(device)
             start = time.perf_counter()

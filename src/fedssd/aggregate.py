@@ -27,7 +27,6 @@ class FedAvgAccumulator:
 
     def __init__(self, template: Mapping[str, torch.Tensor]) -> None:
         self._keys = list(template)
-        self._dtypes = {key: value.dtype for key, value in template.items()}
         # Group key -> keys whose accumulators share one accumulation dtype and source dtype.
         self._groups: dict[tuple[torch.dtype, torch.dtype], list[str]] = {}
         for key, value in template.items():

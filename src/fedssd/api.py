@@ -33,7 +33,7 @@ from fedssd.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from fedssd.config import Config
+from fedssd.config import Config, DataConfig
 from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
 from fedssd.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
@@ -194,10 +194,9 @@ def check_setup(config: Config) -> None:
     build_method(config.method.name, config.method.options, context)
 
 
-def prepare_data(config: Config, *, log: Log) -> FederatedData:
-    """Load the dataset and split its training set over the clients (pure given the config)."""
-    data = config.data
-    dataset = load_dataset(
+def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
+    """Read the dataset ``data`` names, with its location, download and format options."""
+    return load_dataset(
         data.name,
         path=data.path,
         root=data.root,
@@ -206,12 +205,32 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
         rgb=data.rgb,
         log=log,
     )
+
+
+def data_subsets(config: Config, dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the training pool and of the test images: the stratified subsets of
+    ``data.train_subset`` and ``data.test_subset`` drawn from the run seed, or all images."""
+    data = config.data
     labels = dataset.y_train.numpy()
     pool = np.arange(labels.shape[0])
     if 0 < data.train_subset < labels.shape[0]:
         pool = subset_indices(labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0))
+    test_labels = dataset.y_test.numpy()
+    test = np.arange(test_labels.shape[0])
+    if 0 < data.test_subset < test_labels.shape[0]:
+        test = subset_indices(
+            test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
+        )
+    return pool, test
+
+
+def prepare_data(config: Config, *, log: Log) -> FederatedData:
+    """Load the dataset and split its training set over the clients (pure given the config)."""
+    data = config.data
+    dataset = load_data(data, log=log)
+    pool, test_indices = data_subsets(config, dataset)
     parts = make_partition(
-        labels[pool],
+        dataset.y_train.numpy()[pool],
         scheme=data.partition,
         num_clients=config.federation.num_clients,
         seed=config.seed,
@@ -221,12 +240,6 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
         min_size=data.min_client_size,
     )
     client_indices = [pool[p] for p in parts]
-    test_labels = dataset.y_test.numpy()
-    test_indices = np.arange(test_labels.shape[0])
-    if 0 < data.test_subset < test_labels.shape[0]:
-        test_indices = subset_indices(
-            test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
-        )
     return FederatedData(dataset=dataset, client_indices=client_indices, test_indices=test_indices)
 
 

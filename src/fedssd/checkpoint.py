@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from fedssd.errors import DataError
 from fedssd.federation.store import ClientStore
-from fedssd.outputs import jsonable, save_model, write_json
+from fedssd.outputs import fsync_path, jsonable, save_model, write_json
 
 FORMAT_VERSION = 1
 FOLDER = "checkpoints"
@@ -97,11 +97,11 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
             "history": checkpoint.history,
         },
     )
-    _fsync_dir(tmp)
+    fsync_path(tmp, best_effort=True)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_path(root, best_effort=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -191,17 +191,3 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Flush a folder's entries to disk (so a rename survives a power cut), where supported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -190,12 +190,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run_report(args)
         return _methods()
-    except TrainingDiverged as error:
-        print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
-        return EXIT_FAILED
     except FedSSDError as error:
         print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_USAGE
     except KeyboardInterrupt:
         print("fedssd: interrupted; files written so far are kept.", file=sys.stderr)
         return 130
@@ -212,20 +209,18 @@ def _train(args: argparse.Namespace) -> int:
                 "drop --config, --set, --out and --overwrite."
             )
         result = resume(args.resume, log=log, verbose=args.verbose)
-        print(format_table({result.config.method.name: result.summary}))
-        print(f"\nrun written to {result.out_dir}")
-        return 0
-    if args.config is None:
+    elif args.config is None:
         raise ConfigError("train needs --config FILE (or --resume DIR to continue a run).")
-    config = load_config(args.config, args.overrides)
-    out = args.out or _default_out(args.config, config.method.name)
-    result = train(
-        config,
-        out=out,
-        overwrite=args.overwrite,
-        log=log,
-        verbose=args.verbose,
-    )
+    else:
+        config = load_config(args.config, args.overrides)
+        out = args.out or _default_out(args.config, config.method.name)
+        result = train(
+            config,
+            out=out,
+            overwrite=args.overwrite,
+            log=log,
+            verbose=args.verbose,
+        )
     print(format_table({result.config.method.name: result.summary}))
     print(f"\nrun written to {result.out_dir}")
     return 0

@@ -114,18 +114,33 @@ def save_model(path: Path, state: Mapping[str, torch.Tensor]) -> None:
     os.close(fd)
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, tmp)
-        _fsync_file(tmp)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
-def _fsync_file(path: str) -> None:
-    """Flush a written file to disk, so that a rename after it never exposes an empty file."""
-    fd = os.open(path, os.O_RDONLY)
+def fsync_path(path: str | Path, *, best_effort: bool = False) -> None:
+    """Flush a written file, or a folder's entries, to disk, so that a rename after it never
+    exposes an empty file (and a rename of it survives a power cut).
+
+    Args:
+        path: The file or folder.
+        best_effort: Ignore an ``OSError`` from opening or syncing (folders, where a platform
+            may not support it).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if best_effort:
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not best_effort:
+            raise
     finally:
         os.close(fd)
 

@@ -27,22 +27,22 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
 from fedssd.api import (
     EvaluationViews,
     autocast_dtype,
+    data_subsets,
     load_config,
+    load_data,
     make_model,
     prepare_data,
     select_device,
     stderr_log,
 )
-from fedssd.config import Config, DataConfig
-from fedssd.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
-from fedssd.data.partition import subset_indices
+from fedssd.config import Config
+from fedssd.data.datasets import DATASET_NAMES
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation.features import extract_features
 from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fraction
@@ -51,7 +51,7 @@ from fedssd.evaluation.linear_probe import linear_probe
 from fedssd.evaluation.metrics import representation_metrics
 from fedssd.models import SSLModel
 from fedssd.outputs import write_json
-from fedssd.seeding import EVALUATION, SUBSET, derive_seed, numpy_rng
+from fedssd.seeding import EVALUATION, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
 
@@ -209,17 +209,9 @@ def _transfer_views(
     options (root, download, padding, channels, subset sizes)."""
     path = None if eval_path is None else str(Path(eval_path).expanduser().resolve())
     data = dataclasses.replace(config.data, name=eval_data, path=path)
-    dataset = _load(data, log)
-    labels = dataset.y_train.numpy()
-    pool = np.arange(labels.shape[0])
-    if 0 < data.train_subset < labels.shape[0]:
-        pool = subset_indices(labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0))
-    test_labels = dataset.y_test.numpy()
-    test = np.arange(test_labels.shape[0])
-    if 0 < data.test_subset < test_labels.shape[0]:
-        test = subset_indices(
-            test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
-        )
+    transfer = dataclasses.replace(config, data=data)
+    dataset = load_data(data, log=log)
+    pool, test = data_subsets(transfer, dataset)
     pool_t, test_t = torch.from_numpy(pool), torch.from_numpy(test)
     views = EvaluationViews(
         train_images=dataset.x_train[pool_t],
@@ -229,19 +221,7 @@ def _transfer_views(
         test_labels=dataset.y_test[test_t],
         num_classes=dataset.num_classes,
     )
-    return views, dataclasses.replace(config, data=data)
-
-
-def _load(data: DataConfig, log: Log) -> ImageDataset:
-    return load_dataset(
-        data.name,
-        path=data.path,
-        root=data.root,
-        download=data.download,
-        pad_to_32=data.pad_to_32,
-        rgb=data.rgb,
-        log=log,
-    )
+    return views, transfer
 
 
 def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_data: str) -> None:
@@ -255,7 +235,9 @@ def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_d
         )
     # The run does not record its image side, so its own data is read again (never downloaded).
     try:
-        source = _load(dataclasses.replace(config.data, download=False), lambda _message: None)
+        source = load_data(
+            dataclasses.replace(config.data, download=False), log=lambda _message: None
+        )
     except DataError:
         raise DataError(
             f"Transfer evaluation reads the run's own {config.data.name} data to learn the image "
@@ -318,10 +300,11 @@ def evaluate_run(
     target = select_device(device or config.device)
     if eval_data is None:
         views = _own_views(config, say)
-        if views.train_images.shape[1] != _in_channels(model):
+        trained_on = _in_channels(model)
+        if views.train_images.shape[1] != trained_on:
             raise DataError(
                 f"The run's data now has {views.train_images.shape[1]} channel(s) but its model "
-                f"was trained on {_in_channels(model)}; restore the data the run was trained on."
+                f"was trained on {trained_on}; restore the data the run was trained on."
             )
     else:
         views, _ = _transfer_views(config, eval_data, eval_path, say)
@@ -365,13 +348,14 @@ def evaluate_run(
                 temperature=evaluation.knn_temperature,
             )
         else:
+            linear_epochs = epochs or evaluation.linear_epochs
             probe = linear_probe(
                 h_train,
                 views.train_labels,
                 h_test,
                 views.test_labels,
                 num_classes=views.num_classes,
-                epochs=epochs or evaluation.linear_epochs,
+                epochs=linear_epochs,
                 lr=evaluation.linear_lr,
                 batch_size=evaluation.linear_batch_size,
                 seed=seed,
@@ -388,7 +372,7 @@ def evaluate_run(
             result.update(
                 linear_probe_acc=probe.accuracy,
                 linear_probe_train_acc=probe.train_accuracy,
-                linear_epochs=epochs or evaluation.linear_epochs,
+                linear_epochs=linear_epochs,
                 uniformity_global=quality["uniformity_global"],
                 effective_rank=quality["effective_rank"],
             )

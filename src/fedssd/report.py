@@ -116,13 +116,9 @@ def find_runs(folder: Path) -> tuple[str, list[RunInfo]]:
 
 def _sweep_order(folder: Path) -> Callable[[RunInfo], tuple[int, int, str, str]]:
     """Sort key following sweep.json's setting and row order (else by name)."""
-    settings: list[str] = []
-    rows: list[str] = []
-    description = folder / "sweep.json"
-    if description.is_file():
-        data = json.loads(description.read_text(encoding="utf-8"))
-        settings = list(data.get("settings", []))
-        rows = [r["name"] for r in data.get("rows", [])]
+    data = _json(folder / "sweep.json") or {}
+    settings: list[str] = list(data.get("settings", []))
+    rows: list[str] = [r["name"] for r in data.get("rows", [])]
 
     def key(run: RunInfo) -> tuple[int, int, str, str]:
         s = settings.index(run.setting) if run.setting in settings else len(settings)

@@ -29,7 +29,10 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 """Blocks up to this size come from the heap (glibc's largest allowed value on 64-bit)."""
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 """Free memory at the top of the heap is given back to the kernel only beyond this size."""
-DESCRIPTION = "glibc malloc, mmap threshold 32 MiB, trim threshold 1 GiB"
+DESCRIPTION = (
+    f"glibc malloc, mmap threshold {MMAP_THRESHOLD >> 20} MiB, "
+    f"trim threshold {TRIM_THRESHOLD >> 30} GiB"
+)
 
 
 def tune_malloc() -> bool:

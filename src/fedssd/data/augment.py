@@ -430,16 +430,13 @@ def color_jitter(
     color = channels == 3
     device = images.device
     op = torch.where(active[:, None], order, -1)
-    chosen = factors.gather(1, op.clamp(min=0))
+    chosen = factors.gather(1, op.clamp(min=0)).to(images.dtype)
     is_scaled = (op == BRIGHTNESS) | (op == CONTRAST)
     is_saturation = (op == SATURATION) if color else torch.zeros_like(is_scaled)
     scale = torch.where(is_scaled | is_saturation, chosen, 1.0)
     mean_weight = torch.where(op == CONTRAST, 1.0 - chosen, 0.0)
     gray_weight = torch.where(is_saturation, 1.0 - chosen, 0.0)
     luma = torch.tensor(_LUMA if color else (1.0,), device=device, dtype=images.dtype)
-    scale, mean_weight, gray_weight = (
-        t.to(images.dtype) for t in (scale, mean_weight, gray_weight)
-    )
     # (n, 4, c, c): scale * I + gray_weight * 1 luma^T, one colour matrix per image and slot.
     matrices = scale[:, :, None, None] * torch.eye(channels, device=device, dtype=images.dtype)
     matrices = matrices + gray_weight[:, :, None, None] * luma.expand(channels, channels)

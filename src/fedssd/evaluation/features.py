@@ -15,6 +15,30 @@ from fedssd.data.augment import to_float
 from fedssd.errors import ConfigError, DataError
 
 
+def check_labels(labels: torch.Tensor, count: int, num_classes: int, what: str) -> None:
+    """Refuse labels that are not ``count`` integers in ``[0, num_classes)``.
+
+    Args:
+        labels: The labels to check.
+        count: How many there must be (one per image or feature row).
+        num_classes: The number of classes.
+        what: What they label, starting the message (e.g. ``"kNN bank"``).
+
+    Raises:
+        DataError: Wrong shape or dtype, or a label out of range.
+    """
+    if labels.shape != (count,) or labels.is_floating_point():
+        raise DataError(
+            f"{what} labels must be an integer vector of length {count}, got {labels.dtype} "
+            f"with shape {tuple(labels.shape)}."
+        )
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise DataError(
+            f"{what} labels must lie in [0, {num_classes}), got values from "
+            f"{int(labels.min())} to {int(labels.max())}; check num_classes."
+        )
+
+
 def _check_images(images: torch.Tensor) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise DataError(

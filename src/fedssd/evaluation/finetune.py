@@ -27,6 +27,7 @@ from torch import nn
 
 from fedssd.data.augment import FINETUNE_AUGMENT, AugmentConfig, augment, to_float
 from fedssd.errors import ConfigError, DataError
+from fedssd.evaluation.features import check_labels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,16 +143,7 @@ def _check_split(images: torch.Tensor, labels: torch.Tensor, num_classes: int, n
             f"Fine-tuning {name} images must be a non-empty uint8 tensor (n, channels, height, "
             f"width), got {images.dtype} with shape {tuple(images.shape)}."
         )
-    if labels.shape != (images.shape[0],) or labels.is_floating_point():
-        raise DataError(
-            f"Fine-tuning {name} labels must be an integer vector with one label per image, got "
-            f"{labels.dtype} with shape {tuple(labels.shape)}."
-        )
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise DataError(
-            f"Fine-tuning {name} labels must lie in [0, {num_classes}), got values from "
-            f"{int(labels.min())} to {int(labels.max())}; check num_classes."
-        )
+    check_labels(labels, images.shape[0], num_classes, f"Fine-tuning {name}")
 
 
 def _seeded_head(feature_dim: int, num_classes: int, generator: torch.Generator) -> nn.Linear:

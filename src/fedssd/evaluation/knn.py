@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fedssd.errors import ConfigError, DataError
+from fedssd.evaluation.features import check_labels
 
 
 def _check_knn_inputs(
@@ -39,16 +40,7 @@ def _check_knn_inputs(
         )
     if bank.shape[0] == 0:
         raise DataError("The kNN feature bank is empty; pass at least one labelled feature.")
-    if bank_labels.shape != (bank.shape[0],) or bank_labels.is_floating_point():
-        raise DataError(
-            f"kNN bank labels must be an integer vector of length {bank.shape[0]}, got "
-            f"{bank_labels.dtype} with shape {tuple(bank_labels.shape)}."
-        )
-    if bank_labels.min() < 0 or bank_labels.max() >= num_classes:
-        raise DataError(
-            f"kNN bank labels must lie in [0, {num_classes}), got values from "
-            f"{int(bank_labels.min())} to {int(bank_labels.max())}; check num_classes."
-        )
+    check_labels(bank_labels, bank.shape[0], num_classes, "kNN bank")
 
 
 def knn_predict(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fedssd.errors import ConfigError, DataError
+from fedssd.evaluation.features import check_labels
 
 _BETA1 = 0.9
 _BETA2 = 0.999
@@ -55,16 +56,7 @@ def _check_split(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
             f"Linear-probe {name} features must be a non-empty (n, dim) matrix, got shape "
             f"{tuple(features.shape)}."
         )
-    if labels.shape != (features.shape[0],) or labels.is_floating_point():
-        raise DataError(
-            f"Linear-probe {name} labels must be an integer vector of length {features.shape[0]}, "
-            f"got {labels.dtype} with shape {tuple(labels.shape)}."
-        )
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise DataError(
-            f"Linear-probe {name} labels must lie in [0, {num_classes}), got values from "
-            f"{int(labels.min())} to {int(labels.max())}; check num_classes."
-        )
+    check_labels(labels, features.shape[0], num_classes, f"Linear-probe {name}")
 
 
 def _accuracy(

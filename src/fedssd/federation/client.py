@@ -149,11 +149,13 @@ def local_train(
                 sums[name] = sums.get(name, 0) + value.float()
             steps += 1
     denominator = max(steps, 1)
+    # The total and every part in one read-back (one device sync); all are float32 scalars.
+    read_total, *read_parts = torch.stack([total, *sums.values()]).tolist()
     return LocalResult(
         client_id=client_id,
         num_batches=steps,
         num_samples=int(indices.numel()),
-        loss=float(total) / denominator,
-        parts={name: float(value) / denominator for name, value in sums.items()},
+        loss=read_total / denominator,
+        parts={name: value / denominator for name, value in zip(sums, read_parts, strict=True)},
         seconds=time.perf_counter() - start,
     )

@@ -22,7 +22,7 @@ from fedssd.errors import TrainingDiverged
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
 from fedssd.federation.faults import draw_fault
 from fedssd.federation.sampling import sample_clients
-from fedssd.federation.store import ClientStore
+from fedssd.federation.store import ClientStore, stamp_participation
 from fedssd.federation.validate import check_update, norm_outliers, update_distance
 from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
 from fedssd.methods.server import aggregate_updates
@@ -138,11 +138,17 @@ def run_rounds(
             on_client=on_client,
         )
         history.append(record)
-        for callback in callbacks:
-            extra = callback(record, global_model)
-            if extra:
-                record.update(extra)
+        run_callbacks(callbacks, record, global_model)
     return history
+
+
+def run_callbacks(callbacks: Sequence[Callback], record: dict[str, Any], model: nn.Module) -> None:
+    """Call each round callback in order with the round's record and the global model, adding
+    the metrics it returns to ``record`` (shared with the Flower strategy)."""
+    for callback in callbacks:
+        extra = callback(record, model)
+        if extra:
+            record.update(extra)
 
 
 def run_round(
@@ -223,9 +229,7 @@ def run_round(
             kept, payload = hooks.end_client(
                 client_model, stored, client_id=client_id, round_index=round_index
             )
-            kept.last_round = round_index
-            kept.participations = (stored.participations if stored else 0) + 1
-            store.put(client_id, kept)
+            store.put(client_id, stamp_participation(kept, stored, round_index))
             if kept.scalars:
                 client_scalars[str(client_id)] = dict(kept.scalars)
         if fault is not None:

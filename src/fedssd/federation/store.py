@@ -15,6 +15,20 @@ import torch
 from fedssd.methods.protocol import ClientState
 
 
+def stamp_participation(
+    kept: ClientState, previous: ClientState | None, round_index: int
+) -> ClientState:
+    """Mark ``kept`` (what a client keeps after training in ``round_index``) with that round and
+    one participation more than ``previous`` (its state before the round, None the first time).
+
+    Returns:
+        ``kept``, updated in place.
+    """
+    kept.last_round = round_index
+    kept.participations = (previous.participations if previous else 0) + 1
+    return kept
+
+
 class ClientStore:
     """Per-client :class:`ClientState`, keyed by client id (never by position in a sample)."""
 

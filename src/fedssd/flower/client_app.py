@@ -29,6 +29,7 @@ from fedssd.config import Config
 from fedssd.errors import ConfigError
 from fedssd.federation.client import local_train
 from fedssd.federation.simulator import local_keys
+from fedssd.federation.store import stamp_participation
 from fedssd.flower import records
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
@@ -114,13 +115,8 @@ def train_client(message: Message, context: Context) -> Message:
     experiment = experiment_for(node_config_for(str(task["experiment"]), context))
     method, model = experiment.method, experiment.client_model
     load_server_state(method, records.from_arrays(message.content.array_records[records.METHOD]))
-    device = experiment.device
-    model.load_state_dict(
-        {
-            k: v.to(device)
-            for k, v in records.from_arrays(message.content.array_records[records.GLOBAL]).items()
-        }
-    )
+    # load_state_dict copies each CPU tensor onto the model's device itself.
+    model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
     hooks = method if isinstance(method, ClientHooks) else None
     stored = records.load_client_state(context.state, client_id)
     if hooks is not None:
@@ -147,10 +143,10 @@ def train_client(message: Message, context: Context) -> Message:
         kept, payload = hooks.end_client(
             model, stored, client_id=client_id, round_index=round_index
         )
-        kept.last_round = round_index
-        kept.participations = (stored.participations if stored else 0) + 1
-        kept.tensors = {k: v.detach().to("cpu", copy=True) for k, v in kept.tensors.items()}
-        records.save_client_state(context.state, client_id, kept)
+        # save_client_state serializes the tensors to CPU bytes (records.to_arrays) itself.
+        records.save_client_state(
+            context.state, client_id, stamp_participation(kept, stored, round_index)
+        )
     private = local_keys(model, method)
     content[records.STATE] = records.to_arrays(
         {k: v for k, v in model.state_dict().items() if k not in private}

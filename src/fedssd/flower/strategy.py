@@ -33,6 +33,7 @@ from fedssd.federation.simulator import (
     conclude_round,
     local_keys,
     round_lr,
+    run_callbacks,
 )
 from fedssd.federation.validate import check_update
 from fedssd.flower import records
@@ -91,6 +92,8 @@ class MethodStrategy(Strategy):
         self.schedule = schedule
         self.guards = guards
         self.nodes = dict(nodes)
+        # The client <-> node mapping is fixed once the nodes have identified themselves.
+        self._node_to_client = {node: client for client, node in self.nodes.items()}
         self.experiment_text = experiment_text
         self.callbacks = list(callbacks)
         self.log = log
@@ -168,16 +171,13 @@ class MethodStrategy(Strategy):
         if current is None or current.index != server_round - 1:
             raise RuntimeError("aggregate_train was called without configure_train")
         by_client: dict[int, Message] = {}
-        node_to_client = {node: client for client, node in self.nodes.items()}
         for message in replies:
-            sender = node_to_client.get(message.metadata.src_node_id)
+            sender = self._node_to_client.get(message.metadata.src_node_id)
             if sender is not None:
                 by_client[sender] = message
-        expected = {
-            k: v
-            for k, v in current.global_state.items()
-            if k not in local_keys(self.global_model, self.method)
-        }
+        keep_local = local_keys(self.global_model, self.method)
+        expected = {k: v for k, v in current.global_state.items() if k not in keep_local}
+        device = next(iter(current.global_state.values())).device
         results: list[LocalResult] = []
         updates: list[ClientUpdate] = []
         failed: dict[int, str] = {}
@@ -211,7 +211,6 @@ class MethodStrategy(Strategy):
                 failed[client_id] = f"rejected: {reason}"
                 continue
             payload = records.from_arrays(reply.content.array_records[records.PAYLOAD])
-            device = next(iter(current.global_state.values())).device
             updates.append(
                 ClientUpdate(
                     client_id,
@@ -252,10 +251,7 @@ class MethodStrategy(Strategy):
         if server_round == 0 or not self.history:
             return None
         record = self.history[-1]
-        for callback in self.callbacks:
-            extra = callback(record, self.global_model)
-            if extra:
-                record.update(extra)
+        run_callbacks(self.callbacks, record, self.global_model)
         if "knn_acc" in record:
             return MetricRecord({"knn_acc": float(record["knn_acc"])})
         return None

@@ -1,4 +1,5 @@
-"""Pieces shared by the BYOL family (FedBYOL, FedU, FedEMA) and FedSimSiam (BASELINES.md 6-8).
+"""Pieces shared by the BYOL family (FedBYOL, FedU, FedEMA) and FedSimSiam (BASELINES.md 6-8),
+some also by Orchestra (EMA step, target copy, ``target.*`` prefixes).
 
 - the predictor, attached to the model as ``extras.predictor`` (aggregated like the rest);
 - the EMA target network kept per client (:class:`TargetNetwork`), one reusable module whose
@@ -11,7 +12,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -41,18 +42,31 @@ def ema(target: torch.Tensor, online: torch.Tensor, momentum: float) -> torch.Te
 
 
 @torch.no_grad()
+def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], m: float) -> None:
+    """``target <- m * target + (1 - m) * online`` in place, tensor by tensor."""
+    targets = list(target)
+    torch._foreach_mul_(targets, m)
+    torch._foreach_add_(targets, list(online), alpha=1 - m)
+
+
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """Move ``target``'s parameters toward ``online``'s in place: ``t <- m t + (1 - m) o``.
 
     Parameters only (BASELINES.md 6.3): the target's BatchNorm statistics are its own, updated by
     its forward passes. Both modules must have the same structure.
     """
+    ema_update(*_parameter_lists(target, online), momentum)
+
+
+def _parameter_lists(
+    target: nn.Module, online: nn.Module
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The parameters of ``target`` and of ``online``, checked to pair up one to one."""
     targets: list[torch.Tensor] = list(target.parameters())
     onlines: list[torch.Tensor] = list(online.parameters())
     if len(targets) != len(onlines):
         raise ValueError("target and online networks differ in structure")
-    torch._foreach_mul_(targets, momentum)
-    torch._foreach_add_(targets, [o.detach() for o in onlines], alpha=1 - momentum)
+    return targets, onlines
 
 
 def online_network(model: nn.Module) -> nn.ModuleDict:
@@ -60,6 +74,13 @@ def online_network(model: nn.Module) -> nn.ModuleDict:
     return nn.ModuleDict(
         {"encoder": _module(model, "encoder"), "projector": _module(model, "projector")}
     )
+
+
+def target_copy(model: nn.Module) -> nn.ModuleDict:
+    """A frozen copy of the model's encoder and projector (made once, then reused)."""
+    target = copy.deepcopy(online_network(model))
+    target.requires_grad_(False)
+    return target
 
 
 def _module(model: nn.Module, name: str) -> nn.Module:
@@ -84,6 +105,10 @@ class TargetNetwork:
     def __init__(self, momentum: float) -> None:
         self.momentum = momentum
         self.module: nn.ModuleDict | None = None
+        # The client model of the last EMA step and the paired parameter lists (target, online),
+        # built at a client's first step and reused while the same model object steps.
+        self._stepped: nn.Module | None = None
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
 
     def load(self, model: nn.Module, stored: ClientState | None) -> bool:
         """Set the target to the client's stored one, or to a copy of ``model``'s online network.
@@ -97,8 +122,8 @@ class TargetNetwork:
         """
         online = online_network(model)
         if self.module is None:
-            self.module = copy.deepcopy(online)
-            self.module.requires_grad_(False)
+            self.module = target_copy(model)
+        self._stepped = None
         saved = {} if stored is None else strip_prefix(stored.tensors, TARGET_PREFIX)
         if saved:
             self.module.load_state_dict(saved)
@@ -109,7 +134,11 @@ class TargetNetwork:
 
     def step(self, model: nn.Module) -> None:
         """One EMA update toward ``model``'s encoder and projector."""
-        ema_update_(self._require(), online_network(model), self.momentum)
+        module = self._require()
+        if model is not self._stepped:
+            self._pairs = _parameter_lists(module, online_network(model))
+            self._stepped = model
+        ema_update(*self._pairs, self.momentum)
 
     @torch.no_grad()
     def project(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,10 +153,7 @@ class TargetNetwork:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The target's state (parameters and buffers) under ``target.*``, detached copies."""
-        return {
-            f"{TARGET_PREFIX}{k}": v.detach().clone()
-            for k, v in self._require().state_dict().items()
-        }
+        return with_prefix(self._require().state_dict(), TARGET_PREFIX)
 
     def _require(self) -> nn.ModuleDict:
         if self.module is None:
@@ -210,3 +236,8 @@ def subset(
 def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of ``tensors`` under ``prefix``, with the prefix removed."""
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def with_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Detached copies of all of ``tensors`` under ``prefix + name`` (see :func:`strip_prefix`)."""
+    return {f"{prefix}{k}": v.detach().clone() for k, v in tensors.items()}

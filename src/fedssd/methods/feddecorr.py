@@ -17,17 +17,22 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views, full_precision
+from fedssd.methods.fedalignuniform import (
+    AlignUniformOptions,
+    align_uniform_loss,
+    forward_views,
+    full_precision,
+)
 from fedssd.methods.protocol import MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)
-class FedDecorrOptions:
+class FedDecorrOptions(AlignUniformOptions):
     """Options of FedDecorr on FedAlignUniform (defaults: BASELINES.md section 3.3).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term of the base objective.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         decorr_weight: Weight of the decorrelation term (0.01 in SSD's runs; the FedDecorr paper
             used 0.1 on CIFAR-10 for supervised learning).
         decorr_on: ``h`` (the encoder output, the evaluated representation) or ``u`` (the raw
@@ -39,8 +44,6 @@ class FedDecorrOptions:
         decorr_eps: The epsilon inside the square root of the standardisation.
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     decorr_weight: float = 0.01
     decorr_on: Literal["h", "u"] = "h"
     decorr_view_reduce: Literal["mean", "sum"] = "mean"
@@ -48,8 +51,7 @@ class FedDecorrOptions:
     decorr_eps: float = 1e-8
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.decorr_weight >= 0, "method.decorr_weight must be >= 0")
         require(self.decorr_eps > 0, "method.decorr_eps must be > 0")
 

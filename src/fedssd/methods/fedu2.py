@@ -26,8 +26,14 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.aggregate import fedavg
-from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views, full_precision
+from fedssd.methods.fedalignuniform import (
+    AlignUniformOptions,
+    align_uniform_loss,
+    forward_views,
+    full_precision,
+)
 from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.server import fedavg_updates
 from fedssd.seeding import generator
 
 State = Mapping[str, torch.Tensor]
@@ -39,12 +45,12 @@ _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
 @dataclasses.dataclass(frozen=True)
-class FedU2Options:
+class FedU2Options(AlignUniformOptions):
     """Options of FedU2 on FedAlignUniform (defaults: BASELINES.md sections 4.5 and 11).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term of the base objective.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         fur_weight: Weight of FUR per view (0.01 in SSD's runs).
         fur_projections: Random projection directions L per base point (6).
         fur_base_points: Number of tangent spaces; 0 means one per batch row, as the released
@@ -64,8 +70,6 @@ class FedU2Options:
             (BASELINES.md 4.3 step 4); ``exact`` uses the two-vector min-norm closed form [I].
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     fur_weight: float = 0.01
     fur_projections: int = 6
     fur_base_points: int = 0
@@ -80,8 +84,7 @@ class FedU2Options:
     two_client_rule: Literal["released", "exact"] = "released"
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.fur_weight >= 0, "method.fur_weight must be >= 0")
         require(self.fur_projections >= 1, "method.fur_projections must be >= 1")
         require(self.fur_base_points >= 0, "method.fur_base_points must be >= 0 (0 = batch)")
@@ -486,8 +489,7 @@ class FedU2:
         opts = self.options
         states = [u.state for u in updates]
         if opts.aggregator == "fedavg":
-            averaged = fedavg(states, [u.weight for u in updates])
-            return {k: averaged.get(k, v) for k, v in global_state.items()}
+            return fedavg_updates(global_state, updates)
         reference = {k: global_state[k] for k in states[0]}
         keys = self._parameter_keys
         if keys is None:

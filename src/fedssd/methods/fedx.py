@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedssd import losses
+from fedssd.losses import nt_xent as nt_xent  # re-exported: FedX's NT-Xent is SimCLR's
 from fedssd.methods.fedalignuniform import (
+    AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     full_precision,
@@ -36,12 +38,12 @@ HEAD = "fedx_q"
 
 
 @dataclasses.dataclass(frozen=True)
-class FedXOptions:
+class FedXOptions(AlignUniformOptions):
     """Options of FedX on FedAlignUniform (defaults: BASELINES.md sections 1.6 and 11).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term of the base objective.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         temperature: tau of the NT-Xent terms and the student side of both relational terms.
         local_target_temperature: Target-mixture temperature of the local relational loss.
         global_target_temperature: Target-mixture temperature of the global relational loss.
@@ -55,8 +57,6 @@ class FedXOptions:
             method sees one batch per step; FedX draws a second, independent pass].
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     temperature: float = 0.1
     local_target_temperature: float = 0.1
     global_target_temperature: float = 0.1
@@ -66,32 +66,10 @@ class FedXOptions:
     random_batch: Literal["previous", "current"] = "previous"
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.temperature > 0, "method.temperature must be > 0")
         require(self.local_target_temperature > 0, "method.local_target_temperature must be > 0")
         require(self.global_target_temperature > 0, "method.global_target_temperature must be > 0")
-
-
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent of N pairs ``(a_i, b_i)`` (FedX's form).
-
-    Rows of ``V = [a; b]`` are normalised; ``s = V V^T / tau``; row i's positive is its partner
-    and its denominator runs over every other row (positive included, itself excluded):
-    ``l_i = -s_{i,pi(i)} + log sum_{k != i} exp(s_ik)``, averaged over the 2N rows.
-
-    Args:
-        a: ``(n, d)`` first members.
-        b: ``(n, d)`` second members.
-        temperature: tau.
-    """
-    n = a.shape[0]
-    v = losses.normalize(torch.cat([a, b]))
-    sim = v @ v.T / temperature
-    eye = torch.eye(2 * n, dtype=torch.bool, device=v.device)
-    sim = sim.masked_fill(eye, float("-inf"))
-    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(v.device)
-    return F.cross_entropy(sim, partner)
 
 
 def relational_loss(

@@ -23,24 +23,24 @@ import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.errors import ConfigError
 from fedssd.methods.fedalignuniform import (
+    AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.protocol import MethodContext, require, require_same_state
 from fedssd.methods.ssd import draw_scaling_sets
 
 
 @dataclasses.dataclass(frozen=True)
-class HSDOptions:
+class HSDOptions(AlignUniformOptions):
     """Options of HSD (defaults: BASELINES.md section 5).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         hsd_mode: ``project`` (the embedding is confined to the client's subspace) or
             ``dsr_limit`` (DSR's released-form penalty toward the hard projection) [I].
         hsd_weight: Weight of the ``dsr_limit`` penalty.
@@ -49,15 +49,12 @@ class HSDOptions:
             released code keys its sets).
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     hsd_mode: Literal["project", "dsr_limit"] = "project"
     hsd_weight: float = 1.0
     hsd_keying: Literal["client_id", "position"] = "client_id"
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.hsd_weight >= 0, "method.hsd_weight must be >= 0")
 
 
@@ -148,13 +145,12 @@ class HSD:
         Raises:
             ConfigError: The saved assignment differs (the checkpoint belongs to another run).
         """
-        mine = self.state_dict()
-        saved = {k: v.cpu() for k, v in state.items()}
-        if saved.keys() != mine.keys() or not all(torch.equal(saved[k], mine[k]) for k in mine):
-            raise ConfigError(
-                "the checkpoint's HSD subspaces differ from this run's (another seed, number of "
-                "clients or embedding size); resume only the run that wrote it."
-            )
+        require_same_state(
+            self.state_dict(),
+            state,
+            "the checkpoint's HSD subspaces differ from this run's (another seed, number of "
+            "clients or embedding size); resume only the run that wrote it.",
+        )
 
 
 def build(options: HSDOptions, context: MethodContext) -> HSD:

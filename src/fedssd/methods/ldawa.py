@@ -20,23 +20,23 @@ from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import torch
-from torch import nn
 
 from fedssd.aggregate import fedavg
-from fedssd.methods.fedalignuniform import align_uniform_loss, forward_views, full_precision
+from fedssd.methods.fedalignuniform import AlignUniformOptions, FedAlignUniform
 from fedssd.methods.protocol import ClientUpdate, MethodContext, require
+from fedssd.methods.server import fedavg_updates
 
 State = Mapping[str, torch.Tensor]
 _RUNNING_STATS = ("running_mean", "running_var")
 
 
 @dataclasses.dataclass(frozen=True)
-class LDAWAOptions:
+class LDAWAOptions(AlignUniformOptions):
     """Options of L-DAWA on FedAlignUniform (defaults: BASELINES.md section 2.5 and 11).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term of the base objective.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         mode: ``per_layer`` (one cosine per state-dict tensor: the paper's and the official
             aggregator's) or ``per_module`` (one cosine per top-level module over the
             concatenation of all its entries, counters included, as FedU2's port computes it;
@@ -49,16 +49,13 @@ class LDAWAOptions:
             in the official code) or ``fedavg`` (averaged with FedAvg's weights) [I].
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     mode: Literal["per_layer", "per_module"] = "per_layer"
     warmup_rounds: int = 3
     renormalize: bool = False
     bn_stats: Literal["scaled", "fedavg"] = "scaled"
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.warmup_rounds >= 0, "method.warmup_rounds must be >= 0")
 
 
@@ -158,27 +155,14 @@ def ldawa_average(
     return result
 
 
-class LDAWA:
-    """FedAlignUniform locally; layer-wise divergence-aware aggregation on the server."""
+class LDAWA(FedAlignUniform):
+    """FedAlignUniform locally (L-DAWA changes only the server); layer-wise divergence-aware
+    aggregation on the server."""
+
+    options: LDAWAOptions
 
     def __init__(self, options: LDAWAOptions, context: MethodContext) -> None:
-        self.options = options
-
-    def local_loss(
-        self,
-        model: nn.Module,
-        view1: torch.Tensor,
-        view2: torch.Tensor,
-        *,
-        client_id: int,
-        position: int,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The FedAlignUniform loss (L-DAWA changes only the server)."""
-        out = forward_views(model, view1, view2)
-        with full_precision(view1.device):
-            return align_uniform_loss(
-                out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
-            )
+        super().__init__(options, context)
 
     def aggregate(
         self,
@@ -189,15 +173,10 @@ class LDAWA:
     ) -> dict[str, torch.Tensor]:
         """FedAvg during the warm-up, then cosine-scaled averaging against ``global_state``."""
         opts = self.options
+        if round_index < opts.warmup_rounds:
+            return fedavg_updates(global_state, updates)
         states = [u.state for u in updates]
-        warmup = round_index < opts.warmup_rounds
-        averaged = (
-            fedavg(states, [u.weight for u in updates])
-            if warmup or opts.bn_stats == "fedavg"
-            else {}
-        )
-        if warmup:
-            return {k: averaged.get(k, v) for k, v in global_state.items()}
+        averaged = fedavg(states, [u.weight for u in updates]) if opts.bn_stats == "fedavg" else {}
         reference = {k: global_state[k] for k in states[0]}
         finder = layer_weights if opts.mode == "per_layer" else module_weights
         result = ldawa_average(

@@ -32,7 +32,6 @@ What lives where (BASELINES.md sections 9.2 and 10):
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
@@ -45,8 +44,12 @@ from torch import nn
 from fedssd import losses
 from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
+from fedssd.methods.byol_common import TARGET_PREFIX as TARGET_PREFIX
+from fedssd.methods.byol_common import ema_update as ema_update
+from fedssd.methods.byol_common import online_network, strip_prefix, target_copy, with_prefix
 from fedssd.methods.fedalignuniform import full_precision
 from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.server import fedavg_updates
 from fedssd.seeding import generator
 
 # Purpose tag of Orchestra's random streams ("ORCH"): extras initialisation and, per round and
@@ -59,8 +62,6 @@ CENTROIDS = "centroids"
 ROTATION_HEAD = "rotation_head"
 CENTROIDS_KEY = f"extras.{CENTROIDS}.global_centroids"
 PAYLOAD_KEY = "local_centroids"
-_TARGET_PREFIX = "target."
-TARGET_PREFIX = _TARGET_PREFIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -359,13 +360,6 @@ def global_clustering(
     return c.detach()
 
 
-def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], m: float) -> None:
-    """``target <- m * target + (1 - m) * online`` in place, tensor by tensor."""
-    with torch.no_grad():
-        torch._foreach_mul_(list(target), m)
-        torch._foreach_add_(list(target), list(online), alpha=1 - m)
-
-
 # ---------------------------------------------------------------------------------------------
 # Modules attached to the model.
 
@@ -426,6 +420,10 @@ class Orchestra:
             else options.global_centroids
         )
         self._target: nn.ModuleDict | None = None
+        # The client model of the last EMA step and the paired parameter lists (target, online),
+        # built at a client's first step and reused while the same model object steps.
+        self._stepped: nn.Module | None = None
+        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         # Global mode: the server's FedAvg of the clients' targets (target key -> tensor); None
         # until the first aggregation, when clients start from the global online network.
         self._global_target: dict[str, torch.Tensor] | None = None
@@ -455,22 +453,23 @@ class Orchestra:
         """Load the global (or the client's) target, else copy the online network; reset memory."""
         device = next(model.parameters()).device
         if self._target is None:
-            self._target = _target_copy(model)
+            self._target = target_copy(model)
         target = self._target.to(device)
         if self.options.target_mode == "global" and self._global_target is not None:
             target.load_state_dict(self._global_target)
         elif (
             self.options.target_mode == "client"
             and stored is not None
-            and any(k.startswith(_TARGET_PREFIX) for k in stored.tensors)
+            and any(k.startswith(TARGET_PREFIX) for k in stored.tensors)
         ):
-            target.load_state_dict(_strip_target_prefix(stored.tensors))
+            target.load_state_dict(strip_prefix(stored.tensors, TARGET_PREFIX))
         else:
             # No target yet (first round, or first participation in client mode): it starts as
             # the received global online network, as the released code's copy at build time.
-            target.load_state_dict(_online_state(model))
+            target.load_state_dict(online_network(model).state_dict())
         # As in the released code the target runs in training mode (batch statistics).
         target.train()
+        self._stepped = None
         self._memory = _ProjectionMemory(self.options.memory_size, self.context.embed_dim, device)
         self._generator = generator(
             self.context.seed, ORCHESTRA, _CLIENT_KEY, round_index, client_id, device=device
@@ -493,8 +492,8 @@ class Orchestra:
         parameters without a gradient, weight decay included).
         """
         target, memory, gen = self._client_parts()
-        zero = torch.zeros((), device=view1.device)
         if self._init_pass:
+            zero = torch.zeros((), device=view1.device)
             if not memory.full:
                 memory.push(self._target_projection(target, view1))
             loss = torch.zeros((), device=view1.device, requires_grad=True)
@@ -526,11 +525,13 @@ class Orchestra:
         """
         if self._init_pass or self._target is None:
             return
-        ema_update(
-            list(self._target.parameters()),
-            _online_parameters(model),
-            self.options.target_momentum,
-        )
+        if model is not self._stepped:
+            self._pairs = (
+                list(self._target.parameters()),
+                list(online_network(model).parameters()),
+            )
+            self._stepped = model
+        ema_update(*self._pairs, self.options.target_momentum)
 
     def end_client(
         self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
@@ -538,9 +539,7 @@ class Orchestra:
         """Send the local centroids (and, in global mode, the target); keep the target in client
         mode only."""
         target, memory, gen = self._client_parts()
-        target_tensors = {
-            f"{_TARGET_PREFIX}{k}": v.detach().clone() for k, v in target.state_dict().items()
-        }
+        target_tensors = with_prefix(target.state_dict(), TARGET_PREFIX)
         client_mode = self.options.target_mode == "client"
         state = ClientState(
             tensors=target_tensors if client_mode else {},
@@ -572,13 +571,12 @@ class Orchestra:
     ) -> dict[str, torch.Tensor]:
         """FedAvg of the weights (and, in global mode, of the targets), then the global
         clustering of all received local centroids."""
-        new_state = dict(global_state)
-        new_state.update(fedavg([u.state for u in updates], [u.weight for u in updates]))
-        with_target = [u for u in updates if any(k.startswith(_TARGET_PREFIX) for k in u.payload)]
+        new_state = fedavg_updates(global_state, updates)
+        with_target = [u for u in updates if any(k.startswith(TARGET_PREFIX) for k in u.payload)]
         if self.options.target_mode == "global" and with_target:
             # The whole target state, BN buffers included, with the weights' FedAvg weights.
             self._global_target = fedavg(
-                [_strip_target_prefix(u.payload) for u in with_target],
+                [strip_prefix(u.payload, TARGET_PREFIX) for u in with_target],
                 [u.weight for u in with_target],
             )
         points = [u.payload[PAYLOAD_KEY] for u in updates if PAYLOAD_KEY in u.payload]
@@ -604,11 +602,11 @@ class Orchestra:
         centroids are part of the model, ``extras.centroids``)."""
         if self.options.target_mode != "global" or self._global_target is None:
             return {}
-        return {f"{_TARGET_PREFIX}{k}": v.detach().clone() for k, v in self._global_target.items()}
+        return with_prefix(self._global_target, TARGET_PREFIX)
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore the global target (a checkpoint, or the server's state on a Flower client)."""
-        target = _strip_target_prefix(state)
+        target = strip_prefix(state, TARGET_PREFIX)
         self._global_target = (
             {k: v.detach().clone() for k, v in target.items()}
             if target and self.options.target_mode == "global"
@@ -636,36 +634,6 @@ def _part(module: nn.Module, name: str) -> nn.Module:
     if not isinstance(part, nn.Module):
         raise TypeError(f"expected a submodule named {name!r}")
     return part
-
-
-def _target_copy(model: nn.Module) -> nn.ModuleDict:
-    """A frozen copy of the model's encoder and projector (made once, then reused)."""
-    target = nn.ModuleDict(
-        {
-            "encoder": copy.deepcopy(_part(model, "encoder")),
-            "projector": copy.deepcopy(_part(model, "projector")),
-        }
-    )
-    target.requires_grad_(False)
-    return target
-
-
-def _strip_target_prefix(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The ``target.*`` entries of ``tensors`` under the target module's own key names."""
-    return {k[len(_TARGET_PREFIX) :]: v for k, v in tensors.items() if k.startswith(_TARGET_PREFIX)}
-
-
-def _online_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The online encoder's and projector's state under the target's key names."""
-    return {
-        **{f"encoder.{k}": v for k, v in _part(model, "encoder").state_dict().items()},
-        **{f"projector.{k}": v for k, v in _part(model, "projector").state_dict().items()},
-    }
-
-
-def _online_parameters(model: nn.Module) -> list[torch.Tensor]:
-    """The online encoder's and projector's parameters, in the target's order."""
-    return [*_part(model, "encoder").parameters(), *_part(model, "projector").parameters()]
 
 
 def build(options: OrchestraOptions, context: MethodContext) -> Orchestra:

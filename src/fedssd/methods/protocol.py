@@ -23,6 +23,16 @@ def require(ok: bool, message: str) -> None:
         raise ConfigError(f"{message}.")
 
 
+def require_same_state(
+    mine: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor], message: str
+) -> None:
+    """Raise a ConfigError with ``message`` unless ``saved`` (moved to the CPU) has the keys of
+    ``mine`` and equal tensors (a checkpoint's state that a method redraws from its seed)."""
+    on_cpu = {k: v.cpu() for k, v in saved.items()}
+    if on_cpu.keys() != mine.keys() or not all(torch.equal(on_cpu[k], v) for k, v in mine.items()):
+        raise ConfigError(message)
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodContext:
     """Facts about the run that a method may need when it is built.

@@ -41,6 +41,22 @@ def aggregate_updates(
     """
     if isinstance(method, Aggregates):
         return method.aggregate(global_state, updates, round_index=round_index)
+    return fedavg_updates(global_state, updates)
+
+
+def fedavg_updates(
+    global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]
+) -> dict[str, torch.Tensor]:
+    """FedAvg of the updates' states weighted by ``u.weight``, with every entry of
+    ``global_state`` that no update carries (a method's client-only modules) kept as it was.
+
+    Args:
+        global_state: The global state the round started from (every key of the model).
+        updates: The accepted updates (at least one), each with the same keys.
+
+    Returns:
+        A state dict with every key of ``global_state``, in its order.
+    """
     averaged = fedavg([u.state for u in updates], [u.weight for u in updates])
     return {k: averaged.get(k, v) for k, v in global_state.items()}
 

@@ -24,22 +24,23 @@ from torch import nn
 from fedssd import losses
 from fedssd.errors import ConfigError
 from fedssd.methods.fedalignuniform import (
+    AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.protocol import MethodContext, require, require_same_state
 from fedssd.seeding import SCALING_SETS, numpy_rng
 
 
 @dataclasses.dataclass(frozen=True)
-class SSDOptions:
+class SSDOptions(AlignUniformOptions):
     """Options of SSD (defaults are the paper's).
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term.
-        uniformity_t: Temperature t of the uniformity term.
+        uniformity_weight: Weight beta of the uniformity term (inherited).
+        uniformity_t: Temperature t of the uniformity term (inherited).
         dsr: Use dimension-scaled regularization (soft separation).
         dsr_weight: Weight gamma of DSR.
         dsr_form: ``released`` (the authors' code, whose numbers are in the paper's tables:
@@ -56,8 +57,6 @@ class SSDOptions:
         pd_temperature: Softmax temperature T of the KL form.
     """
 
-    uniformity_weight: float = 1.0
-    uniformity_t: float = 2.0
     dsr: bool = True
     dsr_weight: float = 1.0
     dsr_form: Literal["paper", "released"] = "released"
@@ -69,8 +68,7 @@ class SSDOptions:
     pd_temperature: float = 0.5
 
     def __post_init__(self) -> None:
-        require(self.uniformity_weight >= 0, "method.uniformity_weight must be >= 0")
-        require(self.uniformity_t > 0, "method.uniformity_t must be > 0")
+        super().__post_init__()
         require(self.dsr_weight >= 0, "method.dsr_weight must be >= 0")
         require(self.dsr_alpha > 0, "method.dsr_alpha must be > 0")
         require(self.pd_weight >= 0, "method.pd_weight must be >= 0")
@@ -202,14 +200,12 @@ class SSD:
         Raises:
             ConfigError: The saved sets differ (the checkpoint belongs to another run).
         """
-        saved = {k: v.cpu() for k, v in state.items()}
-        if saved.keys() != self.state_dict().keys() or not all(
-            torch.equal(saved[k], v) for k, v in self.state_dict().items()
-        ):
-            raise ConfigError(
-                "the checkpoint's SSD scaling sets differ from this run's (another seed, number "
-                "of clients or embedding size); resume only the run that wrote it."
-            )
+        require_same_state(
+            self.state_dict(),
+            state,
+            "the checkpoint's SSD scaling sets differ from this run's (another seed, number "
+            "of clients or embedding size); resume only the run that wrote it.",
+        )
 
 
 def build(options: SSDOptions, context: MethodContext) -> SSD:
