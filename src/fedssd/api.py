@@ -35,11 +35,17 @@ from fedssd.checkpoint import (
 )
 from fedssd.config import Config, DataConfig
 from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
-from fedssd.data.datasets import DATASET_NAMES, ImageDataset, load_dataset
+from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
+from fedssd.data.sites import load_site, load_sites
 from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
-from fedssd.federation.evaluate import evaluate_model, knn_monitor
+from fedssd.federation.evaluate import (
+    client_evaluation,
+    combine_client_evaluations,
+    evaluate_model,
+    knn_monitor,
+)
 from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -109,11 +115,20 @@ class FederatedData:
         dataset: The whole dataset (uint8 images on the CPU).
         client_indices: One sorted int64 array of training-set indices per client.
         test_indices: Indices of the test images used for evaluation.
+        scheme: The partition scheme that made the split (``data.partition``).
     """
 
     dataset: ImageDataset
     client_indices: list[np.ndarray]
     test_indices: np.ndarray
+    scheme: str = "dirichlet"
+
+    @property
+    def federated_evaluation(self) -> bool:
+        """Whether, without a server-side set, evaluation runs on each client's own images:
+        for real sites (``partition = "clients"``) and for data without a labelled test set."""
+        test = self.dataset.y_test
+        return self.scheme == "clients" or not (test.numel() and bool((test >= 0).all()))
 
     def evaluation_views(self) -> EvaluationViews:
         """The clients' training images (in index order, with their owners) and the test set."""
@@ -155,12 +170,22 @@ def resolve(config: Config) -> Config:
         path=_absolute(data.path),
         root=_absolute(data.root),
         split_file=_absolute(data.split_file),
+        clients=tuple(str(_absolute(site)) for site in data.clients),
     )
+    evaluation = config.evaluation
+    if evaluation.data is not None and not _named_dataset(evaluation.data):
+        evaluation = dataclasses.replace(evaluation, data=_absolute(evaluation.data))
     return dataclasses.replace(
         config,
         data=data,
+        evaluation=evaluation,
         method=dataclasses.replace(config.method, options=options),
     )
+
+
+def _named_dataset(name: str) -> bool:
+    """A built-in dataset's name (rather than a path) in ``evaluation.data``."""
+    return name in DATASET_NAMES and name not in USER_DATASETS
 
 
 def _absolute(path: str | None) -> str | None:
@@ -203,6 +228,7 @@ def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
         download=data.download,
         pad_to_32=data.pad_to_32,
         rgb=data.rgb,
+        image_size=data.image_size,
         log=log,
     )
 
@@ -214,7 +240,12 @@ def data_subsets(config: Config, dataset: ImageDataset) -> tuple[np.ndarray, np.
     labels = dataset.y_train.numpy()
     pool = np.arange(labels.shape[0])
     if 0 < data.train_subset < labels.shape[0]:
-        pool = subset_indices(labels, size=data.train_subset, rng=numpy_rng(config.seed, SUBSET, 0))
+        rng = numpy_rng(config.seed, SUBSET, 0)
+        if dataset.labelled and labels.min() >= 0:
+            pool = subset_indices(labels, size=data.train_subset, rng=rng)
+        else:
+            # Nothing to stratify by: a uniform random subset.
+            pool = np.sort(rng.choice(labels.shape[0], size=data.train_subset, replace=False))
     test_labels = dataset.y_test.numpy()
     test = np.arange(test_labels.shape[0])
     if 0 < data.test_subset < test_labels.shape[0]:
@@ -227,10 +258,29 @@ def data_subsets(config: Config, dataset: ImageDataset) -> tuple[np.ndarray, np.
 def prepare_data(config: Config, *, log: Log) -> FederatedData:
     """Load the dataset and split its training set over the clients (pure given the config)."""
     data = config.data
+    if data.partition == "clients":
+        dataset, client_indices = load_sites(
+            data, num_clients=config.federation.num_clients, log=log
+        )
+        return FederatedData(
+            dataset=dataset,
+            client_indices=client_indices,
+            test_indices=np.arange(dataset.x_test.shape[0]),
+            scheme="clients",
+        )
     dataset = load_data(data, log=log)
     pool, test_indices = data_subsets(config, dataset)
+    labels = dataset.y_train.numpy()[pool]
+    if labels.size and labels.min() < 0:
+        if data.partition in ("dirichlet", "pathological"):
+            raise ConfigError(
+                f"data.partition = {data.partition!r} splits by label but {data.path} has "
+                "unlabelled images; use partition = 'clients' or 'iid'."
+            )
+        # The other schemes only count the images.
+        labels = np.zeros_like(labels)
     parts = make_partition(
-        dataset.y_train.numpy()[pool],
+        labels,
         scheme=data.partition,
         num_clients=config.federation.num_clients,
         seed=config.seed,
@@ -240,7 +290,166 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
         min_size=data.min_client_size,
     )
     client_indices = [pool[p] for p in parts]
-    return FederatedData(dataset=dataset, client_indices=client_indices, test_indices=test_indices)
+    return FederatedData(
+        dataset=dataset,
+        client_indices=client_indices,
+        test_indices=test_indices,
+        scheme=data.partition,
+    )
+
+
+#: Share of a server-side evaluation set used as the kNN bank and probe training set when it has
+#: no test split of its own (the rest are the queries and probe test images).
+SERVER_BANK_SHARE = 0.8
+
+
+def server_evaluation_views(config: Config, *, log: Log) -> EvaluationViews | None:
+    """The views of the labelled evaluation set the server owns (``evaluation.data``).
+
+    Reads only that set, never a client's training data. An ``.npz`` with ``x_test``/``y_test``
+    gives its two splits (bank/probe-train and queries/probe-test); an ``.npz`` of ``x_train`` and
+    ``y_train`` alone, a folder with one subfolder per class, or a built-in dataset's name (whose
+    official test split is used) is split into a :data:`SERVER_BANK_SHARE` bank and the rest, a
+    stratified draw from the run seed. Images take the run's ``data`` format options
+    (``image_size``, ``rgb``, ``pad_to_32``); labels are the set's own.
+
+    Args:
+        config: The resolved run configuration.
+        log: Receives one line per decision.
+
+    Returns:
+        The views (every image as client 0), or None when ``evaluation.data`` is not set.
+
+    Raises:
+        ConfigError: ``evaluation.data`` names nothing usable.
+        DataError: The set is unreadable, unlabelled or too small to split.
+    """
+    source = config.evaluation.data
+    if source is None:
+        return None
+    data = config.data
+    if _named_dataset(source):
+        named = load_dataset(
+            source,
+            root=data.root,
+            download=data.download,
+            pad_to_32=data.pad_to_32,
+            rgb=data.rgb,
+            log=log,
+        )
+        images, labels = named.x_test, named.y_test
+        test_images, test_labels = images[:0], labels[:0]
+        num_classes = named.num_classes
+    else:
+        place = Path(source)
+        if not place.exists():
+            raise DataError(
+                f"evaluation.data {place} does not exist; give a labelled .npz file, a folder "
+                "with one subfolder per class, or a dataset name."
+            )
+        owned = load_site(
+            place,
+            image_size=data.image_size,
+            rgb=data.rgb,
+            pad_to_32=data.pad_to_32,
+            root=data.root,
+            log=log,
+        )
+        if not owned.labelled:
+            raise DataError(
+                f"evaluation.data {place} has no labels; the server's evaluation set needs them "
+                "(y_train in the .npz, or one subfolder per class)."
+            )
+        images, labels = owned.x_train, owned.y_train
+        test_images, test_labels = owned.x_test, owned.y_test
+        num_classes = owned.num_classes
+    if test_images.shape[0] == 0:
+        count = int(images.shape[0])
+        if count < 2:
+            raise DataError(
+                f"evaluation.data {source} has {count} image(s); it needs at least two, to "
+                "split into a kNN bank and queries."
+            )
+        size = min(max(1, round(SERVER_BANK_SHARE * count)), count - 1)
+        bank = subset_indices(
+            labels.numpy(), size=size, rng=numpy_rng(config.seed, EVALUATION, SUBSET)
+        )
+        rest = np.setdiff1d(np.arange(count), bank)
+        bank_t, rest_t = torch.from_numpy(bank), torch.from_numpy(rest)
+        images, labels, test_images, test_labels = (
+            images[bank_t],
+            labels[bank_t],
+            images[rest_t],
+            labels[rest_t],
+        )
+    log(
+        f"server evaluation set {source}: {images.shape[0]} bank and {test_images.shape[0]} "
+        f"query images, {num_classes} classes"
+    )
+    return EvaluationViews(
+        train_images=images,
+        train_labels=labels,
+        train_clients=torch.zeros(images.shape[0], dtype=torch.long),
+        test_images=test_images,
+        test_labels=test_labels,
+        num_classes=num_classes,
+    )
+
+
+def run_evaluation_views(
+    config: Config, data: FederatedData, *, log: Log
+) -> EvaluationViews | None:
+    """What a simulated run evaluates on: the server's set when ``evaluation.data`` is set,
+    None for a federated evaluation (see :attr:`FederatedData.federated_evaluation`), else the
+    pooled clients' images and the test set.
+
+    Raises:
+        DataError: The server's images differ in shape from the training images.
+    """
+    if config.evaluation.data is not None:
+        views = server_evaluation_views(config, log=log)
+        assert views is not None
+        trained = tuple(data.dataset.x_train.shape[1:])
+        if tuple(views.train_images.shape[1:]) != trained:
+            raise DataError(
+                f"evaluation.data {config.evaluation.data} has images of shape "
+                f"{tuple(views.train_images.shape[1:])} but the clients train on {trained}; set "
+                "data.image_size, data.rgb and data.pad_to_32 to match, or convert the set."
+            )
+        return views
+    if data.federated_evaluation:
+        return None
+    return data.evaluation_views()
+
+
+def federated_evaluation(
+    config: Config,
+    data: FederatedData,
+    model: SSLModel,
+    *,
+    augment: AugmentConfig,
+    device: torch.device,
+    log: Log,
+) -> dict[str, Any]:
+    """Every client evaluates ``model`` on its own images (as a Flower node does), combined.
+
+    Client ``k`` uses the seed ``derive_seed(config.seed, EVALUATION, k)``.
+    """
+    log(f"federated evaluation on each of the {len(data.client_indices)} clients' own images")
+    per_client: dict[int, dict[str, float]] = {}
+    for k, part in enumerate(data.client_indices):
+        index = torch.from_numpy(part)
+        labels = data.dataset.y_train[index]
+        per_client[k] = client_evaluation(
+            model,
+            data.dataset.x_train[index],
+            labels if bool((labels >= 0).any()) else None,
+            settings=config.evaluation,
+            augment=augment,
+            seed=derive_seed(config.seed, EVALUATION, k),
+            device=device,
+        )
+    return combine_client_evaluations(per_client)
 
 
 def make_model(config: Config, in_channels: int, device: torch.device) -> SSLModel:
@@ -535,7 +744,7 @@ def _run(
     """The round loop, the final evaluation and the final files of a built experiment."""
     cfg, data = experiment.config, experiment.data
     tune_malloc()
-    views = data.evaluation_views()
+    views = run_evaluation_views(cfg, data, log=say)
     sizes = [len(p) for p in data.client_indices]
     say(
         f"{data.dataset.name}: {sum(sizes)} training images over {len(sizes)} clients "
@@ -573,23 +782,34 @@ def finish_run(
     experiment: Experiment,
     history: list[dict[str, Any]],
     *,
-    views: EvaluationViews,
+    views: EvaluationViews | None,
     out_dir: Path | None,
     started: float,
     say: Log,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
-    ``summary.json``."""
+    ``summary.json``; ``views`` None means a federated evaluation on each client's own data."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
-    say("evaluating the final global model (kNN, linear probe, uniformity, alignment, rank)")
     model = experiment.global_model
+    if views is None:
+        evaluation = federated_evaluation(
+            cfg,
+            experiment.data,
+            model,
+            augment=experiment.augment,
+            device=experiment.device,
+            log=say,
+        )
+    else:
+        say("evaluating the final global model (kNN, linear probe, uniformity, alignment, rank)")
+        evaluation = final_evaluation(
+            cfg, views, model, augment=experiment.augment, device=experiment.device, log=say
+        )
     summary = {
         "method": cfg.method.name,
         "dataset": experiment.data.dataset.name,
-        **final_evaluation(
-            cfg, views, model, augment=experiment.augment, device=experiment.device, log=say
-        ),
+        **evaluation,
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
@@ -636,26 +856,55 @@ def checkpointer(
 def write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
     """The files written before training: the resolved config and the partition."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
-    histogram = label_histogram(
-        data.dataset.y_train.numpy(), data.client_indices, num_classes=data.dataset.num_classes
+    write_json(out_dir / "partition.json", partition_record(config, data))
+
+
+def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
+    """The content of ``partition.json``: the scheme, the clients' sizes and label histogram.
+
+    The histogram counts the labelled images only (labels are each site's own for
+    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images and
+    ``class_names`` the classes, when the data names them.
+    """
+    labels = data.dataset.y_train.numpy()
+    parts = [p[labels[p] >= 0] for p in data.client_indices]
+    # The unlabelled images (-1) are in no part; clipping them only satisfies the label check.
+    histogram = (
+        label_histogram(np.maximum(labels, 0), parts, num_classes=data.dataset.num_classes)
+        if data.dataset.num_classes
+        else np.zeros((len(parts), 0), dtype=np.int64)
     )
-    write_json(
-        out_dir / "partition.json",
-        {
-            "scheme": config.data.partition,
-            "sizes": [len(p) for p in data.client_indices],
-            "label_histogram": histogram.tolist(),
-        },
-    )
+    record: dict[str, Any] = {
+        "scheme": config.data.partition,
+        "sizes": [len(p) for p in data.client_indices],
+        "label_histogram": histogram.tolist(),
+        "labelled": [len(p) for p in parts],
+    }
+    if data.dataset.class_names:
+        record["class_names"] = list(data.dataset.class_names)
+    return record
 
 
 def round_callbacks(
-    config: Config, views: EvaluationViews, device: torch.device, out_dir: Path | None, say: Log
+    config: Config,
+    views: EvaluationViews | None,
+    device: torch.device,
+    out_dir: Path | None,
+    say: Log,
 ) -> list[Callback]:
-    """The round callbacks: the kNN monitor, the metrics file and the progress line."""
+    """The round callbacks: the kNN monitor, the metrics file and the progress line.
+
+    Without ``views`` (a federated evaluation: no labelled set in one place) the kNN monitor is
+    off, which is said once.
+    """
     callbacks: list[Callback] = []
     ev = config.evaluation
-    if ev.every:
+    if ev.every and views is None:
+        say(
+            "the kNN monitor is off: it needs a labelled set on the server (evaluation.data); "
+            "the final evaluation is federated"
+        )
+    elif ev.every and views is not None:
         callbacks.append(
             knn_monitor(
                 every=ev.every,

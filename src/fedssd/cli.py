@@ -260,10 +260,10 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     from fedssd.api import stderr_log
-    from fedssd.data.datasets import DATASET_NAMES, fetch_dataset, locate_dataset
+    from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, fetch_dataset, locate_dataset
 
-    if args.name not in DATASET_NAMES or args.name == "npz":
-        names = ", ".join(n for n in DATASET_NAMES if n != "npz")
+    if args.name not in DATASET_NAMES or args.name in USER_DATASETS:
+        names = ", ".join(n for n in DATASET_NAMES if n not in USER_DATASETS)
         raise ConfigError(f"unknown dataset {args.name!r}; choose one of: {names}.")
     found = locate_dataset(args.name, path=args.path, root=args.root)
     if found is None and args.download:

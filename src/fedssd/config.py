@@ -35,7 +35,7 @@ import tomli_w
 
 T = TypeVar("T", bound="DataclassInstance")
 
-Partition = Literal["iid", "dirichlet", "pathological", "file"]
+Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
 Precision = Literal["auto", "fp32", "bf16"]
 
@@ -45,11 +45,15 @@ class DataConfig:
     """Which dataset, where it lives, and how it is split over clients.
 
     Attributes:
-        name: ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``tiny_imagenet`` or ``npz``.
-        path: A file or folder holding a local copy (required for ``npz``).
+        name: ``fashion_mnist``, ``mnist``, ``cifar10``, ``cifar100``, ``tiny_imagenet``, ``npz``
+            (your arrays) or ``folder`` (your PNG/JPEG files).
+        path: A file or folder holding a local copy (required for ``npz`` and ``folder``; with
+            ``partition = "clients"`` and no ``clients`` list, a folder of one subfolder per
+            client).
         root: Folder where datasets are looked for and downloaded to (else ``$FEDSSD_DATA``).
         download: Download from the official source (checksum-verified) when no copy is found.
-        partition: ``iid``, ``dirichlet`` (label skew), ``pathological`` or ``file``.
+        partition: ``iid``, ``dirichlet`` (label skew), ``pathological``, ``file`` or ``clients``
+            (each client is one given dataset: the natural split of real sites).
         alpha: Dirichlet concentration; smaller is more skewed (the paper uses 0.1).
         classes_per_client: Classes per client for the pathological split.
         split_file: JSON list of per-client index lists, for ``partition = "file"``.
@@ -57,7 +61,12 @@ class DataConfig:
         train_subset: Use a stratified random subset of this many training images (0 = all).
         test_subset: Evaluate on a stratified random subset of this many test images (0 = all).
         pad_to_32: Zero-pad 28x28 images to 32x32, as the CIFAR code path expects.
-        rgb: Repeat grayscale images to 3 channels.
+        rgb: Repeat grayscale images to 3 channels (false: every image of a folder is read as
+            one grayscale channel).
+        image_size: Side of the square images a ``folder`` dataset is resized and centre-cropped
+            to.
+        clients: For ``partition = "clients"``: one dataset per client, each a folder of images
+            or an ``.npz`` file (empty: each subfolder of ``path`` is one client).
     """
 
     name: str = "fashion_mnist"
@@ -73,6 +82,8 @@ class DataConfig:
     test_subset: int = 0
     pad_to_32: bool = True
     rgb: bool = True
+    image_size: int = 32
+    clients: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +153,10 @@ class EvaluationConfig:
         metrics_samples: Largest sample (over all clients) for uniformity and effective rank.
         metrics_per_client: Largest sample per client for per-client and inter-client uniformity.
         batch_size: Batch size of feature extraction.
+        data: A labelled evaluation set the server owns: an ``.npz`` file, a folder with one
+            subfolder per class, or the name of a built-in dataset (its official test split).
+            When set, the kNN monitor, the linear probe and the representation metrics use it
+            instead of the clients' images (see docs/evaluation.md).
     """
 
     every: int = 10
@@ -153,6 +168,7 @@ class EvaluationConfig:
     metrics_samples: int = 10000
     metrics_per_client: int = 1000
     batch_size: int = 1024
+    data: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -339,6 +355,11 @@ def coerce(hint: Any, value: Any, *, key: str) -> Any:
     origin = get_origin(hint)
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         return from_dict(hint, value, where=key)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} must be a list, not {_kind(value)} {value!r}.")
+        member = get_args(hint)[0]
+        return tuple(coerce(member, item, key=f"{key}[{i}]") for i, item in enumerate(value))
     if origin is Literal:
         choices = get_args(hint)
         if value not in choices:
@@ -392,8 +413,37 @@ def validate(config: Config) -> None:
             "data.partition = 'file' needs data.split_file (a JSON list of index lists).",
         ),
         (
-            data.name != "npz" or data.path is not None,
+            data.name != "npz" or data.path is not None or data.partition == "clients",
             "data.name = 'npz' needs data.path, an .npz file of x_train, y_train, x_test, y_test.",
+        ),
+        (
+            data.name != "folder" or data.path is not None or data.partition == "clients",
+            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
+        ),
+        (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
+        (
+            not data.clients or data.partition == "clients",
+            "data.clients lists one dataset per client and needs data.partition = 'clients'.",
+        ),
+        (
+            data.partition != "clients" or data.name in ("folder", "npz"),
+            "data.partition = 'clients' reads each client's own files; set data.name = 'folder' "
+            "(or 'npz').",
+        ),
+        (
+            data.partition != "clients" or bool(data.clients) or data.path is not None,
+            "data.partition = 'clients' needs data.clients (one folder or .npz per client) or "
+            "data.path (a folder with one subfolder per client).",
+        ),
+        (
+            not data.clients or len(data.clients) == fed.num_clients,
+            f"data.clients lists {len(data.clients)} datasets but federation.num_clients is "
+            f"{fed.num_clients}; make them equal (one client per site).",
+        ),
+        (
+            data.partition != "clients" or data.train_subset == 0,
+            "data.train_subset cannot be combined with data.partition = 'clients', where each "
+            "client trains on all of its own images; set data.train_subset = 0.",
         ),
         (model.width >= 0, "model.width must be >= 0 (0 means the encoder's default)."),
         (model.projector_hidden >= 1, "model.projector_hidden must be at least 1."),

@@ -263,10 +263,10 @@ def parse_column(spec: str) -> Column:
             result_key=key,
         )
     if sep and protocol == "linear-on":
-        from fedssd.data.datasets import DATASET_NAMES
+        from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS
 
-        if argument not in DATASET_NAMES or argument == "npz":
-            names = ", ".join(n for n in DATASET_NAMES if n != "npz")
+        if argument not in DATASET_NAMES or argument in USER_DATASETS:
+            names = ", ".join(n for n in DATASET_NAMES if n not in USER_DATASETS)
             raise ConfigError(f"column {spec!r}: unknown dataset {argument!r}; use one of {names}.")
         shown = SUMMARY_METRICS[key][0] if key in SUMMARY_METRICS else (key or "LP")
         return Column(

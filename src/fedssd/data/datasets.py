@@ -54,6 +54,7 @@ from fedssd.errors import ConfigError, DataError
 
 __all__ = [
     "DATASET_NAMES",
+    "USER_DATASETS",
     "ImageDataset",
     "default_root",
     "fetch_dataset",
@@ -68,7 +69,10 @@ DATASET_NAMES: tuple[str, ...] = (
     "cifar100",
     "tiny_imagenet",
     "npz",
+    "folder",
 )
+# The user's own data (a path, nothing to download).
+USER_DATASETS = frozenset({"npz", "folder"})
 
 _NUM_CLASSES: Mapping[str, int] = MappingProxyType(
     {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
@@ -105,15 +109,20 @@ _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """A labelled image dataset held in memory.
+    """An image dataset held in memory, labelled or not.
+
+    Unlabelled images (an image folder without class subfolders, an ``.npz`` of ``x_train``
+    alone) have the label -1; a dataset with no labelled image has ``num_classes = 0``. Datasets
+    of the user's own files may have an empty test set ``(0, channels, height, width)``.
 
     Attributes:
         name: The dataset name (one of :data:`DATASET_NAMES`).
         x_train: Training images ``(n, channels, height, width)``, uint8, contiguous.
-        y_train: Training labels ``(n,)``, int64 in ``[0, num_classes)``.
+        y_train: Training labels ``(n,)``, int64 in ``[0, num_classes)``, or -1 for unlabelled.
         x_test: Test images ``(m, channels, height, width)``, uint8, contiguous.
         y_test: Test labels ``(m,)``, int64.
-        num_classes: Number of classes.
+        num_classes: Number of classes (0 when nothing is labelled).
+        class_names: The class names, in label order, when the data names them (a folder).
     """
 
     name: str
@@ -122,6 +131,12 @@ class ImageDataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    class_names: tuple[str, ...] = ()
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any training image has a label."""
+        return self.num_classes > 0
 
 
 def default_root() -> Path:
@@ -140,6 +155,7 @@ def load_dataset(
     download: bool = True,
     pad_to_32: bool = True,
     rgb: bool = True,
+    image_size: int = 32,
     log: Log | None = None,
     table: Mapping[str, DatasetSources] = CHECKSUMS,
 ) -> ImageDataset:
@@ -147,11 +163,13 @@ def load_dataset(
 
     Args:
         name: One of :data:`DATASET_NAMES`.
-        path: A file or folder holding a local copy (required for ``"npz"``: the .npz file).
+        path: A file or folder holding a local copy (required for ``"npz"``: the .npz file, and
+            for ``"folder"``: the image folder, see :mod:`fedssd.data.folder`).
         root: The data root (default :func:`default_root`).
         download: Whether to fetch the official files when no local copy is found.
-        pad_to_32: Zero-pad 28x28 images by 2 pixels on each side to 32x32.
-        rgb: Repeat single-channel images to 3 channels.
+        pad_to_32: Zero-pad 28x28 images by 2 pixels on each side to 32x32 (not for folders).
+        rgb: Repeat single-channel images to 3 channels (a folder: else read them as one).
+        image_size: Side a folder's images are resized and centre-cropped to.
         log: Receives one line per decision or progress step.
         table: Official sources and digests (tests pass their own).
 
@@ -164,14 +182,26 @@ def load_dataset(
     """
     _check_name(name)
     say = log if log is not None else _silent
+    if name == "folder":
+        if path is None:
+            raise ConfigError(
+                "Dataset 'folder' needs data.path set to your folder of PNG or JPEG images."
+            )
+        return _folder_dataset(
+            Path(path).expanduser(), image_size=image_size, rgb=rgb, root=root, log=say
+        )
     if name == "npz":
         if path is None:
             raise ConfigError(
                 "Dataset 'npz' needs data.path set to your .npz file with the arrays "
-                "x_train, y_train, x_test and y_test."
+                "x_train, y_train, x_test and y_test (or x_train alone)."
             )
         arrays = _read_npz(Path(path).expanduser())
-        num_classes = int(max(arrays[1].max(), arrays[3].max())) + 1
+        if arrays[1].size and arrays[1].min() < 0:
+            # x_train alone: unlabelled, with an empty test set.
+            num_classes = 0
+        else:
+            num_classes = int(max(arrays[1].max(), arrays[3].max())) + 1
     else:
         entry = _entry(name, table)
         location = _locate_or_fetch(
@@ -193,6 +223,25 @@ def load_dataset(
         x_test=_to_images(x_test, pad_to_32=pad_to_32, rgb=rgb),
         y_test=torch.from_numpy(y_test.astype(np.int64)),
         num_classes=num_classes,
+    )
+
+
+def _folder_dataset(
+    path: Path, *, image_size: int, rgb: bool, root: str | Path | None, log: Log
+) -> ImageDataset:
+    from fedssd.data.folder import read_image_folder
+
+    read = read_image_folder(path, image_size=image_size, rgb=rgb, cache_root=root, log=log)
+    # The training copy must be writable memory; the cache itself stays mapped read-only.
+    images = torch.from_numpy(np.require(read.images, dtype=np.uint8, requirements=["C", "W"]))
+    return ImageDataset(
+        name="folder",
+        x_train=images,
+        y_train=torch.from_numpy(np.array(read.labels, dtype=np.int64)),
+        x_test=images[:0].clone(),
+        y_test=torch.zeros(0, dtype=torch.int64),
+        num_classes=len(read.class_names),
+        class_names=read.class_names,
     )
 
 
@@ -222,6 +271,9 @@ def locate_dataset(
     if name == "npz":
         candidate = Path(path).expanduser() if path is not None else None
         return candidate if candidate is not None and candidate.is_file() else None
+    if name == "folder":
+        candidate = Path(path).expanduser() if path is not None else None
+        return candidate if candidate is not None and candidate.is_dir() else None
     entry = _entry(name, table)
     base = _root(root)
     places = [Path(path).expanduser()] if path is not None else _default_places(name, entry, base)
@@ -253,8 +305,8 @@ def fetch_dataset(
         DataError: A download failed or had the wrong digest.
     """
     _check_name(name)
-    if name == "npz":
-        raise ConfigError("Dataset 'npz' is your own data, so there is nothing to download.")
+    if name in USER_DATASETS:
+        raise ConfigError(f"Dataset {name!r} is your own data, so there is nothing to download.")
     say = log if log is not None else _silent
     entry = _entry(name, table)
     base = _root(root)
@@ -802,9 +854,12 @@ def _read_npz(path: Path) -> _Arrays:
             f"{path} announces an array too large for this machine's memory; {advice}."
         ) from error
     missing = [key for key in _NPZ_KEYS if key not in loaded]
+    if missing == ["y_train", "x_test", "y_test"]:
+        return _unlabelled_npz(loaded["x_train"], path=path, advice=advice)
     if missing:
         raise DataError(
-            f"{path} has no array {missing[0]!r}; it needs x_train, y_train, x_test and y_test."
+            f"{path} has no array {missing[0]!r}; it needs x_train, y_train, x_test and y_test "
+            "(or x_train alone, for unlabelled images)."
         )
     arrays: dict[str, np.ndarray] = {}
     for key, value in loaded.items():
@@ -828,6 +883,19 @@ def _read_npz(path: Path) -> _Arrays:
             path=path,
         )
     return images["x_train"], arrays["y_train"], images["x_test"], arrays["y_test"]
+
+
+def _unlabelled_npz(value: object, *, path: Path, advice: str) -> _Arrays:
+    """``x_train`` alone: every label -1 and an empty test set of the same image shape."""
+    if not isinstance(value, np.ndarray):
+        raise DataError(f"{path}: x_train is not a .npy array inside the archive; {advice}.")
+    images = _npz_images(value, key="x_train", path=path)
+    return (
+        images,
+        np.full(images.shape[0], -1, dtype=np.int64),
+        images[:0],
+        np.zeros(0, dtype=np.int64),
+    )
 
 
 def _describe(images: np.ndarray) -> str:

@@ -1,8 +1,14 @@
-"""The evaluations a run makes: the kNN monitor during training and the final summary."""
+"""The evaluations a run makes: the kNN monitor during training and the final summary.
+
+:func:`evaluate_model` evaluates a global model on data held in one place (the pooled training
+set of a simulated split, or a labelled set the server owns). :func:`client_evaluation` and
+:func:`combine_client_evaluations` are the federated evaluation: each client computes, on its own
+images only, the metrics that need no other party's data, and the server combines them.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -13,7 +19,12 @@ from fedssd.data.augment import AugmentConfig, two_views
 from fedssd.evaluation.features import extract_features
 from fedssd.evaluation.knn import knn_accuracy
 from fedssd.evaluation.linear_probe import linear_probe
-from fedssd.evaluation.metrics import alignment_loss, representation_metrics
+from fedssd.evaluation.metrics import (
+    alignment_loss,
+    effective_rank,
+    representation_metrics,
+    uniformity_loss,
+)
 
 
 def knn_monitor(
@@ -198,4 +209,150 @@ def evaluate_model(
     for key in keys:
         summary[f"{key}_z"] = quality_z[key]
     summary["metrics_samples"] = quality_h["samples_global"]
+    return summary
+
+
+# --------------------------------------------------------------------- federated evaluation
+
+#: Share of a client's labelled images held out as kNN queries (the rest is the bank).
+KNN_HELD_OUT = 0.2
+#: The per-client metrics weighted by the client's number of images when combined.
+CLIENT_METRICS = (
+    "uniformity",
+    "uniformity_z",
+    "alignment",
+    "alignment_z",
+    "effective_rank",
+    "effective_rank_z",
+)
+
+
+@torch.no_grad()
+def client_evaluation(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor | None,
+    *,
+    settings: EvaluationConfig,
+    augment: AugmentConfig,
+    seed: int,
+    device: torch.device,
+) -> dict[str, float]:
+    """The metrics a client computes on its own images, needing nobody else's data.
+
+    The images are sampled as :func:`evaluate_model` samples the whole training set: a seeded
+    permutation's first ``settings.metrics_samples`` images give ``uniformity`` (``-L_unif`` of
+    unit-norm features, higher is better), ``effective_rank`` (of the raw features) and
+    ``alignment`` (``L_align`` of two augmented views, lower is better), each of the encoder
+    output h and, with the suffix ``_z``, of the projector output z. With labels, a seeded
+    random :data:`KNN_HELD_OUT` of the labelled images are kNN queries against a bank of the
+    rest (``knn_acc``, ``knn_queries``).
+
+    Args:
+        model: ``model(x) -> (h, z_raw)``, on ``device``.
+        images: ``(n, c, height, width)`` uint8, this client's images.
+        labels: ``(n,)`` int64 labels (-1 for an unlabelled image), or None.
+        settings: Evaluation options (sample size, kNN k and temperature, batch size).
+        augment: The augmentation whose views alignment is measured on.
+        seed: Seed of the sample, the views and the kNN split (the simulator uses
+            ``derive_seed(run seed, EVALUATION, client id)``).
+        device: Where to compute.
+
+    Returns:
+        ``num_samples`` and the metrics above as floats (uniformity needs two images, kNN two
+        labelled ones; a metric that cannot be computed is left out).
+    """
+    count = int(images.shape[0])
+    result: dict[str, float] = {"num_samples": float(count)}
+    if count == 0:
+        return result
+    batch = settings.batch_size
+    h, z = extract_features(model, images, batch_size=batch, device=device)
+    sample = torch.randperm(count, generator=torch.Generator().manual_seed(seed))[
+        : settings.metrics_samples
+    ]
+    for suffix, features in (("", h), ("_z", z)):
+        if sample.shape[0] >= 2:
+            result[f"uniformity{suffix}"] = -uniformity_loss(features[sample])
+        result[f"effective_rank{suffix}"] = effective_rank(features[sample])
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    align_h, align_z = view_alignment(
+        model, images[sample], augment=augment, generator=generator, batch_size=batch, device=device
+    )
+    result["alignment"], result["alignment_z"] = align_h, align_z
+    if labels is not None:
+        labelled = torch.nonzero(labels.cpu() >= 0).squeeze(1)
+        if labelled.shape[0] >= 2:
+            order = labelled[
+                torch.randperm(labelled.shape[0], generator=torch.Generator().manual_seed(seed + 1))
+            ]
+            held = min(max(1, round(KNN_HELD_OUT * order.shape[0])), order.shape[0] - 1)
+            queries, bank = order[:held], order[held:]
+            own = labels.cpu()
+            result["knn_acc"] = knn_accuracy(
+                h[bank].to(device),
+                own[bank],
+                h[queries],
+                own[queries],
+                num_classes=int(own[labelled].max()) + 1,
+                k=settings.knn_k,
+                temperature=settings.knn_temperature,
+            )
+            result["knn_queries"] = float(held)
+    return result
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float | None:
+    total = sum(weight for _, weight in pairs)
+    return sum(value * weight for value, weight in pairs) / total if total > 0 else None
+
+
+def combine_client_evaluations(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, Any]:
+    """The run's federated evaluation from the clients' :func:`client_evaluation` results.
+
+    Each of :data:`CLIENT_METRICS` is the mean over the clients that report it, weighted by
+    their ``num_samples``; ``knn_acc`` is weighted by ``knn_queries`` (the labelled held-out
+    images), so it is the accuracy over all clients' queries together.
+
+    Args:
+        per_client: Client id -> that client's metrics.
+
+    Returns:
+        ``evaluation = "federated"``, ``clients_evaluated``, ``num_samples``, the weighted means
+        under the metrics' own names (``knn_acc`` and ``knn_queries`` when any client had
+        labels; a metric no client reports is None), and ``federated = {"per_client": {id:
+        metrics}}`` with the ids as strings (JSON keys), in id order.
+    """
+    clients = sorted(per_client)
+    summary: dict[str, Any] = {
+        "evaluation": "federated",
+        "clients_evaluated": len(clients),
+        "num_samples": int(sum(per_client[k].get("num_samples", 0.0) for k in clients)),
+    }
+    for key in CLIENT_METRICS:
+        summary[key] = _weighted_mean(
+            [
+                (float(per_client[k][key]), float(per_client[k]["num_samples"]))
+                for k in clients
+                if key in per_client[k]
+            ]
+        )
+    knn = [
+        (float(per_client[k]["knn_acc"]), float(per_client[k]["knn_queries"]))
+        for k in clients
+        if "knn_acc" in per_client[k]
+    ]
+    if knn:
+        summary["knn_acc"] = _weighted_mean(knn)
+        summary["knn_queries"] = int(sum(weight for _, weight in knn))
+    summary["federated"] = {
+        "per_client": {
+            str(k): {
+                key: (int(v) if key in ("num_samples", "knn_queries") else float(v))
+                for key, v in per_client[k].items()
+            }
+            for k in clients
+        }
+    }
     return summary
