@@ -56,8 +56,15 @@ def _with(raw: dict[str, Any], table: str, key: str, value: Any) -> dict[str, An
     return out
 
 
+def _wrong_values(hint: Any) -> list[Any]:
+    """Values of the wrong type for a key: an empty list is a valid list of paths."""
+    if str(hint).startswith("tuple"):
+        return [[1, 2], {"x": 1}, {}, "site_a/", [["nested"]]]
+    return [[1, 2], {"x": 1}, [], {}]
+
+
 wrong_type = st.sampled_from(KEYS).flatmap(
-    lambda k: st.sampled_from([[1, 2], {"x": 1}, [], {}]).map(lambda v: _with(BASE, k[0], k[1], v))
+    lambda k: st.sampled_from(_wrong_values(k[2])).map(lambda v: _with(BASE, k[0], k[1], v))
 )
 out_of_range = st.sampled_from(NUMERIC).flatmap(
     lambda k: st.sampled_from([-1, -0.5, -1e9]).map(lambda v: _with(BASE, k[0], k[1], v))

@@ -274,6 +274,7 @@ def test_unknown_name_and_names_list() -> None:
         "cifar100",
         "tiny_imagenet",
         "npz",
+        "folder",
     )
     with pytest.raises(ConfigError, match="Unknown dataset 'imagenet'"):
         load_dataset("imagenet")

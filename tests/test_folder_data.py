@@ -62,7 +62,9 @@ def test_resize_is_shorter_side_then_centre_crop(tmp_path: Path) -> None:
     out = decode_image(path, image_size=10, rgb=False)
     assert out.shape == (1, 10, 10)
     assert out.min() >= 250
-    expected = Image.fromarray(array).resize((10, 20), Image.Resampling.BICUBIC).crop((0, 5, 10, 15))
+    expected = (
+        Image.fromarray(array).resize((10, 20), Image.Resampling.BICUBIC).crop((0, 5, 10, 15))
+    )
     assert np.array_equal(out[0], np.asarray(expected))
     # Grayscale to RGB repeats the channel.
     rgb = decode_image(path, image_size=10, rgb=True)
@@ -274,7 +276,9 @@ def test_relative_site_paths_resolve_against_the_working_folder(
     _sites(tmp_path)
     monkeypatch.chdir(tmp_path)
     cfg = load_config(SMOKE, _clients_config(["site_a/", "site_b.npz", "site_c.npz"]))
-    assert cfg.data.clients == tuple(str(tmp_path / n) for n in ("site_a", "site_b.npz", "site_c.npz"))
+    assert cfg.data.clients == tuple(
+        str(tmp_path / n) for n in ("site_a", "site_b.npz", "site_c.npz")
+    )
 
 
 def test_one_subfolder_per_client(tmp_path: Path) -> None:
@@ -297,7 +301,7 @@ def test_one_subfolder_per_client(tmp_path: Path) -> None:
     assert [len(p) for p in data.client_indices] == [3, 5]
     assert data.dataset.y_train[:3].tolist() == [-1, -1, -1]
     wrong = load_config(SMOKE, [*cfg_args(base), "federation.num_clients=3"])
-    with pytest.raises(ConfigError, match="2 client datasets but federation.num_clients is 3"):
+    with pytest.raises(ConfigError, match=r"2 client datasets but federation\.num_clients is 3"):
         prepare_data(wrong, log=lambda _m: None)
 
 
@@ -312,9 +316,9 @@ def cfg_args(base: Path) -> list[str]:
 
 def test_site_list_problems(tmp_path: Path) -> None:
     sites = [str(p) for p in _sites(tmp_path)]
-    with pytest.raises(ConfigError, match="lists 3 datasets but federation.num_clients is 2"):
+    with pytest.raises(ConfigError, match=r"lists 3 datasets but federation\.num_clients is 2"):
         load_config(SMOKE, [*_clients_config(sites), "federation.num_clients=2"])
-    with pytest.raises(ConfigError, match="needs data.partition = 'clients'"):
+    with pytest.raises(ConfigError, match=r"needs data\.partition = 'clients'"):
         load_config(SMOKE, [f"data.clients={json.dumps(sites)}"])
     missing = load_config(SMOKE, _clients_config([*sites[:2], str(tmp_path / "nowhere")]))
     with pytest.raises(DataError, match="nowhere does not exist"):

@@ -59,6 +59,7 @@ __all__ = [
     "default_root",
     "fetch_dataset",
     "load_dataset",
+    "load_npz",
     "locate_dataset",
 ]
 
@@ -196,12 +197,7 @@ def load_dataset(
                 "Dataset 'npz' needs data.path set to your .npz file with the arrays "
                 "x_train, y_train, x_test and y_test (or x_train alone)."
             )
-        arrays = _read_npz(Path(path).expanduser())
-        if arrays[1].size and arrays[1].min() < 0:
-            # x_train alone: unlabelled, with an empty test set.
-            num_classes = 0
-        else:
-            num_classes = int(max(arrays[1].max(), arrays[3].max())) + 1
+        return load_npz(path, pad_to_32=pad_to_32, rgb=rgb)
     else:
         entry = _entry(name, table)
         location = _locate_or_fetch(
@@ -218,6 +214,39 @@ def load_dataset(
     x_train, y_train, x_test, y_test = arrays
     return ImageDataset(
         name=name,
+        x_train=_to_images(x_train, pad_to_32=pad_to_32, rgb=rgb),
+        y_train=torch.from_numpy(y_train.astype(np.int64)),
+        x_test=_to_images(x_test, pad_to_32=pad_to_32, rgb=rgb),
+        y_test=torch.from_numpy(y_test.astype(np.int64)),
+        num_classes=num_classes,
+    )
+
+
+def load_npz(
+    path: str | Path, *, pad_to_32: bool = True, rgb: bool = True, require_test: bool = True
+) -> ImageDataset:
+    """A user's ``.npz``: ``x_train``, ``y_train``, ``x_test``, ``y_test``, or ``x_train`` alone
+    (unlabelled: labels -1, empty test set).
+
+    Args:
+        path: The file.
+        pad_to_32: Zero-pad 28x28 images to 32x32.
+        rgb: Repeat single-channel images to 3 channels.
+        require_test: Refuse a labelled file without ``x_test``/``y_test`` (``data.name = "npz"``
+            needs them); when false such a file gets an empty test set (a client's own data, a
+            server's evaluation set).
+
+    Raises:
+        DataError: The file is missing, unreadable or malformed.
+    """
+    arrays = _read_npz(Path(path).expanduser(), require_test=require_test)
+    x_train, y_train, x_test, y_test = arrays
+    if y_train.size and y_train.min() < 0:
+        num_classes = 0
+    else:
+        num_classes = int(max(y_train.max(), y_test.max() if y_test.size else 0)) + 1
+    return ImageDataset(
+        name="npz",
         x_train=_to_images(x_train, pad_to_32=pad_to_32, rgb=rgb),
         y_train=torch.from_numpy(y_train.astype(np.int64)),
         x_test=_to_images(x_test, pad_to_32=pad_to_32, rgb=rgb),
@@ -817,7 +846,7 @@ def _decode_images(
 # ----------------------------------------------------------------------------------- npz
 
 
-def _read_npz(path: Path) -> _Arrays:
+def _read_npz(path: Path, *, require_test: bool = True) -> _Arrays:
     """A user's ``.npz`` with uint8 images NHW or NHWC (C in {1, 3}) and integer labels."""
     if not path.is_file():
         raise DataError(f"data.path {path} is not a file; point it at your .npz file.")
@@ -856,6 +885,13 @@ def _read_npz(path: Path) -> _Arrays:
     missing = [key for key in _NPZ_KEYS if key not in loaded]
     if missing == ["y_train", "x_test", "y_test"]:
         return _unlabelled_npz(loaded["x_train"], path=path, advice=advice)
+    if missing == ["x_test", "y_test"] and not require_test:
+        # A labelled set without a test split: an empty one of the same image shape.
+        train = loaded["x_train"]
+        if isinstance(train, np.ndarray) and train.ndim >= 1:
+            loaded["x_test"] = train[:0]
+            loaded["y_test"] = np.zeros(0, dtype=np.int64)
+            missing = []
     if missing:
         raise DataError(
             f"{path} has no array {missing[0]!r}; it needs x_train, y_train, x_test and y_test "
@@ -867,7 +903,12 @@ def _read_npz(path: Path) -> _Arrays:
         if not isinstance(value, np.ndarray):
             raise DataError(f"{path}: {key} is not a .npy array inside the archive; {advice}.")
         arrays[key] = value
-    images = {key: _npz_images(arrays[key], key=key, path=path) for key in ("x_train", "x_test")}
+    images = {
+        key: _npz_images(
+            arrays[key], key=key, path=path, allow_empty=key == "x_test" and not require_test
+        )
+        for key in ("x_train", "x_test")
+    }
     if images["x_train"].shape[1:] != images["x_test"].shape[1:]:
         raise DataError(
             f"{path}: x_train images are {_describe(images['x_train'])} but x_test images are "
@@ -903,7 +944,9 @@ def _describe(images: np.ndarray) -> str:
     return f"{height}x{width} with {channels} channel{'s' if channels > 1 else ''}"
 
 
-def _npz_images(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
+def _npz_images(
+    array: np.ndarray, *, key: str, path: Path, allow_empty: bool = False
+) -> np.ndarray:
     """NHW or NHWC uint8 -> ``(n, c, h, w)``."""
     if array.dtype != np.uint8:
         raise DataError(f"{path}: {key} has dtype {array.dtype}; images must be uint8 (0-255).")
@@ -916,7 +959,7 @@ def _npz_images(array: np.ndarray, *, key: str, path: Path) -> np.ndarray:
             f"{path}: {key} has shape {array.shape}; images must be (n, height, width) or "
             "(n, height, width, channels) with 1 or 3 channels."
         )
-    if array.shape[0] == 0:
+    if array.shape[0] == 0 and not allow_empty:
         raise DataError(f"{path}: {key} holds no images; both sets need at least one.")
     return array
 
@@ -936,6 +979,8 @@ def _check_npz_labels(
         )
     if labels.shape[0] != count:
         raise DataError(f"{path}: {key} holds {labels.shape[0]} labels for {count} images.")
+    if labels.size == 0:
+        return
     if labels.min() < 0:
         raise DataError(
             f"{path}: {key} contains the negative label {labels.min()}; labels must be >= 0."

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from fedssd.config import DataConfig
-from fedssd.data.datasets import ImageDataset, load_dataset
+from fedssd.data.datasets import ImageDataset, load_dataset, load_npz
 from fedssd.data.fetch import Log, _silent
 from fedssd.errors import ConfigError, DataError
 
@@ -38,6 +38,9 @@ def load_site(
     log: Log | None = None,
 ) -> ImageDataset:
     """One site's own data: a folder of images or an ``.npz`` file, labelled or not.
+
+    An ``.npz`` may hold ``x_train`` alone (unlabelled), ``x_train`` and ``y_train``, or all
+    four arrays (its test split is kept as the dataset's test set).
 
     Args:
         path: The site's folder or ``.npz`` file.
@@ -60,7 +63,8 @@ def load_site(
             "folder", path=place, root=root, image_size=image_size, rgb=rgb, log=say
         )
     if place.is_file():
-        return load_dataset("npz", path=place, root=root, pad_to_32=pad_to_32, rgb=rgb, log=say)
+        # A site's own file need not hold a test split.
+        return load_npz(place, pad_to_32=pad_to_32, rgb=rgb, require_test=False)
     raise DataError(
         f"The client dataset {place} does not exist; give a folder of images or an .npz file."
     )
