@@ -38,6 +38,7 @@ from fedssd.api import (
     load_data,
     make_model,
     prepare_data,
+    run_evaluation_views,
     select_device,
     stderr_log,
 )
@@ -198,8 +199,19 @@ def _check_arguments(
 
 
 def _own_views(config: Config, log: Log) -> EvaluationViews:
-    """The run's own pool and test set, exactly as its final evaluation saw them."""
-    return prepare_data(config, log=log).evaluation_views()
+    """The run's own pool and test set (or the server's evaluation set), exactly as its final
+    evaluation saw them.
+
+    Raises:
+        ConfigError: The run was evaluated federated, so no labelled set is in one place.
+    """
+    views = run_evaluation_views(config, prepare_data(config, log=log), log=log)
+    if views is None:
+        raise ConfigError(
+            "This run was evaluated on each client's own images (no labelled set in one place); "
+            "evaluate it on a labelled dataset with eval_data (--eval-data)."
+        )
+    return views
 
 
 def _transfer_views(

@@ -80,12 +80,59 @@ class FolderImages:
         return bool(self.class_names)
 
 
-def _visible(entry: Path) -> bool:
-    return not entry.name.startswith(".")
+_Entry = tuple[str, int, int]
 
 
-def _is_image(entry: Path) -> bool:
-    return entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES
+def _walk(folder: Path) -> list[_Entry]:
+    """Every image file below ``folder`` outside hidden folders: ``(relative path, size,
+    mtime_ns)``, from one pass of ``os.scandir`` (one stat per file)."""
+    found: list[_Entry] = []
+    pending = [("", folder)]
+    while pending:
+        prefix, place = pending.pop()
+        with os.scandir(place) as listing:
+            for entry in listing:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_dir():
+                    pending.append((f"{prefix}{entry.name}/", Path(entry.path)))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
+                    stat = entry.stat()
+                    found.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
+    return found
+
+
+def _scan(folder: Path) -> tuple[list[_Entry], np.ndarray, tuple[str, ...]]:
+    if not folder.is_dir():
+        raise DataError(f"{folder} is not a folder; point it at a folder of PNG or JPEG images.")
+    try:
+        entries = _walk(folder)
+    except OSError as error:
+        raise DataError(
+            f"Cannot list {error.filename or folder} ({error.strerror}); check its permissions."
+        ) from error
+    loose = sorted(e for e in entries if "/" not in e[0])
+    nested = [e for e in entries if "/" in e[0]]
+    if loose and nested:
+        raise DataError(
+            f"{folder} holds both images ({loose[0][0]}) and class subfolders "
+            f"({nested[0][0].split('/')[0]}); put every image in a class subfolder (labelled) or "
+            "all of them directly in the folder (unlabelled)."
+        )
+    if loose:
+        return loose, np.full(len(loose), -1, dtype=np.int64), ()
+    if not nested:
+        raise DataError(
+            f"{folder} holds no PNG or JPEG images; put the images there, or in one subfolder "
+            "per class."
+        )
+    # Sorted by class, then by the path within the class (not by the joined path, in which a
+    # class "a-b" would sort before "a").
+    nested.sort(key=lambda e: tuple(e[0].split("/", 1)))
+    class_names = tuple(sorted({e[0].split("/", 1)[0] for e in nested}))
+    index = {name: label for label, name in enumerate(class_names)}
+    labels = np.array([index[e[0].split("/", 1)[0]] for e in nested], dtype=np.int64)
+    return nested, labels, class_names
 
 
 def scan_folder(folder: Path) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
@@ -97,51 +144,8 @@ def scan_folder(folder: Path) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     Raises:
         DataError: Not a folder, no images, or loose images next to class subfolders.
     """
-    if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; point it at a folder of PNG or JPEG images.")
-    try:
-        entries = sorted(e for e in folder.iterdir() if _visible(e))
-    except OSError as error:
-        raise DataError(
-            f"Cannot list {folder} ({error.strerror}); check its permissions."
-        ) from error
-    loose = [e for e in entries if _is_image(e)]
-    classes = [e for e in entries if e.is_dir() and _has_images(e)]
-    if loose and classes:
-        raise DataError(
-            f"{folder} holds both images ({loose[0].name}) and class subfolders "
-            f"({classes[0].name}); put every image in a class subfolder (labelled) or all of "
-            "them directly in the folder (unlabelled)."
-        )
-    if loose:
-        files = [e.name for e in loose]
-        return files, np.full(len(files), -1, dtype=np.int64), ()
-    if not classes:
-        raise DataError(
-            f"{folder} holds no PNG or JPEG images; put the images there, or in one subfolder "
-            "per class."
-        )
-    files = []
-    labels: list[int] = []
-    for label, class_folder in enumerate(classes):
-        members = [f"{class_folder.name}/{name}" for name in _images_below(class_folder)]
-        files.extend(members)
-        labels.extend([label] * len(members))
-    return files, np.asarray(labels, dtype=np.int64), tuple(c.name for c in classes)
-
-
-def _images_below(folder: Path) -> list[str]:
-    """The image files anywhere below ``folder`` (outside hidden folders), sorted, relative."""
-    found = []
-    for path in folder.rglob("*"):
-        relative = path.relative_to(folder)
-        if _is_image(path) and not any(part.startswith(".") for part in relative.parts):
-            found.append(relative.as_posix())
-    return sorted(found)
-
-
-def _has_images(folder: Path) -> bool:
-    return bool(_images_below(folder))
+    entries, labels, class_names = _scan(folder)
+    return [e[0] for e in entries], labels, class_names
 
 
 def _pillow() -> tuple[ModuleType, ModuleType]:
@@ -207,17 +211,15 @@ def _resize_crop(picture: Any, image_module: ModuleType, size: int) -> Any:
     return picture.crop((left, top, left + size, top + size))
 
 
-def _signature(folder: Path, files: Sequence[str], *, image_size: int, rgb: bool) -> str:
+def _signature(entries: Sequence[_Entry], *, image_size: int, rgb: bool) -> str:
     """SHA-256 of everything the decoded array depends on."""
-    entries = []
-    for name in files:
-        try:
-            stat = (folder / name).stat()
-        except OSError as error:
-            raise DataError(f"Cannot read {folder / name} ({error.strerror}).") from error
-        entries.append([name, stat.st_size, stat.st_mtime_ns])
     text = json.dumps(
-        {"files": entries, "image_size": image_size, "rgb": rgb, "decoder": _DECODER_VERSION},
+        {
+            "files": [list(e) for e in entries],
+            "image_size": image_size,
+            "rgb": rgb,
+            "decoder": _DECODER_VERSION,
+        },
         separators=(",", ":"),
     )
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
@@ -341,8 +343,9 @@ def read_image_folder(
     """
     say = log if log is not None else _silent
     place = Path(folder).expanduser()
-    files, labels, class_names = scan_folder(place)
-    signature = _signature(place, files, image_size=image_size, rgb=rgb)
+    entries, labels, class_names = _scan(place)
+    files = [e[0] for e in entries]
+    signature = _signature(entries, image_size=image_size, rgb=rgb)
     stem = _stem(image_size, rgb)
     places = _cache_places(place, None if cache_root is None else Path(cache_root).expanduser())
     for cache in places:
