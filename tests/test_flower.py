@@ -15,17 +15,11 @@ picked at runtime.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -33,24 +27,27 @@ import torch
 
 pytest.importorskip("flwr")
 
-import contextlib
-
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import NameOID
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from fedssd.api import build_experiment, load_config, train
+from fedssd.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.errors import ConfigError
 from fedssd.federation.client import LocalResult
 from fedssd.flower import records
 from fedssd.flower.client_app import client_id_of
 from fedssd.methods.protocol import ClientState
+from flower_testing import (
+    BIN,
+    REPO,
+    Processes,
+    flower_env,
+    free_port,
+    wait_for_port,
+    write_node_key,
+    write_tls,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 METHODS = ("fedema", "fedalignuniform", "ssd")  # a stateful method first: see _SIMULATION
 
 EXPERIMENT = """\
@@ -124,19 +121,6 @@ _SIMULATION = textwrap.dedent(
 )
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        RAY_USAGE_STATS_ENABLED="0",
-    )
-    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    env.update(extra)
-    return env
-
-
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("experiment") / "tiny.toml"
@@ -169,7 +153,7 @@ def simulated(experiment: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("simulated")
     done = subprocess.run(
         [sys.executable, "-c", _SIMULATION, str(experiment), str(out), *METHODS],
-        env=_env(FLWR_HOME=str(out / "flwr-home")),
+        env=flower_env(FLWR_HOME=str(out / "flwr-home")),
         capture_output=True,
         text=True,
         timeout=240,
@@ -199,6 +183,13 @@ def test_simulation_matches_in_process_simulator(
     assert all(r["accepted"] == 3 and r["failed"] == {} for r in lines)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["method"] == method and 0.0 <= summary["knn_acc"] <= 1.0
+    # The checkpoint after the last round (checkpoint.every = 5 > rounds) was written.
+    checkpoints = list_checkpoints(run)
+    assert [p.name for p in checkpoints] == ["round-000002"]
+    saved = load_checkpoint(checkpoints[-1])
+    assert saved.rounds_done == 2 and [r["round"] for r in saved.history] == [1, 2]
+    for key, value in in_process[method].items():
+        torch.testing.assert_close(saved.model[key], value, rtol=1e-5, atol=1e-6, msg=key)
     # Training moved the weights (two skipped rounds would also match the simulator).
     initial = build_experiment(
         load_config(experiment, [f"method.name={method}"]), log=lambda _m: None
@@ -231,152 +222,33 @@ def test_client_id_comes_from_the_node_config() -> None:
         )
 
     assert client_id_of(context({"partition-id": 2, "num-partitions": 3})) == 2
-    with pytest.raises(ConfigError, match="partition-id"):
+    assert client_id_of(context({"client-id": 1, "partition-id": 2})) == 1
+    with pytest.raises(ConfigError, match="client-id"):
         client_id_of(context({}))
+    with pytest.raises(ConfigError, match="client-id"):
+        client_id_of(context({"client-id": "one"}))
 
 
 # --- deployment --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-def _write_tls(folder: Path) -> None:
-    """A test CA and a server certificate for 127.0.0.1 signed by it (as the openssl commands in
-    docs/flower.md make them)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedssd test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    pem = serialization.Encoding.PEM
-    (folder / "ca.crt").write_bytes(ca.public_bytes(pem))
-    (folder / "server.pem").write_bytes(cert.public_bytes(pem))
-    (folder / "server.key").write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-        )
-    )
-
-
-def _write_node_key(path: Path) -> None:
-    """An ECDSA P-384 key pair in OpenSSH format (as ``ssh-keygen -t ecdsa -b 384`` writes)."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    path.with_suffix(".pub").write_bytes(
-        key.public_key().public_bytes(
-            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-        )
-    )
-
-
-class _Processes:
-    """Processes started in their own sessions, all stopped (TERM, then KILL) on close."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.started: list[tuple[str, subprocess.Popen[bytes]]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        log.close()
-        self.started.append((name, process))
-        return process
-
-    def log(self, name: str) -> str:
-        return (self.logs / f"{name}.log").read_text(errors="replace")
-
-    def close(self) -> None:
-        for _, process in self.started:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
-        for _, process in self.started:
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
-            # Children that outlived their parent (the ServerApp / ClientApp runners).
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "the SuperLink exited while starting"
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listens on port {port} after {timeout}s")
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[_Processes]:
-    started = _Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.close()
 
 
 def test_deployment_with_tls_and_supernode_authentication(
     tmp_path: Path,
     experiment: Path,
     in_process: dict[str, dict[str, torch.Tensor]],
-    processes: _Processes,
+    processes: Processes,
 ) -> None:
-    _write_tls(tmp_path)
+    write_tls(tmp_path)
     for name in ("node0", "node1", "node2", "rogue"):
-        _write_node_key(tmp_path / name)
+        write_node_key(tmp_path / name)
     home = tmp_path / "flwr-home"
     home.mkdir()
-    port = _free_port()
+    port = free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
         f'root-certificates = "{tmp_path / "ca.crt"}"\n'
     )
-    env = _env(FLWR_HOME=str(home))
+    env = flower_env(FLWR_HOME=str(home))
     ca = str(tmp_path / "ca.crt")
     superlink = processes.start(
         "superlink",
@@ -392,7 +264,7 @@ def test_deployment_with_tls_and_supernode_authentication(
         ],
         env,
     )  # fmt: skip
-    _wait_for_port(port, superlink, timeout=60)
+    wait_for_port(port, superlink, timeout=60)
     for k in range(3):
         registered = subprocess.run(
             [str(BIN / "flwr"), "supernode", "register", str(tmp_path / f"node{k}.pub"), "test"],
@@ -412,7 +284,7 @@ def test_deployment_with_tls_and_supernode_authentication(
                 "--root-certificates", ca,
                 "--auth-supernode-private-key", str(tmp_path / key),
                 "--node-config", f"partition-id={partition} num-partitions=3",
-                "--port", str(_free_port()),
+                "--port", str(free_port()),
                 *extra,
             ],
             env,

@@ -553,10 +553,20 @@ class Experiment:
     client_indices: list[torch.Tensor]
 
 
-def build_experiment(config: Config, *, log: Log) -> Experiment:
-    """Load the data and build the models, the method and the schedules of a resolved config."""
+def build_experiment(
+    config: Config, *, log: Log, data: FederatedData | None = None
+) -> Experiment:
+    """Load the data and build the models, the method and the schedules of a resolved config.
+
+    Args:
+        config: The resolved config.
+        log: Progress lines.
+        data: The data, when the caller has it (a Flower node's own site, or no training data
+            at all on a Flower server); else :func:`prepare_data` reads it.
+    """
     device = select_device(config.device)
-    data = prepare_data(config, log=log)
+    if data is None:
+        data = prepare_data(config, log=log)
     in_channels = data.dataset.x_train.shape[1]
     global_model = make_model(config, in_channels, device)
     client_model = make_model(config, in_channels, device)
@@ -675,6 +685,22 @@ def resume(
     started = time.perf_counter()
     say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
+    cfg, saved, path = resume_point(out_dir, say=say)
+    check_setup(cfg)
+    experiment = build_experiment(cfg, log=say)
+    restore_checkpoint(experiment, saved, path, out_dir=out_dir, say=say)
+    return _run(
+        experiment, out_dir=out_dir, resume_from=saved, started=started, say=say, verbose=verbose
+    )
+
+
+def resume_point(out_dir: Path, *, say: Log) -> tuple[Config, Checkpoint, Path]:
+    """The saved config of an unfinished run and its newest readable checkpoint.
+
+    Raises:
+        fedssd.errors.FedSSDError: The folder is not an unfinished run with a checkpoint, or the
+            checkpoint is corrupted or belongs to another run.
+    """
     config_path = out_dir / "config.toml"
     if not config_path.is_file():
         raise ConfigError(f"{out_dir} is not a fedssd run folder (it has no config.toml).")
@@ -696,19 +722,28 @@ def resume(
             f"checkpoint {path} was written by a different configuration than "
             f"{config_path}; resume only the run that wrote it."
         )
-    check_setup(cfg)
-    experiment = build_experiment(cfg, log=say)
+    return cfg, saved, path
+
+
+def restore_checkpoint(
+    experiment: Experiment, saved: Checkpoint, path: Path, *, out_dir: Path, say: Log
+) -> None:
+    """Load a checkpoint's global model and server state into ``experiment`` and cut
+    ``metrics.jsonl`` back to the checkpoint's rounds (the rounds after it are redone).
+
+    Raises:
+        DataError: The checkpoint's model does not fit the experiment's.
+    """
     check_model_state(experiment.global_model.state_dict(), saved.model, where=path)
     experiment.global_model.load_state_dict(saved.model)
     load_server_state(experiment.method, saved.server)
-    say(f"resuming {out_dir} after round {saved.rounds_done} of {cfg.federation.rounds}")
-    # The metrics file is rewritten from the checkpoint: lines of rounds after it are redone.
+    say(
+        f"resuming {out_dir} after round {saved.rounds_done} of "
+        f"{experiment.config.federation.rounds}"
+    )
     write_text_atomic(
         out_dir / "metrics.jsonl",
         "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
-    )
-    return _run(
-        experiment, out_dir=out_dir, resume_from=saved, started=started, say=say, verbose=verbose
     )
 
 

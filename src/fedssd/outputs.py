@@ -21,6 +21,8 @@ from safetensors.torch import save_file
 
 from fedssd.errors import ConfigError
 
+# A Flower run's key on the nodes (fedssd.flower.node_state), kept for a resumed run.
+FLOWER_FILE = "flower.json"
 RUN_FILES = (
     "config.toml",
     "metrics.jsonl",
@@ -30,6 +32,7 @@ RUN_FILES = (
     "server_state.safetensors",
     "checkpoints",
     "eval",
+    FLOWER_FILE,
 )
 
 

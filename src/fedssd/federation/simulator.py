@@ -374,6 +374,8 @@ def _round_record(
     finite = [r for r in results if r.finite]
     steps = sum(r.num_batches for r in finite)
     record: dict[str, Any] = {"round": round_index + 1, "clients": clients, "lr": lr}
+    # What each client that reported trained on (its own images), by client id.
+    record["samples"] = {str(r.client_id): r.num_samples for r in results}
     if steps == 0:
         record["loss"] = float("nan")
         return record

@@ -18,47 +18,69 @@ import dataclasses
 import functools
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, build_experiment, resolve
+from fedssd.api import Experiment, FederatedData, build_experiment, resolve
 from fedssd.config import Config
+from fedssd.data.sites import load_site
 from fedssd.errors import ConfigError
 from fedssd.federation.client import local_train
+from fedssd.federation.evaluate import client_evaluation
 from fedssd.federation.simulator import local_keys
 from fedssd.federation.store import stamp_participation
-from fedssd.flower import records
+from fedssd.flower import node_state, records
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
-from fedssd.seeding import CLIENT, generator
+from fedssd.seeding import CLIENT, EVALUATION, derive_seed, generator
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+Log = Callable[[str], None]
+
 PARTITION_ID = "partition-id"
+# data.partition of a run on the sites' own data: each node holds one client's images.
+SITES = "clients"
+CLIENT_ID = "client-id"
+STATE_DIR = "state-dir"
 
 app = ClientApp()
 
 
 def client_id_of(context: Context) -> int:
-    """The client id this node plays (its ``partition-id`` node config).
+    """The client id this node plays: its ``client-id`` node config, else its ``partition-id``
+    (the name Flower's simulation engine uses).
 
     Raises:
-        ConfigError: The node config has no integer ``partition-id``.
+        ConfigError: The node config has neither as an integer.
     """
-    value = context.node_config.get(PARTITION_ID)
+    value = context.node_config.get(CLIENT_ID, context.node_config.get(PARTITION_ID))
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(
-            "this SuperNode has no integer partition-id in its node config; start it with "
-            "--node-config 'partition-id=K' (K = 0 .. num_clients - 1)."
+            "this SuperNode has no integer client-id (or partition-id) in its node config; "
+            "start it with --node-config 'client-id=K' (K = 0 .. num_clients - 1)."
         )
     return value
+
+
+def _state_dir(context: Context) -> Path | None:
+    """The node's ``state-dir``: where its client state is kept on disk (None: in memory)."""
+    value = context.node_config.get(STATE_DIR)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise ConfigError("the node config's state-dir must be a folder path in quotes.")
+    return Path(value).expanduser()
 
 
 def node_config_for(text: str, context: Context) -> Config:
@@ -66,10 +88,12 @@ def node_config_for(text: str, context: Context) -> Config:
 
     Args:
         text: The resolved config as TOML text (``records.TASK["experiment"]``).
-        context: The node's context; ``data-root``, ``data-path`` and ``device`` in its node
-            config replace the server's values.
+        context: The node's context; ``data-root``, ``device`` and (unless the run trains on
+            the sites' own data, see :func:`node_site`) ``data-path`` in its node config
+            replace the server's values.
     """
     raw = tomllib.loads(text)
+    sites = raw.get("data", {}).get("partition") == SITES
     overrides = []
     for key, field in (
         ("data-root", "data.root"),
@@ -77,26 +101,83 @@ def node_config_for(text: str, context: Context) -> Config:
         ("device", "device"),
     ):
         value = context.node_config.get(key)
+        if key == "data-path" and sites:
+            continue
         if isinstance(value, str) and value:
             overrides.append(f"{field}={json.dumps(value)}")
     return resolve(config_module.load(raw, overrides))
 
 
+def node_site(config: Config, context: Context, client_id: int) -> str | None:
+    """This node's own data in a run on the sites' own data (``data.partition = "clients"``):
+    its ``data-path`` node config, else the config's ``data.clients[client_id]`` (Flower's
+    simulation engine, where every virtual node runs beside the data). None in other runs, where
+    the node derives its part of a shared dataset from the run seed.
+
+    Raises:
+        ConfigError: A run on the sites' own data, and this node names no data.
+    """
+    if config.data.partition != SITES:
+        return None
+    value = context.node_config.get("data-path")
+    if isinstance(value, str) and value:
+        return str(Path(value).expanduser().resolve())
+    if client_id < len(config.data.clients):
+        return config.data.clients[client_id]
+    raise ConfigError(
+        f"this SuperNode (client {client_id}) has no data: the run trains on each site's own "
+        "images, so start it with --node-config 'data-path=\"/path/to/its/images\"'."
+    )
+
+
 @functools.lru_cache(maxsize=2)
-def _experiment(config_text: str) -> Experiment:
+def _experiment(config_text: str, site: str | None, client_id: int) -> Experiment:
     """The node's experiment, built once per process and config (data loading is the slow part).
 
-    A deployed SuperNode starts a fresh process per message, so there it is built every round;
-    the simulation engine's workers keep it between rounds and clients.
+    With ``site``, the node reads that data alone and holds it as client ``client_id``'s part.
+    A deployed SuperNode starts a fresh process per message, so there it is built every round
+    (which the decoded-data cache of :mod:`fedssd.data.folder` keeps short); the simulation
+    engine's workers keep it between rounds and clients.
     """
     config = resolve(config_module.load(tomllib.loads(config_text)))
     tune_malloc()
-    return build_experiment(config, log=lambda _message: None)
+    quiet = lambda _message: None  # noqa: E731
+    if site is None:
+        return build_experiment(config, log=quiet)
+    own = own_site_data(config, site, client_id, log=quiet)
+    return build_experiment(config, log=quiet, data=own)
 
 
-def experiment_for(config: Config) -> Experiment:
-    """The (cached) experiment of ``config``."""
-    return _experiment(config_module.dumps(config))
+def own_site_data(config: Config, site: str, client_id: int, *, log: Log) -> FederatedData:
+    """This node's site as the data of a run in which it holds client ``client_id`` alone."""
+    data = config.data
+    dataset = load_site(
+        site,
+        image_size=data.image_size,
+        rgb=data.rgb,
+        pad_to_32=data.pad_to_32,
+        root=data.root,
+        log=log,
+    )
+    parts = [np.zeros(0, dtype=np.int64) for _ in range(config.federation.num_clients)]
+    if not 0 <= client_id < len(parts):
+        raise ConfigError(
+            f"this node plays client {client_id}, but the run has {len(parts)} clients."
+        )
+    parts[client_id] = np.arange(dataset.x_train.shape[0], dtype=np.int64)
+    return FederatedData(
+        dataset=dataset,
+        client_indices=parts,
+        test_indices=np.zeros(0, dtype=np.int64),
+        scheme=SITES,
+    )
+
+
+def experiment_for(config: Config, context: Context, client_id: int) -> Experiment:
+    """The (cached) experiment of ``config`` on this node."""
+    return _experiment(
+        config_module.dumps(config), node_site(config, context, client_id), client_id
+    )
 
 
 def train_client(message: Message, context: Context) -> Message:
@@ -112,13 +193,22 @@ def train_client(message: Message, context: Context) -> Message:
     round_index = int(task["round"])  # type: ignore[arg-type]
     position = int(task["position"])  # type: ignore[arg-type]
     lr = float(task["lr"])  # type: ignore[arg-type]
-    experiment = experiment_for(node_config_for(str(task["experiment"]), context))
+    experiment = experiment_for(
+        node_config_for(str(task["experiment"]), context), context, client_id
+    )
     method, model = experiment.method, experiment.client_model
     load_server_state(method, records.from_arrays(message.content.array_records[records.METHOD]))
     # load_state_dict copies each CPU tensor onto the model's device itself.
     model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
     hooks = method if isinstance(method, ClientHooks) else None
-    stored = records.load_client_state(context.state, client_id)
+    state_dir = _state_dir(context)
+    run_key = str(task.get("run-key", ""))
+    if state_dir is not None and run_key:
+        stored = node_state.load_client_state(
+            state_dir, run_key, client_id, round_index=round_index
+        )
+    else:
+        stored = records.load_client_state(context.state, client_id)
     if hooks is not None:
         hooks.begin_client(model, stored, client_id=client_id, round_index=round_index)
     result = local_train(
@@ -143,10 +233,20 @@ def train_client(message: Message, context: Context) -> Message:
         kept, payload = hooks.end_client(
             model, stored, client_id=client_id, round_index=round_index
         )
-        # save_client_state serializes the tensors to CPU bytes (records.to_arrays) itself.
-        records.save_client_state(
-            context.state, client_id, stamp_participation(kept, stored, round_index)
-        )
+        kept = stamp_participation(kept, stored, round_index)
+        if state_dir is not None and run_key:
+            checkpoints = experiment.config.checkpoint
+            node_state.save_client_state(
+                state_dir,
+                run_key,
+                client_id,
+                kept,
+                round_index=round_index,
+                horizon=checkpoints.every * checkpoints.keep,
+            )
+        else:
+            # save_client_state serializes the tensors to CPU bytes (records.to_arrays) itself.
+            records.save_client_state(context.state, client_id, kept)
     private = local_keys(model, method)
     content[records.STATE] = records.to_arrays(
         {k: v for k, v in model.state_dict().items() if k not in private}
@@ -156,12 +256,59 @@ def train_client(message: Message, context: Context) -> Message:
 
 
 def identify(message: Message, context: Context) -> Message:
-    """Answer the server's roll call with this node's client id."""
-    identity = MetricRecord({"client-id": client_id_of(context)})
+    """Answer the server's roll call with this node's client id, and, in a run on the sites' own
+    data (the server sends the experiment), the number and shape of this site's images."""
+    client_id = client_id_of(context)
+    identity = MetricRecord({"client-id": client_id})
+    task = message.content.config_records.get(records.TASK)
+    if task is not None and "experiment" in task:
+        config = node_config_for(str(task["experiment"]), context)
+        experiment = experiment_for(config, context, client_id)
+        images = experiment.images
+        labels = experiment.data.dataset.y_train
+        identity["num-images"] = int(images.shape[0])
+        identity["num-labelled"] = int((labels >= 0).sum())
+        channels, height, width = (int(v) for v in images.shape[1:])
+        identity["channels"], identity["height"], identity["width"] = channels, height, width
     return Message(RecordDict({"identity": identity}), reply_to=message)
+
+
+def evaluate_client(message: Message, context: Context) -> Message:
+    """A federated evaluation: the global model's metrics on this site's own images only
+    (:func:`fedssd.federation.evaluate.client_evaluation`); the images never leave the node."""
+    task = message.content.config_records[records.TASK]
+    client_id = client_id_of(context)
+    config = node_config_for(str(task["experiment"]), context)
+    experiment = experiment_for(config, context, client_id)
+    model = experiment.client_model
+    model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
+    labels = experiment.data.dataset.y_train
+    labelled = bool((labels >= 0).any())
+    metrics = client_evaluation(
+        model,
+        experiment.images.cpu(),
+        labels if labelled else None,
+        settings=config.evaluation,
+        augment=experiment.augment,
+        seed=derive_seed(config.seed, EVALUATION, client_id),
+        device=experiment.device,
+    )
+    record = MetricRecord({"client-id": client_id, **{k: float(v) for k, v in metrics.items()}})
+    return Message(RecordDict({records.RESULT: record}), reply_to=message)
 
 
 app.train()(train_client)
 app.query()(identify)
+app.evaluate()(evaluate_client)
 
-__all__ = ["app", "client_id_of", "experiment_for", "identify", "node_config_for", "train_client"]
+__all__ = [
+    "app",
+    "client_id_of",
+    "evaluate_client",
+    "experiment_for",
+    "identify",
+    "node_config_for",
+    "node_site",
+    "own_site_data",
+    "train_client",
+]

@@ -7,6 +7,7 @@ names the same TOML file the CLI takes, plus overrides::
     overrides = "federation.rounds=5 method.name=ssd"
     out = "/abs/path/run"                       # "" = runs/flower-<run id> under the cwd
     overwrite = false
+    resume = false                              # continue the run in `out` from its checkpoint
     round-timeout = 3600.0                      # seconds to wait for a round's replies
     connect-timeout = 300.0                     # seconds to wait for every client's node
 
@@ -20,10 +21,12 @@ like any other.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import shlex
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from flwr.app import Context, Message, MessageType, RecordDict
@@ -37,14 +40,16 @@ from fedssd.api import (
     checkpointer,
     finish_run,
     load_config,
+    restore_checkpoint,
+    resume_point,
     round_callbacks,
     write_header,
 )
-from fedssd.errors import ConfigError
+from fedssd.errors import ConfigError, DataError
 from fedssd.federation.store import ClientStore
 from fedssd.flower import records
-from fedssd.flower.strategy import MethodStrategy
-from fedssd.outputs import check_run_dir, prepare_run_dir
+from fedssd.flower.strategy import Identify, MethodStrategy
+from fedssd.outputs import FLOWER_FILE, check_run_dir, prepare_run_dir, write_json
 
 Log = Callable[[str], None]
 
@@ -61,6 +66,7 @@ class RunSettings:
         overrides: ``dotted.key=value`` overrides applied on top.
         out: Output folder.
         overwrite: Replace an earlier run's files in ``out``.
+        resume: Continue the unfinished run in ``out`` from its newest checkpoint.
         round_timeout: Seconds to wait for a round's replies.
         connect_timeout: Seconds to wait until every client id has a node.
     """
@@ -69,6 +75,7 @@ class RunSettings:
     overrides: tuple[str, ...] = ()
     out: Path = Path("runs/flower")
     overwrite: bool = False
+    resume: bool = False
     round_timeout: float = 3600.0
     connect_timeout: float = 300.0
 
@@ -100,7 +107,8 @@ class RunSettings:
             return value
 
         config = Path(str(get("config", str, "")))
-        if not str(config) or str(config) == ".":
+        resume = bool(get("resume", bool, False))
+        if (not str(config) or str(config) == ".") and not resume:
             raise ConfigError(
                 "the run config has no 'config' (the experiment TOML); set it in "
                 "[tool.flwr.app.config] or with --run-config 'config=\"path.toml\"'."
@@ -108,19 +116,49 @@ class RunSettings:
         if not config.is_absolute() and app_dir is not None and (app_dir / config).is_file():
             config = app_dir / config
         out = str(get("out", str, ""))
+        if resume and not out:
+            raise ConfigError(
+                "resume needs the run's folder: set out=\"/abs/path/run\" in --run-config."
+            )
         return cls(
             config=config.resolve(),
             overrides=tuple(shlex.split(str(get("overrides", str, "")))),
             out=Path(out) if out else Path("runs") / f"flower-{run_id}",
             overwrite=bool(get("overwrite", bool, False)),
+            resume=resume,
             round_timeout=float(get("round-timeout", float, 3600.0)),  # type: ignore[arg-type]
             connect_timeout=float(get("connect-timeout", float, 300.0)),  # type: ignore[arg-type]
         )
 
 
+def ask_identities(
+    grid: Grid, nodes: Sequence[int], *, timeout: float, log: Log
+) -> dict[int, dict[str, int]]:
+    """Ask ``nodes`` which client each plays (its ``identify`` reply: ``client-id`` and, when it
+    holds its own data, ``num-images`` / ``num-labelled``).
+
+    Returns:
+        Node id -> its identity, for the nodes that answered within ``timeout`` seconds.
+    """
+    if not nodes:
+        return {}
+    queries = [
+        Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
+    ]
+    answers: dict[int, dict[str, int]] = {}
+    for reply in grid.send_and_receive(queries, timeout=max(1.0, timeout)):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log(f"node {node} did not say which client it plays: {reply.error.reason}")
+            continue
+        identity = reply.content.metric_records["identity"]
+        answers[node] = {key: int(value) for key, value in identity.items()}  # type: ignore[arg-type]
+    return answers
+
+
 def discover_clients(
     grid: Grid, *, num_clients: int, timeout: float, log: Log, poll: float = 0.5
-) -> dict[int, int]:
+) -> dict[int, dict[str, int]]:
     """Map each client id to the node playing it: ask every node for its ``partition-id``.
 
     Flower's node ids are random; client ids (and so sampling, seeds and DSR sets) come from the
@@ -134,44 +172,36 @@ def discover_clients(
         poll: Seconds between looks at the connected nodes.
 
     Returns:
-        Client id -> node id.
+        Client id -> the identity of its node (``node-id``, ``client-id``, and the sizes of its
+        data when it holds its own).
 
     Raises:
         ConfigError: Two nodes claim one id, a node's id is out of range, or not every client
             has a node within ``timeout``.
     """
     deadline = time.monotonic() + timeout
-    nodes: dict[int, int] = {}
+    clients: dict[int, dict[str, int]] = {}
     asked: set[int] = set()
     while True:
         new = sorted(set(grid.get_node_ids()) - asked)
-        if new:
-            asked.update(new)
-            queries = [
-                Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY)
-                for node in new
-            ]
-            wait = max(1.0, deadline - time.monotonic())
-            for reply in grid.send_and_receive(queries, timeout=wait):
-                node = reply.metadata.src_node_id
-                if reply.has_error():
-                    log(f"node {node} did not say which client it plays: {reply.error.reason}")
-                    continue
-                client_id = int(reply.content.metric_records["identity"]["client-id"])  # type: ignore[arg-type]
-                if not 0 <= client_id < num_clients:
-                    raise ConfigError(
-                        f"node {node} has partition-id {client_id}, but the experiment has "
-                        f"{num_clients} clients (ids 0..{num_clients - 1}); fix its node config."
-                    )
-                if client_id in nodes:
-                    raise ConfigError(
-                        f"nodes {nodes[client_id]} and {node} both have partition-id "
-                        f"{client_id}; give every SuperNode its own id."
-                    )
-                nodes[client_id] = node
-        missing = [k for k in range(num_clients) if k not in nodes]
+        asked.update(new)
+        answers = ask_identities(grid, new, timeout=deadline - time.monotonic(), log=log)
+        for node, identity in answers.items():
+            client_id = identity["client-id"]
+            if not 0 <= client_id < num_clients:
+                raise ConfigError(
+                    f"node {node} has partition-id {client_id}, but the experiment has "
+                    f"{num_clients} clients (ids 0..{num_clients - 1}); fix its node config."
+                )
+            if client_id in clients:
+                raise ConfigError(
+                    f"nodes {clients[client_id]['node-id']} and {node} both have partition-id "
+                    f"{client_id}; give every SuperNode its own id."
+                )
+            clients[client_id] = {"node-id": node, **identity}
+        missing = [k for k in range(num_clients) if k not in clients]
         if not missing:
-            return nodes
+            return clients
         if time.monotonic() > deadline:
             raise ConfigError(
                 f"no node plays client(s) {missing} after {timeout:.0f}s; start a SuperNode "
@@ -180,52 +210,96 @@ def discover_clients(
         time.sleep(poll)
 
 
+def _rejoin_identify(log: Log, timeout: float) -> Identify:
+    """The strategy's question to nodes that joined during the run: which client do you play?"""
+
+    def identify(grid: Grid, nodes: Sequence[int]) -> dict[int, int]:
+        answers = ask_identities(grid, nodes, timeout=timeout, log=log)
+        return {node: identity["client-id"] for node, identity in answers.items()}
+
+    return identify
+
+
+def _run_key(out_dir: Path, *, fresh: bool) -> str:
+    """The run's key on the nodes (``flower.json`` in the run folder): new for a new run, the
+    saved one for a resumed run."""
+    path = out_dir / FLOWER_FILE
+    if not fresh and path.is_file():
+        try:
+            key = json.loads(path.read_text(encoding="utf-8"))["run-key"]
+            if isinstance(key, str):
+                return key
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        raise DataError(f"{path} is damaged; it must hold the run's key as {{\"run-key\": ...}}.")
+    key = uuid.uuid4().hex
+    write_json(path, {"run-key": key})
+    return key
+
+
 def run_federation(
     grid: Grid, settings: RunSettings, *, log: Log
 ) -> tuple[RunResult, MethodStrategy]:
     """Build the experiment, run its rounds over the grid and write the run's files.
 
+    With ``settings.resume``, the run in ``settings.out`` continues from its newest checkpoint
+    (its own ``config.toml`` is used; ``config`` and ``overrides`` are ignored).
+
     Returns:
         The result (as :func:`fedssd.api.train` returns it) and the strategy (history, nodes).
     """
     started = time.perf_counter()
-    cfg = load_config(settings.config, settings.overrides)
-    check_run_dir(settings.out, overwrite=settings.overwrite)
+    saved = None
+    if settings.resume:
+        cfg, saved, saved_path = resume_point(settings.out, say=log)
+    else:
+        cfg = load_config(settings.config, settings.overrides)
+        check_run_dir(settings.out, overwrite=settings.overwrite)
     check_setup(cfg)
     experiment = build_experiment(cfg, log=log)
-    nodes = discover_clients(
+    clients = discover_clients(
         grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
     )
-    out_dir = prepare_run_dir(settings.out, overwrite=settings.overwrite)
-    write_header(out_dir, cfg, experiment.data)
+    if saved is None:
+        out_dir = prepare_run_dir(settings.out, overwrite=settings.overwrite)
+        write_header(out_dir, cfg, experiment.data)
+    else:
+        out_dir = settings.out
+        restore_checkpoint(experiment, saved, saved_path, out_dir=out_dir, say=log)
+    run_key = _run_key(out_dir, fresh=saved is None)
+    history = list(saved.history) if saved is not None else []
     views = experiment.data.evaluation_views()
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, log)
+    if cfg.checkpoint.every:
+        # Client states live on the nodes (Context.state, or their state-dir), so the store
+        # saved here is empty.
+        callbacks.append(checkpointer(cfg, out_dir, experiment.method, ClientStore(), history))
     strategy = MethodStrategy(
         global_model=experiment.global_model,
         method=experiment.method,
         schedule=experiment.schedule,
         guards=experiment.guards,
-        nodes=nodes,
+        nodes={client_id: identity["node-id"] for client_id, identity in clients.items()},
         experiment_text=config_module.dumps(cfg),
         callbacks=callbacks,
+        history=history,
+        run_key=run_key,
+        identify=_rejoin_identify(log, timeout=min(30.0, settings.connect_timeout)),
         log=log,
     )
-    if cfg.checkpoint.every:
-        # Client states live on the nodes (their Context.state), so the store saved here is empty.
-        callbacks.append(
-            checkpointer(cfg, out_dir, experiment.method, ClientStore(), strategy.history)
-        )
+    remaining = cfg.federation.rounds - len(history)
     log(
-        f"training {cfg.method.name} on Flower: {cfg.federation.rounds} rounds, "
+        f"training {cfg.method.name} on Flower: {remaining} of {cfg.federation.rounds} rounds, "
         f"{cfg.federation.num_clients} clients at fraction {cfg.federation.fraction}"
     )
-    strategy.start(
-        grid,
-        records.to_arrays(experiment.global_model.state_dict()),
-        num_rounds=cfg.federation.rounds,
-        timeout=settings.round_timeout,
-        evaluate_fn=strategy.after_round,
-    )
+    if remaining > 0:
+        strategy.start(
+            grid,
+            records.to_arrays(experiment.global_model.state_dict()),
+            num_rounds=remaining,
+            timeout=settings.round_timeout,
+            evaluate_fn=strategy.after_round,
+        )
     result = finish_run(
         experiment, strategy.history, views=views, out_dir=out_dir, started=started, say=log
     )

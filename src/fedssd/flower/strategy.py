@@ -41,6 +41,8 @@ from fedssd.methods.protocol import ClientUpdate, Method
 from fedssd.methods.server import server_state
 
 Log = Callable[[str], None]
+# Asks the given nodes which client id each plays: node id -> client id (of those that answered).
+Identify = Callable[[Grid, Sequence[int]], Mapping[int, int]]
 
 
 class ClientsFailed(FedSSDError):
@@ -72,6 +74,13 @@ class MethodStrategy(Strategy):
         callbacks: Called after each round with its record and the global model (kNN monitor,
             metrics file, checkpoints, progress), as :func:`fedssd.federation.simulator.run_rounds`
             calls them.
+        history: The records of the rounds done so far (those of a checkpoint when resuming);
+            the strategy appends to this list, so a checkpoint callback given the same list sees
+            every round.
+        run_key: Names the run on the nodes (their on-disk client state, see
+            :mod:`fedssd.flower.node_state`); a resumed run keeps its key.
+        identify: Asks nodes that joined after the start which client they play (a restarted
+            SuperNode may come back with a new node id); None keeps the first mapping.
         log: Progress lines.
     """
 
@@ -85,6 +94,9 @@ class MethodStrategy(Strategy):
         nodes: Mapping[int, int],
         experiment_text: str,
         callbacks: Sequence[Callback] = (),
+        history: list[dict[str, Any]] | None = None,
+        run_key: str = "",
+        identify: Identify | None = None,
         log: Log = lambda _message: None,
     ) -> None:
         self.global_model = global_model
@@ -95,9 +107,14 @@ class MethodStrategy(Strategy):
         # The client <-> node mapping is fixed once the nodes have identified themselves.
         self._node_to_client = {node: client for client, node in self.nodes.items()}
         self.experiment_text = experiment_text
-        self.callbacks = list(callbacks)
+        self.callbacks = callbacks
         self.log = log
-        self.history: list[dict[str, Any]] = []
+        self.history: list[dict[str, Any]] = history if history is not None else []
+        # Flower numbers the rounds of each start from 1; a resumed run starts after these.
+        self.start_round = len(self.history)
+        self.run_key = run_key
+        self.identify = identify
+        self._asked: set[int] = set()
         self._round: _Round | None = None
 
     def summary(self) -> None:
@@ -111,7 +128,9 @@ class MethodStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """One message per sampled client that does not crash (simulated faults)."""
-        round_index = server_round - 1
+        round_index = self.start_round + server_round - 1
+        if self.identify is not None:
+            self._rejoin(grid)
         clients = sample_clients(
             num_clients=self.schedule.num_clients,
             fraction=self.schedule.fraction,
@@ -143,6 +162,7 @@ class MethodStrategy(Strategy):
                     "lr": lr,
                     "client-id": client_id,
                     "position": position,
+                    "run-key": self.run_key,
                 }
             )
             content = RecordDict(
@@ -153,7 +173,7 @@ class MethodStrategy(Strategy):
                     content,
                     dst_node_id=self.nodes[client_id],
                     message_type=MessageType.TRAIN,
-                    group_id=str(server_round),
+                    group_id=str(round_index + 1),
                 )
             )
         return messages
@@ -168,7 +188,7 @@ class MethodStrategy(Strategy):
             TrainingDiverged: See :func:`conclude_round`.
         """
         current = self._round
-        if current is None or current.index != server_round - 1:
+        if current is None or current.index != self.start_round + server_round - 1:
             raise RuntimeError("aggregate_train was called without configure_train")
         by_client: dict[int, Message] = {}
         for message in replies:
@@ -242,6 +262,26 @@ class MethodStrategy(Strategy):
         self.history.append(record)
         metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(updates)})
         return records.to_arrays(self.global_model.state_dict()), metrics
+
+    def _rejoin(self, grid: Grid) -> None:
+        """Map nodes that were not there at the last look (a SuperNode restarted under a new node
+        id) to the client ids they play; a client id's newest node replaces its old one."""
+        unknown = sorted(set(grid.get_node_ids()) - set(self._node_to_client) - self._asked)
+        if not unknown:
+            return
+        assert self.identify is not None
+        # A node that does not answer now is not asked again (it is not a fedssd client).
+        self._asked.update(unknown)
+        for node, client_id in self.identify(grid, unknown).items():
+            if not 0 <= client_id < self.schedule.num_clients:
+                self.log(f"node {node} plays client {client_id}, which is not in this run")
+                continue
+            old = self.nodes.get(client_id)
+            if old is not None and old != node:
+                self.log(f"client {client_id} rejoined as node {node} (was node {old})")
+                self._node_to_client.pop(old, None)
+            self.nodes[client_id] = node
+            self._node_to_client[node] = client_id
 
     def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Flower's server-side evaluation hook: run the round callbacks on the round's record.
