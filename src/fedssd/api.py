@@ -553,9 +553,7 @@ class Experiment:
     client_indices: list[torch.Tensor]
 
 
-def build_experiment(
-    config: Config, *, log: Log, data: FederatedData | None = None
-) -> Experiment:
+def build_experiment(config: Config, *, log: Log, data: FederatedData | None = None) -> Experiment:
     """Load the data and build the models, the method and the schedules of a resolved config.
 
     Args:
@@ -821,13 +819,17 @@ def finish_run(
     out_dir: Path | None,
     started: float,
     say: Log,
+    evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
-    ``summary.json``; ``views`` None means a federated evaluation on each client's own data."""
+    ``summary.json``; ``views`` None means a federated evaluation on each client's own data
+    (done by ``evaluate`` when given: a Flower server asks its nodes)."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
     model = experiment.global_model
-    if views is None:
+    if views is None and evaluate is not None:
+        evaluation = evaluate(model)
+    elif views is None:
         evaluation = federated_evaluation(
             cfg,
             experiment.data,

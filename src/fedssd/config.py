@@ -430,11 +430,7 @@ def validate(config: Config) -> None:
             "data.partition = 'clients' reads each client's own files; set data.name = 'folder' "
             "(or 'npz').",
         ),
-        (
-            data.partition != "clients" or bool(data.clients) or data.path is not None,
-            "data.partition = 'clients' needs data.clients (one folder or .npz per client) or "
-            "data.path (a folder with one subfolder per client).",
-        ),
+        # Where the sites are is checked when they are read: a Flower server has none of them.
         (
             not data.clients or len(data.clients) == fed.num_clients,
             f"data.clients lists {len(data.clients)} datasets but federation.num_clients is "

@@ -36,6 +36,7 @@ from fedssd.federation.evaluate import client_evaluation
 from fedssd.federation.simulator import local_keys
 from fedssd.federation.store import stamp_participation
 from fedssd.flower import node_state, records
+from fedssd.flower.records import SITES
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
@@ -49,8 +50,7 @@ else:  # pragma: no cover - Python 3.10
 Log = Callable[[str], None]
 
 PARTITION_ID = "partition-id"
-# data.partition of a run on the sites' own data: each node holds one client's images.
-SITES = "clients"
+
 CLIENT_ID = "client-id"
 STATE_DIR = "state-dir"
 

@@ -38,6 +38,9 @@ STATE = "state"
 PAYLOAD = "payload"
 RESULT = "result"
 
+# data.partition of a run on the sites' own data: each node holds one client's images alone.
+SITES = "clients"
+
 _PART = "part."
 
 

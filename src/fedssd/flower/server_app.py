@@ -28,12 +28,17 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from flwr.app import Context, Message, MessageType, RecordDict
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from torch import nn
 
 from fedssd import config as config_module
 from fedssd.api import (
+    FederatedData,
     RunResult,
     build_experiment,
     check_setup,
@@ -43,13 +48,24 @@ from fedssd.api import (
     restore_checkpoint,
     resume_point,
     round_callbacks,
+    run_evaluation_views,
     write_header,
 )
+from fedssd.config import Config
+from fedssd.data.datasets import ImageDataset
 from fedssd.errors import ConfigError, DataError
+from fedssd.federation.evaluate import combine_client_evaluations
 from fedssd.federation.store import ClientStore
 from fedssd.flower import records
-from fedssd.flower.strategy import Identify, MethodStrategy
-from fedssd.outputs import FLOWER_FILE, check_run_dir, prepare_run_dir, write_json
+from fedssd.flower.records import SITES
+from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.outputs import (
+    FLOWER_FILE,
+    check_run_dir,
+    prepare_run_dir,
+    write_json,
+    write_text_atomic,
+)
 
 Log = Callable[[str], None]
 
@@ -118,7 +134,7 @@ class RunSettings:
         out = str(get("out", str, ""))
         if resume and not out:
             raise ConfigError(
-                "resume needs the run's folder: set out=\"/abs/path/run\" in --run-config."
+                'resume needs the run\'s folder: set out="/abs/path/run" in --run-config.'
             )
         return cls(
             config=config.resolve(),
@@ -132,24 +148,42 @@ class RunSettings:
 
 
 def ask_identities(
-    grid: Grid, nodes: Sequence[int], *, timeout: float, log: Log
+    grid: Grid,
+    nodes: Sequence[int],
+    *,
+    timeout: float,
+    log: Log,
+    experiment_text: str | None = None,
+    errors: dict[int, str] | None = None,
 ) -> dict[int, dict[str, int]]:
-    """Ask ``nodes`` which client each plays (its ``identify`` reply: ``client-id`` and, when it
-    holds its own data, ``num-images`` / ``num-labelled``).
+    """Ask ``nodes`` which client each plays (its ``identify`` reply: ``client-id`` and, when
+    ``experiment_text`` is sent in a run on the sites' own data, the number of its images, of
+    its labelled images, and their shape ``channels`` / ``height`` / ``width``).
+
+    Args:
+        grid: Flower's grid.
+        nodes: The node ids to ask.
+        timeout: Seconds to wait for the answers.
+        log: Progress lines.
+        experiment_text: The resolved config as TOML text, for a run on the sites' own data.
+        errors: Receives node id -> the error a node answered with.
 
     Returns:
         Node id -> its identity, for the nodes that answered within ``timeout`` seconds.
     """
     if not nodes:
         return {}
-    queries = [
-        Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY) for node in nodes
-    ]
+    content = RecordDict()
+    if experiment_text is not None:
+        content[records.TASK] = ConfigRecord({"experiment": experiment_text})
+    queries = [Message(content, dst_node_id=node, message_type=MessageType.QUERY) for node in nodes]
     answers: dict[int, dict[str, int]] = {}
     for reply in grid.send_and_receive(queries, timeout=max(1.0, timeout)):
         node = reply.metadata.src_node_id
         if reply.has_error():
             log(f"node {node} did not say which client it plays: {reply.error.reason}")
+            if errors is not None:
+                errors[node] = str(reply.error.reason)
             continue
         identity = reply.content.metric_records["identity"]
         answers[node] = {key: int(value) for key, value in identity.items()}  # type: ignore[arg-type]
@@ -157,7 +191,13 @@ def ask_identities(
 
 
 def discover_clients(
-    grid: Grid, *, num_clients: int, timeout: float, log: Log, poll: float = 0.5
+    grid: Grid,
+    *,
+    num_clients: int,
+    timeout: float,
+    log: Log,
+    poll: float = 0.5,
+    experiment_text: str | None = None,
 ) -> dict[int, dict[str, int]]:
     """Map each client id to the node playing it: ask every node for its ``partition-id``.
 
@@ -170,6 +210,7 @@ def discover_clients(
         timeout: Seconds to wait for nodes to connect and answer.
         log: Progress lines.
         poll: Seconds between looks at the connected nodes.
+        experiment_text: Sent in a run on the sites' own data (see :func:`ask_identities`).
 
     Returns:
         Client id -> the identity of its node (``node-id``, ``client-id``, and the sizes of its
@@ -182,10 +223,18 @@ def discover_clients(
     deadline = time.monotonic() + timeout
     clients: dict[int, dict[str, int]] = {}
     asked: set[int] = set()
+    errors: dict[int, str] = {}
     while True:
         new = sorted(set(grid.get_node_ids()) - asked)
         asked.update(new)
-        answers = ask_identities(grid, new, timeout=deadline - time.monotonic(), log=log)
+        answers = ask_identities(
+            grid,
+            new,
+            timeout=deadline - time.monotonic(),
+            log=log,
+            experiment_text=experiment_text,
+            errors=errors,
+        )
         for node, identity in answers.items():
             client_id = identity["client-id"]
             if not 0 <= client_id < num_clients:
@@ -203,9 +252,10 @@ def discover_clients(
         if not missing:
             return clients
         if time.monotonic() > deadline:
+            said = "".join(f" (node {n} answered: {r})" for n, r in sorted(errors.items())[:1])
             raise ConfigError(
-                f"no node plays client(s) {missing} after {timeout:.0f}s; start a SuperNode "
-                "with --node-config 'partition-id=K' for each of them."
+                f"no node plays client(s) {missing} after {timeout:.0f}s{said}; start a "
+                "SuperNode with --node-config 'client-id=K' for each of them."
             )
         time.sleep(poll)
 
@@ -231,7 +281,7 @@ def _run_key(out_dir: Path, *, fresh: bool) -> str:
                 return key
         except (OSError, ValueError, KeyError, TypeError):
             pass
-        raise DataError(f"{path} is damaged; it must hold the run's key as {{\"run-key\": ...}}.")
+        raise DataError(f'{path} is damaged; it must hold the run\'s key as {{"run-key": ...}}.')
     key = uuid.uuid4().hex
     write_json(path, {"run-key": key})
     return key
@@ -256,19 +306,35 @@ def run_federation(
         cfg = load_config(settings.config, settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
     check_setup(cfg)
-    experiment = build_experiment(cfg, log=log)
-    clients = discover_clients(
-        grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
-    )
+    text = config_module.dumps(cfg)
+    sites = cfg.data.partition == SITES
+    if sites:
+        # The nodes hold the data: the server reads none of it, only what each node says.
+        clients = discover_clients(
+            grid,
+            num_clients=cfg.federation.num_clients,
+            timeout=settings.connect_timeout,
+            log=log,
+            experiment_text=text,
+        )
+        experiment = build_experiment(cfg, log=log, data=no_training_data(cfg, clients))
+    else:
+        experiment = build_experiment(cfg, log=log)
+        clients = discover_clients(
+            grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
+        )
     if saved is None:
         out_dir = prepare_run_dir(settings.out, overwrite=settings.overwrite)
-        write_header(out_dir, cfg, experiment.data)
+        if sites:
+            write_sites_header(out_dir, cfg, clients)
+        else:
+            write_header(out_dir, cfg, experiment.data)
     else:
         out_dir = settings.out
         restore_checkpoint(experiment, saved, saved_path, out_dir=out_dir, say=log)
     run_key = _run_key(out_dir, fresh=saved is None)
     history = list(saved.history) if saved is not None else []
-    views = experiment.data.evaluation_views()
+    views = run_evaluation_views(cfg, experiment.data, log=log)
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, log)
     if cfg.checkpoint.every:
         # Client states live on the nodes (Context.state, or their state-dir), so the store
@@ -280,7 +346,7 @@ def run_federation(
         schedule=experiment.schedule,
         guards=experiment.guards,
         nodes={client_id: identity["node-id"] for client_id, identity in clients.items()},
-        experiment_text=config_module.dumps(cfg),
+        experiment_text=text,
         callbacks=callbacks,
         history=history,
         run_key=run_key,
@@ -300,10 +366,126 @@ def run_federation(
             timeout=settings.round_timeout,
             evaluate_fn=strategy.after_round,
         )
+
+    def on_the_nodes(model: nn.Module) -> dict[str, Any]:
+        return evaluate_on_nodes(
+            grid, strategy.nodes, model, text, timeout=settings.round_timeout, log=log
+        )
+
     result = finish_run(
-        experiment, strategy.history, views=views, out_dir=out_dir, started=started, say=log
+        experiment,
+        strategy.history,
+        views=views,
+        out_dir=out_dir,
+        started=started,
+        say=log,
+        evaluate=on_the_nodes if sites else None,
     )
     return result, strategy
+
+
+def no_training_data(config: Config, clients: Mapping[int, Mapping[str, int]]) -> FederatedData:
+    """The server's data in a run on the sites' own data: no images at all, only their shape
+    (which every node reported) and the clients' ids.
+
+    Raises:
+        ConfigError: The nodes' images differ in shape.
+    """
+    shapes = {
+        (identity["channels"], identity["height"], identity["width"])
+        for identity in clients.values()
+    }
+    if len(shapes) != 1:
+        seen = ", ".join(
+            f"client {k}: {c}x{h}x{w}"
+            for k, (c, h, w) in sorted(
+                (k, (i["channels"], i["height"], i["width"])) for k, i in clients.items()
+            )
+        )
+        raise ConfigError(
+            f"the sites' images differ in shape ({seen}); give every site images of one "
+            "size and colour mode (data.image_size, data.rgb, data.pad_to_32)."
+        )
+    channels, height, width = shapes.pop()
+    empty = torch.zeros((0, channels, height, width), dtype=torch.uint8)
+    no_labels = torch.zeros(0, dtype=torch.long)
+    return FederatedData(
+        dataset=ImageDataset(
+            name=SITES,
+            x_train=empty,
+            y_train=no_labels,
+            x_test=empty,
+            y_test=no_labels,
+            num_classes=0,
+        ),
+        client_indices=[np.zeros(0, dtype=np.int64) for _ in range(config.federation.num_clients)],
+        test_indices=np.zeros(0, dtype=np.int64),
+        scheme=SITES,
+    )
+
+
+def write_sites_header(
+    out_dir: Path, config: Config, clients: Mapping[int, Mapping[str, int]]
+) -> None:
+    """``config.toml`` and ``partition.json`` of a run on the sites' own data: each client's
+    number of images and of labelled images, as its node reported them (no label histogram:
+    the server does not learn the sites' label distributions)."""
+    write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
+    ids = sorted(clients)
+    write_json(
+        out_dir / "partition.json",
+        {
+            "scheme": SITES,
+            "sizes": [clients[k]["num-images"] for k in ids],
+            "labelled": [clients[k]["num-labelled"] for k in ids],
+            "label_histogram": [[] for _ in ids],
+        },
+    )
+
+
+def evaluate_on_nodes(
+    grid: Grid,
+    nodes: Mapping[int, int],
+    model: nn.Module,
+    experiment_text: str,
+    *,
+    timeout: float,
+    log: Log,
+) -> dict[str, Any]:
+    """A federated evaluation: every client's node evaluates ``model`` on its own images
+    (:func:`fedssd.flower.client_app.evaluate_client`); the results are combined as the
+    simulator combines them. Clients that do not answer are listed in ``clients_missing``."""
+    log(f"federated evaluation on each of the {len(nodes)} sites' own images")
+    weights = records.to_arrays(model.state_dict())
+    task = ConfigRecord({"experiment": experiment_text})
+    messages = [
+        Message(
+            RecordDict({records.GLOBAL: weights, records.TASK: task}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in nodes.values()
+    ]
+    by_node = {node: client_id for client_id, node in nodes.items()}
+    per_client: dict[int, dict[str, float]] = {}
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        client_id = by_node.get(reply.metadata.src_node_id)
+        if client_id is None:
+            continue
+        if reply.has_error():
+            log(f"client {client_id} could not evaluate: {reply.error.reason}")
+            continue
+        metrics = reply.content.metric_records[records.RESULT]
+        per_client[client_id] = {
+            key: float(value)  # type: ignore[arg-type]
+            for key, value in metrics.items()
+            if key != "client-id"
+        }
+    if not per_client:
+        raise ClientsFailed("no client answered the final federated evaluation.")
+    evaluation = combine_client_evaluations(per_client)
+    evaluation["clients_missing"] = sorted(set(nodes) - set(per_client))
+    return evaluation
 
 
 def _app_dir(grid: Grid) -> Path | None:

@@ -1,0 +1,417 @@
+"""Real sites on Flower: every node trains on its own images and nobody holds anyone else's.
+
+Three sites of different kinds: site 0 a labelled ``.npz`` of Fashion-MNIST classes 0-3, site 1
+a folder of PNG files of classes 4-6 without labels, site 2 an unlabelled ``.npz`` of classes
+7-9; the server holds only a labelled evaluation set of test images.
+
+(1) Flower's simulation engine (each virtual node reads ``data.clients[its id]``) ends with the
+in-process simulator's weights.
+
+(2) A deployment on 127.0.0.1 with TLS and SuperNode authentication, each SuperNode given its own
+``data-path`` and ``state-dir``, the server no training data at all:
+  a. 3 rounds: the run's files, the in-process simulator's weights, each node trained on exactly
+     its own number of images, and no process opened a file of another party (a Python audit
+     hook, installed through ``sitecustomize`` in every node's and the SuperLink's processes,
+     logs every file opened under the data folder);
+  b. a SuperNode killed during round 2: that client is recorded as failed in that round, the run
+     goes on, the restarted node rejoins in round 3 with its per-client state from its disk;
+  c. the ServerApp killed after round 2 and the run resumed (``resume=true``): the same final
+     weights as the uninterrupted in-process run.
+Every process is started in its own session and stopped at the end; ports are free ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from PIL import Image
+from safetensors.torch import load_file
+
+from fedssd.api import train
+from fedssd.data.datasets import load_dataset
+from fedssd.flower.node_state import load_client_state
+from flower_testing import (
+    BIN,
+    REPO,
+    Processes,
+    flower_env,
+    free_port,
+    wait_for_port,
+    write_node_key,
+    write_tls,
+)
+
+EXPERIMENT = """\
+seed = 11
+device = "cpu"
+
+[data]
+name = "folder"
+partition = "clients"
+image_size = 32
+pad_to_32 = true
+rgb = false
+
+[model]
+encoder = "small_cnn"
+width = 4
+projector_hidden = 32
+
+[method]
+name = "fedema"
+
+[federation]
+num_clients = 3
+fraction = 1.0
+rounds = 3
+local_epochs = 1
+batch_size = 16
+lr = 0.05
+
+[evaluation]
+data = "{server}"
+every = 1
+knn_k = 5
+linear_epochs = 2
+metrics_samples = 60
+metrics_per_client = 20
+
+[checkpoint]
+every = 1
+keep = 2
+"""
+
+SIZES = (48, 40, 44)
+
+# Logs every file a process opens under FEDSSD_TEST_WATCH to FEDSSD_TEST_OPEN_LOG.
+SITECUSTOMIZE = textwrap.dedent(
+    """
+    import os, sys
+    _log = os.environ.get("FEDSSD_TEST_OPEN_LOG")
+    _watch = os.environ.get("FEDSSD_TEST_WATCH")
+    if _log and _watch:
+        def _hook(event, args):
+            if event != "open" or not args or not isinstance(args[0], (str, bytes, os.PathLike)):
+                return
+            path = os.path.abspath(os.fsdecode(args[0]))
+            if path.startswith(_watch):
+                fd = os.open(_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.write(fd, (path + "\\n").encode())
+                os.close(fd)
+        sys.addaudithook(_hook)
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The three sites' data, the server's evaluation set and the experiment config."""
+    base = tmp_path_factory.mktemp("world")
+    data = base / "data"
+    for name in ("site0", "site1", "site2", "server"):
+        (data / name).mkdir(parents=True)
+    fashion = load_dataset("fashion_mnist", download=False, pad_to_32=False, rgb=False)
+    x, y = fashion.x_train[:, 0].numpy(), fashion.y_train.numpy()
+
+    def take(classes: list[int], count: int) -> np.ndarray:
+        return np.flatnonzero(np.isin(y, classes))[:count]
+
+    first = take([0, 1, 2, 3], SIZES[0])
+    np.savez(data / "site0" / "train.npz", x_train=x[first], y_train=y[first])
+    for i, index in enumerate(take([4, 5, 6], SIZES[1])):
+        Image.fromarray(x[index]).save(data / "site1" / f"scan{i:03d}.png")
+    np.savez(data / "site2" / "train.npz", x_train=x[take([7, 8, 9], SIZES[2])])
+    np.savez(
+        data / "server" / "eval.npz",
+        x_train=fashion.x_test[:100, 0].numpy(),
+        y_train=fashion.y_test[:100].numpy(),
+    )
+    config = base / "experiment.toml"
+    config.write_text(EXPERIMENT.format(server=data / "server" / "eval.npz"))
+    return {
+        "base": base,
+        "data": data,
+        "config": config,
+        "site0": data / "site0" / "train.npz",
+        "site1": data / "site1",
+        "site2": data / "site2" / "train.npz",
+    }
+
+
+def _sites(world: dict[str, Path]) -> str:
+    return "data.clients=" + json.dumps([str(world[f"site{k}"]) for k in range(3)])
+
+
+def _in_process(world: dict[str, Path], out: Path, *extra: str) -> dict[str, torch.Tensor]:
+    result = train(world["config"], overrides=[_sites(world), *extra], out=out, log=None)
+    return {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+
+
+def _assert_same_weights(expected: dict[str, torch.Tensor], path: Path) -> None:
+    got = load_file(path)
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _wait(condition: Callable[[], bool], timeout: float, what: str, poll: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(poll)
+
+
+_SIMULATION = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+    from fedssd.flower.client_app import app as client_app
+    from fedssd.flower.server_app import RunSettings, run_federation
+
+    config, out, sites = sys.argv[1:]
+    server = ServerApp()
+
+    @server.main()
+    def main(grid, context):
+        settings = RunSettings(config=Path(config), overrides=(sites,), out=Path(out),
+                               connect_timeout=120.0, round_timeout=300.0)
+        run_federation(grid, settings, log=print)
+
+    run_simulation(
+        server, client_app, num_supernodes=3,
+        backend_config={"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}},
+    )
+    """
+)
+
+
+def test_simulation_engine_on_sites_matches_in_process(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    expected = _in_process(world, tmp_path / "in-process")
+    out = tmp_path / "flower"
+    done = subprocess.run(
+        [sys.executable, "-c", _SIMULATION, str(world["config"]), str(out), _sites(world)],
+        env=flower_env(FLWR_HOME=str(tmp_path / "flwr-home")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _assert_same_weights(expected, out / "model.safetensors")
+    lines = _lines(out / "metrics.jsonl")
+    assert [r["samples"] for r in lines] == [{"0": 48, "1": 40, "2": 44}] * 3
+
+
+def _openers(audit: Path) -> dict[str, set[str]]:
+    """Which files under the data folder each party's processes opened."""
+    return {
+        log.stem: set(log.read_text().split())
+        for log in sorted(audit.glob("*.log"))
+        if log.stat().st_size
+    }
+
+
+def _node_statuses(env: dict[str, str]) -> list[str]:
+    listed = subprocess.run(
+        [str(BIN / "flwr"), "supernode", "list", "test", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if listed.returncode != 0:
+        return []
+    return [node["status"] for node in json.loads(listed.stdout)["nodes"]]
+
+
+def _pids_running(name: str) -> list[int]:
+    """Processes whose command line mentions ``name`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if name in cmdline and str(os.getpid()) != entry.name:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_sites_deployment_with_failures_and_resume(
+    world: dict[str, Path], tmp_path: Path, processes: Processes
+) -> None:
+    write_tls(tmp_path)
+    for k in range(3):
+        write_node_key(tmp_path / f"node{k}")
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{tmp_path / "ca.crt"}"\n'
+    )
+    python_path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
+
+    def env(party: str) -> dict[str, str]:
+        return flower_env(
+            FLWR_HOME=str(home),
+            PYTHONPATH=python_path,
+            FEDSSD_TEST_WATCH=str(world["data"]),
+            FEDSSD_TEST_OPEN_LOG=str(audit / f"{party}.log"),
+        )
+
+    ca = str(tmp_path / "ca.crt")
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", ca,
+            "--ssl-certfile", str(tmp_path / "server.pem"),
+            "--ssl-keyfile", str(tmp_path / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+        ],
+        env("server"),
+    )  # fmt: skip
+    wait_for_port(port, superlink, timeout=60)
+    for k in range(3):
+        registered = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(tmp_path / f"node{k}.pub"), "test"],
+            env=env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+
+    def supernode(k: int, name: str) -> subprocess.Popen[bytes]:
+        site = world[f"site{k}"]
+        state = tmp_path / f"state{k}"
+        return processes.start(
+            name,
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{port}",
+                "--root-certificates", ca,
+                "--auth-supernode-private-key", str(tmp_path / f"node{k}"),
+                "--node-config", f'client-id={k} data-path="{site}" state-dir="{state}"',
+                "--port", str(free_port()),
+            ],
+            env(f"node{k}"),
+        )  # fmt: skip
+
+    nodes = {k: supernode(k, f"supernode{k}") for k in range(3)}
+
+    def flwr_run(out: Path, extra: str, *, stream: bool) -> subprocess.CompletedProcess[str]:
+        run_config = f'config="{world["config"]}" out="{out}" round-timeout=60.0 {extra}'
+        return subprocess.run(
+            [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "test",
+             *(["--stream"] if stream else []), "--run-config", run_config],
+            env=env("cli"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )  # fmt: skip
+
+    # (a) Three rounds: the simulator's weights, each node on its own images and files only.
+    out = tmp_path / "run-a"
+    done = flwr_run(out, "", stream=True)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _wait(lambda: (out / "summary.json").exists(), 60, "the first run's summary")
+    lines = _lines(out / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert all(r["accepted"] == 3 and r["failed"] == {} for r in lines)
+    assert all(r["samples"] == {"0": 48, "1": 40, "2": 44} for r in lines)
+    partition = json.loads((out / "partition.json").read_text())
+    assert partition["sizes"] == list(SIZES) and partition["labelled"] == [48, 0, 0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0.0 <= summary["knn_acc"] <= 1.0 and 0.0 <= summary["linear_probe_acc"] <= 1.0
+    _assert_same_weights(_in_process(world, tmp_path / "in-process-a"), out / "model.safetensors")
+    opened = _openers(audit)
+    own = {f"node{k}": str(world["data"] / f"site{k}") for k in range(3)}
+    own["server"] = str(world["data"] / "server")
+    assert set(opened) == set(own), opened.keys()
+    for party, files in opened.items():
+        foreign = [f for f in files if not f.startswith(own[party] + os.sep)]
+        assert not foreign, f"{party} opened {foreign}"
+
+    # (b) A SuperNode killed while it trains in round 2; restarted, it rejoins in round 3.
+    out = tmp_path / "run-b"
+    submitted = flwr_run(out, "", stream=False)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    _wait(lambda: len(_lines(out / "metrics.jsonl")) >= 1, 180, "round 1 of the second run")
+    _wait(
+        lambda: processes.log("supernode1").count("Receiving: train message") >= 5,
+        60,
+        "node 1's round-2 task",
+    )
+    os.killpg(nodes[1].pid, signal.SIGKILL)
+    nodes[1].wait(timeout=30)
+    # The SuperLink lets the node's key in again once it has marked the dead session offline
+    # (two missed heartbeats of 30 s at most); a node restarted earlier is refused.
+    _wait(lambda: "offline" in _node_statuses(env("cli")), 150, "node 1 offline", poll=2.0)
+    nodes[1] = supernode(1, "supernode1-restarted")
+    _wait(lambda: (out / "summary.json").exists(), 240, "the second run's summary")
+    lines = _lines(out / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert lines[0]["accepted"] == 3 and lines[2]["accepted"] == 3, lines
+    assert lines[1]["accepted"] == 2 and list(lines[1]["failed"]) == ["1"], lines[1]
+    run_key = json.loads((out / "flower.json").read_text())["run-key"]
+    kept = load_client_state(tmp_path / "state1", run_key, 1, round_index=3)
+    # FedEMA's per-client state survived the restart: rounds 1 and 3 are its participations.
+    assert kept is not None and kept.participations == 2 and kept.last_round == 2
+
+    # (c) The ServerApp killed after round 2 of 4 and resumed: the uninterrupted weights.
+    out = tmp_path / "run-c"
+    submitted = flwr_run(out, 'overrides="federation.rounds=4"', stream=False)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    _wait(lambda: len(_lines(out / "metrics.jsonl")) >= 2, 240, "round 2 of the third run")
+    for pid in _pids_running("flwr-serverapp"):
+        os.kill(pid, signal.SIGKILL)
+    assert not (out / "summary.json").exists()
+    # The dead run's last tasks finish on the nodes before the run is resumed.
+    time.sleep(5)
+    _wait(lambda: not _pids_running("flwr-clientapp"), 60, "the nodes' last tasks")
+    resumed = flwr_run(out, "resume=true", stream=False)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    _wait(lambda: (out / "summary.json").exists(), 240, "the resumed run's summary")
+    lines = _lines(out / "metrics.jsonl")
+    assert [r["round"] for r in lines] == [1, 2, 3, 4]
+    assert all(r["accepted"] == 3 for r in lines), lines
+    expected = _in_process(world, tmp_path / "in-process-c", "federation.rounds=4")
+    _assert_same_weights(expected, out / "model.safetensors")
