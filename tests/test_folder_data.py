@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import fedssd.data.folder as folder_module
-from fedssd.api import load_config, partition_record, prepare_data
+from fedssd.api import load_config, node_data, partition_record, prepare_data
 from fedssd.data.datasets import load_dataset
 from fedssd.data.folder import CACHE_DIR, decode_image, read_image_folder
 from fedssd.data.sites import load_site
@@ -268,6 +268,28 @@ def test_each_client_gets_exactly_its_own_images_in_order(tmp_path: Path) -> Non
     record = partition_record(cfg, data)
     assert record["sizes"] == [5, 6, 4] and record["labelled"] == [5, 6, 0]
     assert record["label_histogram"] == [[3, 2, 0], [2, 2, 2], [0, 0, 0]]
+
+
+def test_a_node_reads_only_its_own_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sites = _sites(tmp_path)
+    cfg = load_config(SMOKE, _clients_config([str(p) for p in sites]))
+    whole = prepare_data(cfg, log=lambda _m: None)
+    opened: list[str] = []
+    original = np.load
+
+    def spy(file: object, *args: object, **kwargs: object) -> object:
+        opened.append(str(file))
+        return original(file, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(np, "load", spy)
+    node = node_data(cfg, 1, sites[1], log=lambda _m: None)
+    assert opened and all("site_b" in name for name in opened), opened
+    assert [len(p) for p in node.client_indices] == [0, 6, 0]
+    own = torch.from_numpy(whole.client_indices[1])
+    assert torch.equal(node.dataset.x_train, whole.dataset.x_train[own])
+    assert node.augmentation().size == 32
+    with pytest.raises(ConfigError, match=r"outside 0\.\.2"):
+        node_data(cfg, 3, sites[1], log=lambda _m: None)
 
 
 def test_relative_site_paths_resolve_against_the_working_folder(

@@ -133,6 +133,11 @@ def test_federated_evaluation_run(sites: dict[str, Path], tmp_path: Path) -> Non
     assert partition["labelled"] == [80, 0, 0]
     assert sum(partition["label_histogram"][0]) == 80
     assert result.summary["num_samples"] == 210
+    # No labelled set in one place: re-evaluating needs one, said in one sentence.
+    from fedssd.protocols import evaluate_run
+
+    with pytest.raises(fedssd.errors.ConfigError, match="--eval-data"):
+        evaluate_run(out, "knn", log=None)
 
 
 def test_server_evaluation_set_run(sites: dict[str, Path], tmp_path: Path) -> None:
@@ -243,3 +248,32 @@ def test_cli_trains_sites_and_refuses_a_missing_one(sites: dict[str, Path], tmp_
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "no_such_site does not exist" in lines[0], err
     assert lines[0].endswith(".")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_server_sets_named_folder_and_refused(sites: dict[str, Path], tmp_path: Path) -> None:
+    raw = _config(sites, data="fashion_mnist")
+    cfg = load_config(fedssd.config.load(raw))
+    assert cfg.evaluation.data == "fashion_mnist"  # a name stays a name, a path becomes absolute
+    views = server_evaluation_views(cfg, log=lambda _m: None)
+    assert views is not None and views.num_classes == 10
+    # The official test split, stratified 80/20: 800 and 200 images of each class.
+    assert torch.bincount(views.train_labels).tolist() == [800] * 10
+    assert torch.bincount(views.test_labels).tolist() == [200] * 10
+    assert views.train_images.shape[1:] == (3, 32, 32)
+    folder = tmp_path / "eval"
+    for label in ("cat", "dog"):
+        for i in range(5):
+            (folder / label).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.full((40, 40), 40 * i, np.uint8)).save(folder / label / f"{i}.png")
+    views = server_evaluation_views(
+        load_config(fedssd.config.load(_config(sites, data=str(folder)))), log=lambda _m: None
+    )
+    assert views is not None and views.num_classes == 2
+    assert views.train_images.shape[0] == 8 and views.test_labels.tolist() == [0, 1]
+    unlabelled = load_config(fedssd.config.load(_config(sites, data=str(sites["c"]))))
+    with pytest.raises(fedssd.errors.DataError, match="has no labels"):
+        server_evaluation_views(unlabelled, log=lambda _m: None)
+    assert (
+        server_evaluation_views(load_config(fedssd.config.load(_config(sites))), log=print) is None
+    )

@@ -42,6 +42,7 @@ from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
+    client_evaluation_seed,
     combine_client_evaluations,
     evaluate_model,
     knn_monitor,
@@ -298,6 +299,41 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
     )
 
 
+def node_data(config: Config, client_id: int, path: str | Path, *, log: Log) -> FederatedData:
+    """One node's own data as a :class:`FederatedData` (for a deployed ``partition = "clients"``
+    node): its site read by :func:`~fedssd.data.sites.load_site` with the run's format options,
+    all of it client ``client_id``'s; the other clients' index arrays are empty, since a node
+    never reads, receives or derives another party's data.
+
+    Raises:
+        ConfigError: ``client_id`` is not in ``0..num_clients-1``.
+        DataError: The site is missing or unreadable.
+    """
+    count = config.federation.num_clients
+    if not 0 <= client_id < count:
+        raise ConfigError(
+            f"client id {client_id} is outside 0..{count - 1} (federation.num_clients = {count})."
+        )
+    data = config.data
+    dataset = load_site(
+        path,
+        image_size=data.image_size,
+        rgb=data.rgb,
+        pad_to_32=data.pad_to_32,
+        root=data.root,
+        log=log,
+    )
+    empty = np.zeros(0, dtype=np.int64)
+    parts = [empty] * count
+    parts[client_id] = np.arange(dataset.x_train.shape[0], dtype=np.int64)
+    return FederatedData(
+        dataset=dataset,
+        client_indices=parts,
+        test_indices=np.arange(dataset.x_test.shape[0]),
+        scheme=data.partition,
+    )
+
+
 #: Share of a server-side evaluation set used as the kNN bank and probe training set when it has
 #: no test split of its own (the rest are the queries and probe test images).
 SERVER_BANK_SHARE = 0.8
@@ -433,7 +469,7 @@ def federated_evaluation(
 ) -> dict[str, Any]:
     """Every client evaluates ``model`` on its own images (as a Flower node does), combined.
 
-    Client ``k`` uses the seed ``derive_seed(config.seed, EVALUATION, k)``.
+    Client ``k`` uses the seed :func:`~fedssd.federation.evaluate.client_evaluation_seed`.
     """
     log(f"federated evaluation on each of the {len(data.client_indices)} clients' own images")
     per_client: dict[int, dict[str, float]] = {}
@@ -446,7 +482,7 @@ def federated_evaluation(
             labels if bool((labels >= 0).any()) else None,
             settings=config.evaluation,
             augment=augment,
-            seed=derive_seed(config.seed, EVALUATION, k),
+            seed=client_evaluation_seed(config.seed, k),
             device=device,
         )
     return combine_client_evaluations(per_client)

@@ -247,9 +247,12 @@ def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_d
         )
     # The run does not record its image side, so its own data is read again (never downloaded).
     try:
-        source = load_data(
-            dataclasses.replace(config.data, download=False), log=lambda _message: None
-        )
+        offline = dataclasses.replace(config, data=dataclasses.replace(config.data, download=False))
+        if config.data.partition == "clients":
+            # Real sites: their images, laid end to end.
+            source = prepare_data(offline, log=lambda _message: None).dataset
+        else:
+            source = load_data(offline.data, log=lambda _message: None)
     except DataError:
         raise DataError(
             f"Transfer evaluation reads the run's own {config.data.name} data to learn the image "

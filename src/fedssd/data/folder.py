@@ -56,6 +56,7 @@ CACHE_DIR = ".fedssd-cache"
 # Bumped whenever decoding changes, so that caches made by another decoder are rebuilt.
 _DECODER_VERSION = 1
 _HASH_CHUNK = 1 << 22
+_PROGRESS_EVERY = 10_000
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,8 @@ def _walk(folder: Path) -> list[_Entry]:
     mtime_ns)``, from one pass of ``os.scandir`` (one stat per file)."""
     found: list[_Entry] = []
     pending = [("", folder)]
+    # Symbolic links to folders are followed, each real folder once (a link loop ends).
+    seen = {os.path.realpath(folder)}
     while pending:
         prefix, place = pending.pop()
         with os.scandir(place) as listing:
@@ -95,7 +98,10 @@ def _walk(folder: Path) -> list[_Entry]:
                 if entry.name.startswith("."):
                     continue
                 if entry.is_dir():
-                    pending.append((f"{prefix}{entry.name}/", Path(entry.path)))
+                    real = os.path.realpath(entry.path)
+                    if real not in seen:
+                        seen.add(real)
+                        pending.append((f"{prefix}{entry.name}/", Path(entry.path)))
                 elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES:
                     stat = entry.stat()
                     found.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
@@ -358,6 +364,8 @@ def read_image_folder(
     images = np.empty((len(files), channels, image_size, image_size), dtype=np.uint8)
     for i, name in enumerate(files):
         images[i] = decode_image(place / name, image_size=image_size, rgb=rgb)
+        if (i + 1) % _PROGRESS_EVERY == 0:
+            say(f"{place}: decoded {i + 1} of {len(files)}")
     decoded = FolderImages(
         images=images, labels=labels, class_names=class_names, files=tuple(files)
     )

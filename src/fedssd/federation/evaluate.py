@@ -25,6 +25,7 @@ from fedssd.evaluation.metrics import (
     representation_metrics,
     uniformity_loss,
 )
+from fedssd.seeding import EVALUATION, derive_seed
 
 
 def knn_monitor(
@@ -227,6 +228,12 @@ CLIENT_METRICS = (
 )
 
 
+def client_evaluation_seed(run_seed: int, client_id: int) -> int:
+    """The seed of client ``client_id``'s :func:`client_evaluation` in a run seeded ``run_seed``
+    (the simulator and a Flower node use the same one, so they record the same numbers)."""
+    return derive_seed(run_seed, EVALUATION, client_id)
+
+
 @torch.no_grad()
 def client_evaluation(
     model: nn.Module,
@@ -254,8 +261,8 @@ def client_evaluation(
         labels: ``(n,)`` int64 labels (-1 for an unlabelled image), or None.
         settings: Evaluation options (sample size, kNN k and temperature, batch size).
         augment: The augmentation whose views alignment is measured on.
-        seed: Seed of the sample, the views and the kNN split (the simulator uses
-            ``derive_seed(run seed, EVALUATION, client id)``).
+        seed: Seed of the sample, the views and the kNN split (runs use
+            :func:`client_evaluation_seed`).
         device: Where to compute.
 
     Returns:
