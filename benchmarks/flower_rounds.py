@@ -14,9 +14,11 @@ The job is ``flower_app/fedssd.toml`` (SSD, small CNN width 8, 1,000 Fashion-MNI
 - ``sites``: the same 3 clients' images written once as one ``.npz`` per site; each node reads
   only its own (``data-path``), the server only a labelled evaluation set.
 
-Prints one JSON object: the per-round seconds (``seconds`` of ``metrics.jsonl``: from sending the
-round's tasks to holding the aggregated model), their mean over rounds 2..N, and the CPU seconds
-the nodes' ClientApp processes used per client and round. Every process it starts is stopped.
+With ``--node-startup N`` it times instead, in N fresh processes, what a node's ClientApp
+process does before it trains (imports, data, models). Prints one JSON object: the per-round
+seconds (``seconds`` of ``metrics.jsonl``: from sending the round's tasks to holding the
+aggregated model), their mean over rounds 2..N, and the wall time of the whole run. Every
+process it starts is stopped.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
 import socket
 import subprocess
@@ -102,7 +103,10 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
     if mode == "sites":
         sites = _write_sites(work)
         node_data = [f' data-path="{site}"' for site in sites]
-        overrides += f' data.name=npz data.partition=clients evaluation.data="{work}/server.npz"'
+        overrides += (
+            " data.name=npz data.partition=clients data.train_subset=0"
+            f' evaluation.data="{work}/server.npz"'
+        )
     processes: list[subprocess.Popen[bytes]] = []
     try:
         processes.append(
@@ -132,7 +136,6 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
             f'overrides="{overrides.replace(chr(34), chr(92) + chr(34))} '
             f'federation.rounds={rounds}"'
         )
-        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         done = subprocess.run(
             [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "bench", "--stream",
@@ -150,19 +153,57 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
         wall = time.perf_counter() - started
     finally:
         _stop(processes)
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     seconds = [
         float(json.loads(line)["seconds"])
         for line in (out / "metrics.jsonl").read_text().splitlines()
     ]
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return {
         "mode": mode,
         "rounds": rounds,
         "round_seconds": [round(s, 2) for s in seconds],
         "mean_round_seconds_after_first": round(sum(seconds[1:]) / max(1, len(seconds) - 1), 2),
         "wall_seconds": round(wall, 1),
-        "cpu_seconds_all_processes": round(cpu, 1),
+    }
+
+
+# What a node's ClientApp process does before it trains, timed in a fresh interpreter: the
+# imports, then the experiment (data, models, method) of the App's default job.
+_STARTUP = """
+import json, resource, sys, time
+started = time.perf_counter()
+import torch
+from fedssd.flower import client_app
+from fedssd.api import build_experiment, load_config
+imported = time.perf_counter()
+mode, config, site = sys.argv[1:]
+if mode == "sites":
+    from fedssd.api import node_data
+    cfg = load_config(config, ["data.name=npz", "data.partition=clients", "data.train_subset=0"])
+    experiment = build_experiment(cfg, log=print, data=node_data(cfg, 0, site, log=print))
+else:
+    experiment = build_experiment(load_config(config), log=print)
+built = time.perf_counter()
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"imports_s": imported - started, "experiment_s": built - imported,
+                  "cpu_s": usage.ru_utime + usage.ru_stime}))
+"""
+
+
+def node_startup(mode: str, work: Path, repeats: int) -> dict[str, float]:
+    """The median over ``repeats`` fresh processes of a node's set-up before training."""
+    work.mkdir(parents=True, exist_ok=True)
+    site = _write_sites(work)[0] if mode == "sites" else Path("-")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    samples = []
+    for _ in range(repeats):
+        done = subprocess.run(
+            [sys.executable, "-c", _STARTUP, mode, str(REPO / "flower_app" / "fedssd.toml"),
+             str(site)],
+            env=env, capture_output=True, text=True, check=True, timeout=300,
+        )  # fmt: skip
+        samples.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return {
+        key: round(float(np.median([sample[key] for sample in samples])), 3) for key in samples[0]
     }
 
 
@@ -171,8 +212,23 @@ def main() -> None:
     parser.add_argument("--mode", choices=("shared", "sites"), default="sites")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--work", type=Path, default=Path("runs/flower-bench"))
+    parser.add_argument(
+        "--node-startup",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead of a federation, time a node's set-up in N fresh processes (median)",
+    )
     options = parser.parse_args()
-    print(json.dumps(run(options.mode, options.rounds, options.work.resolve())))
+    work = options.work.resolve()
+    if options.node_startup:
+        print(
+            json.dumps(
+                {"mode": options.mode, **node_startup(options.mode, work, options.node_startup)}
+            )
+        )
+    else:
+        print(json.dumps(run(options.mode, options.rounds, work)))
 
 
 if __name__ == "__main__":

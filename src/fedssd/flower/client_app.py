@@ -18,21 +18,18 @@ import dataclasses
 import functools
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, FederatedData, build_experiment, resolve
+from fedssd.api import Experiment, build_experiment, node_data, resolve
 from fedssd.config import Config
-from fedssd.data.sites import load_site
 from fedssd.errors import ConfigError
 from fedssd.federation.client import local_train
-from fedssd.federation.evaluate import client_evaluation
+from fedssd.federation.evaluate import client_evaluation, client_evaluation_seed
 from fedssd.federation.simulator import local_keys
 from fedssd.federation.store import stamp_participation
 from fedssd.flower import node_state, records
@@ -40,14 +37,12 @@ from fedssd.flower.records import SITES
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
-from fedssd.seeding import CLIENT, EVALUATION, derive_seed, generator
+from fedssd.seeding import CLIENT, generator
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
-
-Log = Callable[[str], None]
 
 PARTITION_ID = "partition-id"
 
@@ -144,33 +139,8 @@ def _experiment(config_text: str, site: str | None, client_id: int) -> Experimen
     quiet = lambda _message: None  # noqa: E731
     if site is None:
         return build_experiment(config, log=quiet)
-    own = own_site_data(config, site, client_id, log=quiet)
+    own = node_data(config, client_id, site, log=quiet)
     return build_experiment(config, log=quiet, data=own)
-
-
-def own_site_data(config: Config, site: str, client_id: int, *, log: Log) -> FederatedData:
-    """This node's site as the data of a run in which it holds client ``client_id`` alone."""
-    data = config.data
-    dataset = load_site(
-        site,
-        image_size=data.image_size,
-        rgb=data.rgb,
-        pad_to_32=data.pad_to_32,
-        root=data.root,
-        log=log,
-    )
-    parts = [np.zeros(0, dtype=np.int64) for _ in range(config.federation.num_clients)]
-    if not 0 <= client_id < len(parts):
-        raise ConfigError(
-            f"this node plays client {client_id}, but the run has {len(parts)} clients."
-        )
-    parts[client_id] = np.arange(dataset.x_train.shape[0], dtype=np.int64)
-    return FederatedData(
-        dataset=dataset,
-        client_indices=parts,
-        test_indices=np.zeros(0, dtype=np.int64),
-        scheme=SITES,
-    )
 
 
 def experiment_for(config: Config, context: Context, client_id: int) -> Experiment:
@@ -290,7 +260,7 @@ def evaluate_client(message: Message, context: Context) -> Message:
         labels if labelled else None,
         settings=config.evaluation,
         augment=experiment.augment,
-        seed=derive_seed(config.seed, EVALUATION, client_id),
+        seed=client_evaluation_seed(config.seed, client_id),
         device=experiment.device,
     )
     record = MetricRecord({"client-id": client_id, **{k: float(v) for k, v in metrics.items()}})
@@ -309,6 +279,5 @@ __all__ = [
     "identify",
     "node_config_for",
     "node_site",
-    "own_site_data",
     "train_client",
 ]
