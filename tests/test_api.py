@@ -47,7 +47,7 @@ def test_evaluation_views_keep_each_images_owner() -> None:
     [("model.encoder=vgg", "encoder"), ("model.projector_out=7", "projector distillation")],
 )
 def test_setup_problems_are_found_before_any_data_is_read(override: str, fragment: str) -> None:
-    cfg = load_config(SMOKE, [override, "data.name=cifar10", "data.download=false"])
+    cfg = load_config(SMOKE, overrides=[override, "data.name=cifar10", "data.download=false"])
     with pytest.raises(ConfigError, match=fragment):
         check_setup(cfg)
 

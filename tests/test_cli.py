@@ -216,7 +216,9 @@ def test_compare_runs_other_methods_from_an_ssd_config(
     from fedssd.api import load_config
 
     saved = tmp_path / "config.toml"  # as a run writes it: every SSD option spelled out
-    saved.write_text(config_module.dumps(load_config(SMOKE, ["method.uniformity_weight=0.5"])))
+    saved.write_text(
+        config_module.dumps(load_config(SMOKE, overrides=["method.uniformity_weight=0.5"]))
+    )
     code, out, err = run_cli(
         [
             "compare",

@@ -189,7 +189,7 @@ def run_federation(
         The result (as :func:`fedssd.api.train` returns it) and the strategy (history, nodes).
     """
     started = time.perf_counter()
-    cfg = load_config(settings.config, settings.overrides)
+    cfg = load_config(settings.config, overrides=settings.overrides)
     check_run_dir(settings.out, overwrite=settings.overwrite)
     check_setup(cfg)
     experiment = build_experiment(cfg, log=log)
