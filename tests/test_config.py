@@ -168,3 +168,13 @@ def test_data_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.Monkey
     )
     assert cfg.data.root == str(tmp_path / "data")
     assert cfg.data.path == str(tmp_path / "x.npz")
+
+
+def test_threads_and_probe_off_are_accepted_and_checked() -> None:
+    cfg = load_config(CONFIGS / "smoke.toml", overrides=["threads=1", "evaluation.linear_epochs=0"])
+    assert cfg.threads == 1 and cfg.evaluation.linear_epochs == 0
+    assert load_config(CONFIGS / "smoke.toml").threads == 0
+    with pytest.raises(ConfigError, match="threads must be >= 0"):
+        load_config(CONFIGS / "smoke.toml", overrides=["threads=-1"])
+    with pytest.raises(ConfigError, match="linear_epochs must be >= 0"):
+        load_config(CONFIGS / "smoke.toml", overrides=["evaluation.linear_epochs=-1"])
