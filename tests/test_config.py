@@ -178,3 +178,16 @@ def test_threads_and_probe_off_are_accepted_and_checked() -> None:
         load_config(CONFIGS / "smoke.toml", overrides=["threads=-1"])
     with pytest.raises(ConfigError, match="linear_epochs must be >= 0"):
         load_config(CONFIGS / "smoke.toml", overrides=["evaluation.linear_epochs=-1"])
+
+
+def test_every_method_has_its_paper_protocol_configs() -> None:
+    """The README's promise: configs/<name>_silo.toml and configs/<name>_device.toml."""
+    from fedssd.api import check_setup
+    from fedssd.methods import METHODS
+
+    for name in METHODS:
+        for setting, clients, fraction in (("silo", 10, 1.0), ("device", 50, 0.2)):
+            cfg = load_config(CONFIGS / f"{name}_{setting}.toml")
+            check_setup(cfg)
+            assert cfg.method.name == name and cfg.data.name == "cifar10"
+            assert (cfg.federation.num_clients, cfg.federation.fraction) == (clients, fraction)
