@@ -267,14 +267,19 @@ def test_a_reader_closing_the_pipe_gives_no_traceback() -> None:
     assert result.returncode == 141
 
 
-def test_every_run_command_takes_threads(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_every_run_command_takes_threads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     parser = build_parser()
     for command in (["train"], ["compare", "--config", SMOKE], ["sweep", "g.toml"]):
         assert parser.parse_args([*command, "--threads", "1"]).threads == 1
     assert parser.parse_args(["eval", "--run", "r", "--protocol", "knn", "--threads", "1"]).threads
     code, _, err = run_cli(
-        ["train", "--config", SMOKE, "--out", str(tmp_path / "run"), "--quiet", "--threads", "1"]
-        + ["--set", "federation.rounds=1", "--set", "evaluation.linear_epochs=2"],
+        [
+            *("train", "--config", SMOKE, "--out", str(tmp_path / "run"), "--quiet"),
+            *("--threads", "1", "--set", "federation.rounds=1"),
+            *("--set", "evaluation.linear_epochs=2"),
+        ],
         capsys,
     )
     assert code == 0, err
@@ -289,9 +294,11 @@ def test_compare_keeps_its_table_and_report_reads_the_folder(
     pytest.importorskip("matplotlib")
     out = tmp_path / "cmp"
     code, printed, err = run_cli(
-        ["compare", "--config", SMOKE, "--methods", "ssd", "fedalignuniform", "--quiet"]
-        + ["--out", str(out), "--set", "federation.rounds=1", "--set", "data.train_subset=300"]
-        + ["--set", "evaluation.linear_epochs=2", "--set", "evaluation.metrics_samples=100"],
+        [
+            *("compare", "--config", SMOKE, "--methods", "ssd", "fedalignuniform", "--quiet"),
+            *("--out", str(out), "--set", "federation.rounds=1", "--set", "data.train_subset=300"),
+            *("--set", "evaluation.linear_epochs=2", "--set", "evaluation.metrics_samples=100"),
+        ],
         capsys,
     )
     assert code == 0, err

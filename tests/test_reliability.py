@@ -24,7 +24,7 @@ from fedssd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, sav
 from fedssd.cli import main
 from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
-from fedssd.errors import DataError, TrainingDiverged
+from fedssd.errors import ConfigError, DataError, TrainingDiverged
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.faults import draw_fault
 from fedssd.federation.simulator import Guards, Schedule, run_rounds
@@ -636,7 +636,7 @@ def test_a_finished_run_extended_with_rounds_equals_the_longer_run(tmp_path: Pat
     assert (short / "rounds-3" / "model.safetensors").is_file()
     assert json.loads((short / "summary.json").read_text())["rounds"] == 5
     # Finished again: plain --resume refuses and says how to extend.
-    with pytest.raises(fedssd.errors.ConfigError, match="--rounds N"):
+    with pytest.raises(ConfigError, match="--rounds N"):
         fedssd.resume(short, log=None)
 
 
@@ -648,9 +648,9 @@ def test_extension_is_refused_where_it_cannot_be_exact(tmp_path: Path) -> None:
         out=run,
         log=None,
     )
-    with pytest.raises(fedssd.errors.ConfigError, match="cosine"):
+    with pytest.raises(ConfigError, match="cosine"):
         fedssd.resume(run, rounds=4, log=None)
     assert fedssd.load_config(run / "config.toml").federation.rounds == 2
     assert (run / "summary.json").is_file()
-    with pytest.raises(fedssd.errors.ConfigError, match="greater than 2"):
+    with pytest.raises(ConfigError, match="greater than 2"):
         fedssd.resume(run, rounds=2, log=None)
