@@ -177,6 +177,7 @@ def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
     for key, value in one.model.state_dict().items():
         assert torch.equal(value, default.model.state_dict()[key]), key
     assert two.config.threads == 2 and default.config.threads == 0
+    assert (two.summary["threads"], default.summary["threads"]) == (2, 1)
 
 
 def test_the_linear_probe_can_be_switched_off(tmp_path: Path) -> None:

@@ -723,6 +723,8 @@ def finish_run(
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
+        # Results are bit-identical only for the same thread count, so it is recorded.
+        "threads": torch.get_num_threads(),
     }
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())
