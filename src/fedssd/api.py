@@ -597,7 +597,13 @@ def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
     target = out_dir / f"rounds-{rounds_done}"
     if target.exists():
         raise ConfigError(f"{target} already exists; move it away before extending the run.")
-    names = ("summary.json", "model.safetensors", "server_state.safetensors", "eval")
+    names = (
+        "summary.json",
+        "model.safetensors",
+        "server_state.safetensors",
+        "eval",
+        "columns.json",
+    )
     moved = [name for name in names if (out_dir / name).exists()]
     target.mkdir()
     for name in moved:
