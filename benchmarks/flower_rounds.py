@@ -178,7 +178,9 @@ imported = time.perf_counter()
 mode, config, site = sys.argv[1:]
 if mode == "sites":
     from fedssd.api import node_data
-    cfg = load_config(config, ["data.name=npz", "data.partition=clients", "data.train_subset=0"])
+    cfg = load_config(
+        config, overrides=["data.name=npz", "data.partition=clients", "data.train_subset=0"]
+    )
     experiment = build_experiment(cfg, log=print, data=node_data(cfg, 0, site, log=print))
 else:
     experiment = build_experiment(load_config(config), log=print)

@@ -47,7 +47,7 @@ def test_evaluation_views_keep_each_images_owner() -> None:
     [("model.encoder=vgg", "encoder"), ("model.projector_out=7", "projector distillation")],
 )
 def test_setup_problems_are_found_before_any_data_is_read(override: str, fragment: str) -> None:
-    cfg = load_config(SMOKE, [override, "data.name=cifar10", "data.download=false"])
+    cfg = load_config(SMOKE, overrides=[override, "data.name=cifar10", "data.download=false"])
     with pytest.raises(ConfigError, match=fragment):
         check_setup(cfg)
 
@@ -104,3 +104,123 @@ def test_summary_evaluates_the_encoder_output_h() -> None:
     assert summary["linear_probe_acc"] == 1.0
     assert summary["uniformity_global_z"] == pytest.approx(0.0, abs=1e-6)  # z is one point
     assert summary["uniformity_global"] > 1.0
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+TINY = [
+    "data.train_subset=300",
+    "data.test_subset=150",
+    "federation.rounds=1",
+    "evaluation.linear_epochs=3",
+    "evaluation.metrics_samples=200",
+    "evaluation.metrics_per_client=40",
+]
+
+
+def test_dir_and_help_show_the_public_api() -> None:
+    import pydoc
+
+    import fedssd
+
+    for name in ("train", "resume", "load_config", "load_run", "Config", "RunResult"):
+        assert name in dir(fedssd), name
+        assert name in fedssd.__all__, name
+    text = pydoc.render_doc(fedssd, renderer=pydoc.plaintext)
+    assert "train(" in text and "load_config(" in text and "load_run(" in text
+
+
+def test_load_config_overrides_are_keyword_only_like_train() -> None:
+    with pytest.raises(TypeError):
+        load_config(SMOKE, ["federation.rounds=3"])  # type: ignore[misc]
+    assert load_config(SMOKE, overrides=["federation.rounds=3"]).federation.rounds == 3
+
+
+def test_load_run_is_public(tmp_path: Path) -> None:
+    import fedssd
+    from fedssd.protocols import load_run
+
+    assert fedssd.load_run is load_run
+    result = fedssd.train(SMOKE, overrides=TINY, out=tmp_path / "run", log=None)
+    config, model = fedssd.load_run(str(tmp_path / "run"))
+    assert config == result.config
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, result.model.state_dict()[key]), key
+
+
+def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
+    import fedssd
+    import fedssd.api as api
+
+    assert torch.get_num_threads() == 1  # tests/conftest.py
+    seen: list[int] = []
+    original = api.round_callbacks
+
+    def patched(*args: object, **kwargs: object) -> list[object]:
+        def spy(_record: object, _model: object) -> None:
+            seen.append(torch.get_num_threads())
+
+        return [*original(*args, **kwargs), spy]  # type: ignore[arg-type]
+
+    lines: list[str] = []
+    api.round_callbacks = patched  # type: ignore[assignment]
+    try:
+        two = fedssd.train(SMOKE, overrides=[*TINY, "threads=2"], out=None, log=lines.append)
+    finally:
+        api.round_callbacks = original  # type: ignore[assignment]
+    assert seen == [2]
+    assert torch.get_num_threads() == 1
+    assert any("(2 CPU threads)" in line for line in lines)
+    # The same thread count gives the same weights whether it is set by the config or not.
+    one = fedssd.train(SMOKE, overrides=[*TINY, "threads=1"], out=None, log=None)
+    default = fedssd.train(SMOKE, overrides=TINY, out=None, log=None)
+    for key, value in one.model.state_dict().items():
+        assert torch.equal(value, default.model.state_dict()[key]), key
+    assert two.config.threads == 2 and default.config.threads == 0
+    assert (two.summary["threads"], default.summary["threads"]) == (2, 1)
+
+
+def test_the_linear_probe_can_be_switched_off(tmp_path: Path) -> None:
+    import json
+
+    import fedssd
+    from fedssd.cli import format_table
+
+    result = fedssd.train(
+        SMOKE, overrides=[*TINY, "evaluation.linear_epochs=0"], out=tmp_path / "run", log=None
+    )
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["linear_probe_acc"] is None and summary["linear_probe_train_acc"] is None
+    assert 0 < summary["knn_acc"] <= 1
+    assert "| n/a |" in format_table({"ssd": result.summary})
+
+
+def test_labels_of_one_class_are_warned_about(tmp_path: Path) -> None:
+    import fedssd
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "one.npz"
+    np.savez(
+        path,
+        x_train=rng.integers(0, 256, (120, 32, 32, 3), dtype=np.uint8),
+        y_train=np.zeros(120, dtype=np.int64),
+        x_test=rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8),
+        y_test=np.zeros(40, dtype=np.int64),
+    )
+    lines: list[str] = []
+    overrides = [
+        "data.name=npz",
+        f"data.path={path}",
+        "data.partition=iid",
+        "federation.num_clients=2",
+        "federation.rounds=1",
+        "evaluation.every=0",
+        "evaluation.knn_k=5",
+        "evaluation.linear_epochs=2",
+        "evaluation.metrics_samples=50",
+        "evaluation.metrics_per_client=20",
+    ]
+    fedssd.train(SMOKE, overrides=overrides, out=None, log=lines.append)
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1, lines
+    assert "one class" in warnings[0] and "measure nothing" in warnings[0]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -216,7 +219,9 @@ def test_compare_runs_other_methods_from_an_ssd_config(
     from fedssd.api import load_config
 
     saved = tmp_path / "config.toml"  # as a run writes it: every SSD option spelled out
-    saved.write_text(config_module.dumps(load_config(SMOKE, ["method.uniformity_weight=0.5"])))
+    saved.write_text(
+        config_module.dumps(load_config(SMOKE, overrides=["method.uniformity_weight=0.5"]))
+    )
     code, out, err = run_cli(
         [
             "compare",
@@ -238,3 +243,76 @@ def test_compare_runs_other_methods_from_an_ssd_config(
     assert "| fedalignuniform |" in out
     resolved = load_config(tmp_path / "cmp" / "fedalignuniform" / "config.toml")
     assert dict(resolved.method.options) == {"uniformity_weight": 0.5, "uniformity_t": 2.0}
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+def test_a_reader_closing_the_pipe_gives_no_traceback() -> None:
+    """`fedssd methods | head -2`: the reader has gone before fedssd writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # nobody will read: every write fails with EPIPE
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "fedssd.cli", "methods"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
+    assert result.stderr == ""
+    assert result.returncode == 141
+
+
+def test_every_run_command_takes_threads(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    parser = build_parser()
+    for command in (["train"], ["compare", "--config", SMOKE], ["sweep", "g.toml"]):
+        assert parser.parse_args([*command, "--threads", "1"]).threads == 1
+    assert parser.parse_args(["eval", "--run", "r", "--protocol", "knn", "--threads", "1"]).threads
+    code, _, err = run_cli(
+        [
+            *("train", "--config", SMOKE, "--out", str(tmp_path / "run"), "--quiet"),
+            *("--threads", "1", "--set", "federation.rounds=1"),
+            *("--set", "evaluation.linear_epochs=2"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    assert "threads = 1" in (tmp_path / "run" / "config.toml").read_text()
+    code, _, err = run_cli(["train", "--config", SMOKE, "--threads", "-2"], capsys)
+    assert code == 2 and "threads must be >= 0" in err
+
+
+def test_compare_keeps_its_table_and_report_reads_the_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "cmp"
+    code, printed, err = run_cli(
+        [
+            *("compare", "--config", SMOKE, "--methods", "ssd", "fedalignuniform", "--quiet"),
+            *("--out", str(out), "--set", "federation.rounds=1", "--set", "data.train_subset=300"),
+            *("--set", "evaluation.linear_epochs=2", "--set", "evaluation.metrics_samples=100"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    table = (out / "table.md").read_text()
+    assert table.strip() in printed
+    assert "| ssd |" in table and "| fedalignuniform |" in table
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["method"] for row in rows] == ["ssd", "fedalignuniform"]
+    summary = json.loads((out / "ssd" / "summary.json").read_text())
+    assert float(rows[0]["knn_acc"]) == summary["knn_acc"]
+    code, printed, err = run_cli(["report", str(out), "--quiet", "--samples", "100"], capsys)
+    assert code == 0, err
+    text = (out / "report.md").read_text()
+    assert "| ssd |" in text and "| fedalignuniform |" in text
+    assert (out / "figures" / "curves-compare.png").is_file()
+    assert (out / "figures" / "embeddings-compare-fedalignuniform.png").is_file()

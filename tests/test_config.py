@@ -54,7 +54,7 @@ def test_every_shipped_config_loads_and_round_trips(path: Path, tmp_path: Path) 
 
 
 def test_method_options_are_filled_in_and_round_trip(tmp_path: Path) -> None:
-    cfg = load_config(CONFIGS / "smoke.toml", ["method.dsr_form=released"])
+    cfg = load_config(CONFIGS / "smoke.toml", overrides=["method.dsr_form=released"])
     assert cfg.method.options["dsr_form"] == "released"
     assert cfg.method.options["dsr_alpha"] == 10.0
     assert cfg.method.options["pd_weight"] == 0.1
@@ -105,7 +105,7 @@ def test_bad_values_are_refused_with_one_sentence(overrides: list[str], fragment
 )
 def test_bad_method_options_are_refused(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError, match=None) as info:
-        load_config(CONFIGS / "smoke.toml", overrides)
+        load_config(CONFIGS / "smoke.toml", overrides=overrides)
     assert fragment in str(info.value)
 
 
@@ -147,7 +147,7 @@ def test_more_refused_values(overrides: list[str], fragment: str) -> None:
 )
 def test_method_option_ranges(override: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(CONFIGS / "smoke.toml", [override])
+        load_config(CONFIGS / "smoke.toml", overrides=[override])
     assert override.split("=")[0] in str(info.value)
 
 
@@ -164,7 +164,30 @@ def test_a_config_dataclass_is_validated_too() -> None:
 def test_data_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = load_config(
-        CONFIGS / "smoke.toml", ["data.root=data", "data.name=npz", "data.path=x.npz"]
+        CONFIGS / "smoke.toml", overrides=["data.root=data", "data.name=npz", "data.path=x.npz"]
     )
     assert cfg.data.root == str(tmp_path / "data")
     assert cfg.data.path == str(tmp_path / "x.npz")
+
+
+def test_threads_and_probe_off_are_accepted_and_checked() -> None:
+    cfg = load_config(CONFIGS / "smoke.toml", overrides=["threads=1", "evaluation.linear_epochs=0"])
+    assert cfg.threads == 1 and cfg.evaluation.linear_epochs == 0
+    assert load_config(CONFIGS / "smoke.toml").threads == 0
+    with pytest.raises(ConfigError, match="threads must be >= 0"):
+        load_config(CONFIGS / "smoke.toml", overrides=["threads=-1"])
+    with pytest.raises(ConfigError, match="linear_epochs must be >= 0"):
+        load_config(CONFIGS / "smoke.toml", overrides=["evaluation.linear_epochs=-1"])
+
+
+def test_every_method_has_its_paper_protocol_configs() -> None:
+    """The README's promise: configs/<name>_silo.toml and configs/<name>_device.toml."""
+    from fedssd.api import check_setup
+    from fedssd.methods import METHODS
+
+    for name in METHODS:
+        for setting, clients, fraction in (("silo", 10, 1.0), ("device", 50, 0.2)):
+            cfg = load_config(CONFIGS / f"{name}_{setting}.toml")
+            check_setup(cfg)
+            assert cfg.method.name == name and cfg.data.name == "cifar10"
+            assert (cfg.federation.num_clients, cfg.federation.fraction) == (clients, fraction)

@@ -130,7 +130,7 @@ def test_training_beats_the_untrained_encoder(tmp_path: Path) -> None:
     assert code == 0
     trained = json.loads((tmp_path / "run" / "summary.json").read_text())
 
-    cfg = load_config(SMOKE, LEARN)
+    cfg = load_config(SMOKE, overrides=LEARN)
     data = prepare_data(cfg, log=lambda _m: None)
     untrained = final_evaluation(
         cfg,

@@ -192,7 +192,7 @@ def test_simulation_matches_in_process_simulator(
         torch.testing.assert_close(saved.model[key], value, rtol=1e-5, atol=1e-6, msg=key)
     # Training moved the weights (two skipped rounds would also match the simulator).
     initial = build_experiment(
-        load_config(experiment, [f"method.name={method}"]), log=lambda _m: None
+        load_config(experiment, overrides=[f"method.name={method}"]), log=lambda _m: None
     ).global_model.state_dict()
     assert any(not torch.equal(initial[k], v) for k, v in in_process[method].items())
 

@@ -94,7 +94,7 @@ def test_finetune_result_is_written_and_reproducible(run_dir: Path) -> None:
     assert [epoch for epoch, _ in result["finetune_evaluations"]] == [3]
     assert result["finetune_best_acc"] >= result["finetune_last_acc"]
     assert 0.0 <= result["finetune_last_acc"] <= 1.0
-    written = json.loads((run_dir / "eval" / "finetune-0.1.json").read_text())
+    written = json.loads((run_dir / "eval" / "finetune-0.1-3ep.json").read_text())
     assert written == result
     again = evaluate_run(run_dir, "finetune", labels=0.1, epochs=3, log=None)
     assert again["finetune_evaluations"] == result["finetune_evaluations"]
@@ -124,7 +124,7 @@ def test_impossible_requests_are_refused_before_reading(
 def test_transfer_to_another_dataset(run_dir: Path, tmp_path: Path) -> None:
     npz = _write_npz(tmp_path / "other.npz", side=32)
     result = evaluate_run(run_dir, "knn", eval_data="npz", eval_path=str(npz), log=None)
-    assert (run_dir / "eval" / "knn-on-npz.json").is_file()
+    assert (run_dir / "eval" / "knn-on-npz-other.json").is_file()
     assert result["eval_data"] == "npz" and result["train_images"] == 60
     # By hand: the reloaded model's features of the npz images, kNN with the run's k and t.
     _, model = load_run(run_dir)
@@ -145,7 +145,7 @@ def test_transfer_to_another_dataset(run_dir: Path, tmp_path: Path) -> None:
     assert tuned["labelled_images"] == len(
         stratified_fraction(train_y.numpy(), 0.1, np.random.default_rng(0))
     )
-    assert (run_dir / "eval" / "finetune-0.1-on-npz.json").is_file()
+    assert (run_dir / "eval" / "finetune-0.1-1ep-on-npz-other.json").is_file()
 
 
 def test_transfer_to_images_of_another_size_is_refused(run_dir: Path, tmp_path: Path) -> None:
@@ -214,3 +214,46 @@ def test_result_names() -> None:
     assert result_name("linear", None, None) == "linear.json"
     assert result_name("finetune", 0.01, None) == "finetune-0.01.json"
     assert result_name("finetune", 0.1, "cifar10") == "finetune-0.1-on-cifar10.json"
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+def test_results_of_different_settings_do_not_overwrite_each_other(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    full = evaluate_run(run_dir, "linear", log=None)
+    short = evaluate_run(run_dir, "linear", epochs=2, log=None)
+    same = evaluate_run(run_dir, "linear", epochs=5, log=None)  # the run's own probe epochs
+    assert (full["file"], short["file"], same["file"]) == (
+        "linear.json",
+        "linear-2ep.json",
+        "linear.json",
+    )
+    assert json.loads((run_dir / "eval" / "linear-2ep.json").read_text())["linear_epochs"] == 2
+    assert json.loads((run_dir / "eval" / "linear.json").read_text())["linear_epochs"] == 5
+    first = _write_npz(tmp_path / "first.npz", side=32)
+    second = _write_npz(tmp_path / "second.npz", side=32, seed=3)
+    for npz in (first, second):
+        evaluate_run(run_dir, "knn", eval_data="npz", eval_path=str(npz), log=None)
+    assert (run_dir / "eval" / "knn-on-npz-first.json").is_file()
+    assert (run_dir / "eval" / "knn-on-npz-second.json").is_file()
+    assert result_name("finetune", 0.01, None, epochs=10) == "finetune-0.01-10ep.json"
+
+
+def test_eval_messages(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    parser = argparse.ArgumentParser()
+    add_eval_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["eval", "--run", str(run_dir), "--protocol", "linear"])
+    assert run_eval(args) == 0
+    captured = capsys.readouterr()
+    # Where the result went is said once, and the probe speaks in % like everything else.
+    assert (captured.out + captured.err).count("result written to") == 1
+    probe_lines = [line for line in captured.err.splitlines() if "linear probe epoch" in line]
+    assert probe_lines and all(line.endswith("%") for line in probe_lines), probe_lines
+    lines: list[str] = []
+    evaluate_run(run_dir, "finetune", labels=0.1, epochs=10, log=lines.append)
+    announced = next(line for line in lines if line.startswith("fine-tuning on"))
+    assert "every 50" not in announced and "after the last" in announced
+    with pytest.raises(ConfigError, match="--labels"):
+        evaluate_run(run_dir, "finetune", log=None)

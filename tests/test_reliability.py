@@ -24,7 +24,7 @@ from fedssd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, sav
 from fedssd.cli import main
 from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
-from fedssd.errors import DataError, TrainingDiverged
+from fedssd.errors import ConfigError, DataError, TrainingDiverged
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.faults import draw_fault
 from fedssd.federation.simulator import Guards, Schedule, run_rounds
@@ -569,3 +569,88 @@ def test_checkpoint_does_not_unpickle(tmp_path: Path) -> None:
     torch.save({"w": torch.zeros(1)}, folder / "model.safetensors")
     with pytest.raises(DataError, match="corrupted"):
         load_checkpoint(folder)
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identical(
+    tmp_path: Path,
+) -> None:
+    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) after the first checkpoint: exit
+    143 / 130 with the resume command and its checkpoint; resuming finishes the run exactly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
+    command += _sets([*TINY, "federation.rounds=8"])
+    whole = tmp_path / "whole"
+    subprocess.run([*command, "--out", str(whole)], env=env, check=True, capture_output=True)
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        stopped = tmp_path / signum.name
+        process = subprocess.Popen(
+            [*command, "--out", str(stopped)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 300
+        while not list_checkpoints(stopped) and time.monotonic() < deadline:
+            assert process.poll() is None, "the run ended before it could be stopped"
+            time.sleep(0.02)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=120)
+        assert process.returncode == code, err
+        assert not (stopped / "summary.json").exists(), "the run finished before the signal"
+        assert "Traceback" not in err
+        newest = list_checkpoints(stopped)[-1].name
+        assert f"stopped by {signum.name}" in err
+        assert f"fedssd train --resume {stopped} (from checkpoint {newest}" in err, err
+        result = subprocess.run(
+            [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(stopped), "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        _same_weights(whole, stopped)
+        assert _records(stopped) == _records(whole)
+
+
+def test_a_finished_run_extended_with_rounds_equals_the_longer_run(tmp_path: Path) -> None:
+    overrides = [*TINY, "federation.rounds=2", "evaluation.every=2", "checkpoint.every=2"]
+    longer = fedssd.train(
+        SMOKE, overrides=[*overrides, "federation.rounds=5"], out=tmp_path / "five", log=None
+    )
+    short = tmp_path / "short"
+    # Three rounds: its last one is measured by the kNN monitor, which the longer run skips.
+    fedssd.train(SMOKE, overrides=[*overrides, "federation.rounds=3"], out=short, log=None)
+    before = json.loads((short / "summary.json").read_text())
+    code = main(["train", "--resume", str(short), "--quiet", "--rounds", "5"])
+    assert code == 0
+    _same_weights(longer.out_dir, short)  # type: ignore[arg-type]
+    assert _records(short) == _records(longer.out_dir)  # type: ignore[arg-type]
+    assert fedssd.load_config(short / "config.toml").federation.rounds == 5
+    # The 3-round run's outputs are kept aside, not lost.
+    assert json.loads((short / "rounds-3" / "summary.json").read_text()) == before
+    assert (short / "rounds-3" / "model.safetensors").is_file()
+    assert json.loads((short / "summary.json").read_text())["rounds"] == 5
+    # Finished again: plain --resume refuses and says how to extend.
+    with pytest.raises(ConfigError, match="--rounds N"):
+        fedssd.resume(short, log=None)
+
+
+def test_extension_is_refused_where_it_cannot_be_exact(tmp_path: Path) -> None:
+    run = tmp_path / "cosine"
+    fedssd.train(
+        SMOKE,
+        overrides=[*TINY, "federation.rounds=2", "federation.lr_schedule=cosine"],
+        out=run,
+        log=None,
+    )
+    with pytest.raises(ConfigError, match="cosine"):
+        fedssd.resume(run, rounds=4, log=None)
+    assert fedssd.load_config(run / "config.toml").federation.rounds == 2
+    assert (run / "summary.json").is_file()
+    with pytest.raises(ConfigError, match="greater than 2"):
+        fedssd.resume(run, rounds=2, log=None)

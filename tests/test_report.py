@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -152,3 +154,78 @@ def test_report_refuses_a_folder_without_runs(tmp_path: Path) -> None:
     with pytest.raises(DataError) as caught:
         report.build_report(tmp_path)
     assert "holds no run" in str(caught.value) and "\n" not in str(caught.value)
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+@pytest.fixture
+def figures(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Any]]:
+    """The matplotlib Figures the report draws, kept open instead of saved."""
+    kept: list[Any] = []
+    monkeypatch.setattr(report, "_save", lambda fig, _path: kept.append(fig))
+    yield kept
+    import matplotlib.pyplot as plt
+
+    for fig in kept:
+        plt.close(fig)
+
+
+def _axes_by_title(fig: Any) -> dict[str, Any]:
+    return {ax.get_title().split("\n")[0]: ax for ax in fig.axes if ax.get_visible()}
+
+
+def test_curves_use_the_tables_sign_and_show_flat_terms_honestly(
+    figures: list[Any], tmp_path: Path
+) -> None:
+    history = [
+        {"round": 1, "loss": 1.0, "loss_uniform": -2.1, "loss_dsr": 0.0869},
+        {"round": 2, "loss": 0.5, "loss_uniform": -2.6, "loss_dsr": 0.0872},
+    ]
+    report.curves_figure({"SSD": [history]}, tmp_path / "c.png", "curves")
+    axes = _axes_by_title(figures[0])
+    uniform = axes["-L_unif"]
+    assert "-L_unif" in uniform.get_ylabel() and "higher is better" in uniform.get_ylabel()
+    assert uniform.lines[0].get_ydata().tolist() == [2.1, 2.6]  # the tables' sign
+    dsr = axes["DSR loss"]
+    bottom, top = dsr.get_ylim()
+    assert bottom <= 0.0 < 0.0872 <= top  # its scale, not its rounding noise
+    assert "0.0869 to 0.0872" in dsr.get_title()
+    figures[0].canvas.draw()
+    assert dsr.yaxis.get_major_formatter().get_offset() == ""
+    # A term that moves keeps the automatic range.
+    low, high = axes["total loss"].get_ylim()
+    assert low > 0.3 and high < 1.2
+
+
+def test_heatmap_cells_carry_their_values(figures: list[Any], tmp_path: Path) -> None:
+    matrix = np.array([[3.5, 1.25], [1.25, 3.0]])
+    report.uniformity_figure({"h": {"SSD": matrix}}, tmp_path / "u.png", "u")
+    texts = [t.get_text() for t in figures[0].axes[0].texts]
+    assert sorted(texts) == ["1.25", "1.25", "3.00", "3.50"]
+
+
+def test_embedding_legends_name_the_classes(figures: list[Any], tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    sphere = report.sphere_map(rng.normal(size=(60, 8)))
+    labels = np.arange(60) % 10
+    report.embedding_figure(
+        {"h": sphere}, labels % 3, labels, tmp_path / "e.png", "e", dataset="fashion_mnist"
+    )
+    legends = [ax.get_legend() for ax in figures[0].axes if ax.get_legend() is not None]
+    by_title = {legend.get_title().get_text(): legend for legend in legends}
+    names = [t.get_text() for t in by_title["class"].get_texts()]
+    assert names[0] == "T-shirt/top" and names[-1] == "Ankle boot" and len(names) == 10
+    assert [t.get_text() for t in by_title["client"].get_texts()] == ["0", "1", "2"]
+    assert report.class_names("cifar10", 10)[0] == "airplane"
+    assert report.class_names("npz", 3) == ["0", "1", "2"]
+
+
+def test_titles_do_not_repeat_the_method(figures: list[Any], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    train(SMOKE, overrides=TINY, out=run, log=None)
+    report.build_report(run, embedding_samples=100)
+    titles = [fig.get_suptitle() for fig in figures]
+    embedding = next(t for t in titles if "embeddings" in t)
+    assert embedding.startswith("ssd, seed 17") and "ssd (ssd" not in embedding
+    assert report.row_title("+PD", "ssd") == "+PD (ssd)"

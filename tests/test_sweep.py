@@ -474,3 +474,43 @@ def _untimed(jsonl: str) -> list[dict[str, Any]]:
     return [
         {k: v for k, v in json.loads(line).items() if k != "seconds"} for line in jsonl.splitlines()
     ]
+
+
+# ----------------------------------------------------------------------------- issue 17
+
+
+def test_a_dry_run_reads_no_data(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`sweep configs/grids/paper_main.toml --dry-run` must not look for (or download) CIFAR."""
+    import fedssd.protocols  # imported first, so that it keeps the real functions it imports
+
+    def no_data(*_args: Any, **_kwargs: Any) -> None:
+        raise AssertionError("a dry run read data")
+
+    for name in ("prepare_data", "load_data"):
+        monkeypatch.setattr(fedssd.api, name, no_data)
+    _no_training(monkeypatch)
+    monkeypatch.chdir(GRIDS.parents[1])  # the paper grids' split files are read from the root
+    args = _parse(["sweep", str(GRIDS / "paper_main.toml"), "--out", str(tmp_path), "--dry-run"])
+    assert sweep.run_sweep(args) == 0
+    out = capsys.readouterr().out
+    assert "72 runs checked" in out and "reads no data" in out
+    for row in ("FedX", "L-DAWA", "FedDecorr", "FedU2", "FedAlignUniform", "SSD"):
+        assert f"/c10-silo/{row}/seed-17" in out, row
+
+
+def test_quiet_sweep_prints_no_lines_of_its_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grid_path = write_grid(
+        tmp_path,
+        seeds=(1,),
+        rows='[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n',
+        extra='columns = ["finetune:0.1"]',
+    )
+    out = tmp_path / "sweep"
+    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    err = capsys.readouterr().err
+    assert err.strip(), "the sweep's own lines are still printed"
+    assert all(line.startswith("[sweep]") for line in err.strip().splitlines()), err

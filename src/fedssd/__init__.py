@@ -1,6 +1,15 @@
 """fedssd: federated unsupervised representation learning with SSD and its baselines.
 
 The one call to run an experiment is :func:`fedssd.train`; see its docstring and the README.
+
+Public names:
+    train: Run one experiment and write its run folder.
+    resume: Continue (or extend) a run from its newest checkpoint.
+    load_config: A validated, resolved :class:`Config` from a TOML file and overrides.
+    load_run: The config and trained model of a finished run folder.
+    Config: The experiment configuration (a frozen dataclass).
+    RunResult: What :func:`train` returns.
+
 The heavy modules load on first use, so ``import fedssd`` stays cheap.
 """
 
@@ -13,17 +22,30 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from fedssd.api import RunResult, load_config, resume, train
     from fedssd.config import Config
+    from fedssd.protocols import load_run
 
-__all__ = ["Config", "RunResult", "__version__", "load_config", "resume", "train"]
+__all__ = ["Config", "RunResult", "__version__", "load_config", "load_run", "resume", "train"]
+
+# Where each lazily loaded public name lives.
+_LAZY = {
+    "RunResult": "fedssd.api",
+    "load_config": "fedssd.api",
+    "resume": "fedssd.api",
+    "train": "fedssd.api",
+    "Config": "fedssd.config",
+    "load_run": "fedssd.protocols",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("RunResult", "load_config", "resume", "train"):
-        from fedssd import api
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'fedssd' has no attribute {name!r}")
+    import importlib
 
-        return getattr(api, name)
-    if name == "Config":
-        from fedssd.config import Config
+    return getattr(importlib.import_module(module), name)
 
-        return Config
-    raise AttributeError(f"module 'fedssd' has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    # dir() and help() list the lazy names too, not only what has been imported so far.
+    return sorted({*globals(), *__all__})

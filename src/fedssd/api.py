@@ -46,6 +46,7 @@ from fedssd.federation.evaluate import (
     combine_client_evaluations,
     evaluate_model,
     knn_monitor,
+    label_warning,
 )
 from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
@@ -62,7 +63,7 @@ from fedssd.outputs import (
     write_json,
     write_text_atomic,
 )
-from fedssd.runtime import tune_malloc
+from fedssd.runtime import busy_machine_hint, cpu_threads, tune_malloc
 from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
@@ -194,8 +195,17 @@ def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
 
-def load_config(config: Config | str | Path, overrides: Sequence[str] = ()) -> Config:
-    """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides."""
+def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -> Config:
+    """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides.
+
+    Args:
+        config: A :class:`~fedssd.config.Config` or the path of a TOML file.
+        overrides: ``dotted.key=value`` strings applied on top (e.g. ``"federation.rounds=5"``).
+
+    Raises:
+        fedssd.errors.ConfigError: The file is missing or a key is unknown, mistyped or out of
+            range, in one sentence.
+    """
     source = config_module.to_dict(config) if isinstance(config, Config) else Path(config)
     return resolve(config_module.load(source, overrides))
 
@@ -690,7 +700,7 @@ def train(
     """
     started = time.perf_counter()
     say: Log = log or (lambda _message: None)
-    cfg = load_config(config, overrides)
+    cfg = load_config(config, overrides=overrides)
     if out is not None:
         check_run_dir(Path(out), overwrite=overwrite)
     check_setup(cfg)
@@ -705,44 +715,104 @@ def train(
 
 
 def resume(
-    run_dir: str | Path, *, log: Log | None = stderr_log, verbose: bool = False
+    run_dir: str | Path,
+    *,
+    rounds: int | None = None,
+    threads: int | None = None,
+    log: Log | None = stderr_log,
+    verbose: bool = False,
 ) -> RunResult:
-    """Continue an interrupted run from its newest checkpoint.
+    """Continue an interrupted run from its newest checkpoint, or extend a run to more rounds.
 
     The run's own ``config.toml`` is used. On the CPU, a resumed run ends with the same global
-    weights, bit for bit, and the same metrics as the run would have without the interruption.
+    weights, bit for bit, and the same metrics as the run would have without the interruption
+    (with the same thread count). With ``rounds``, the run (finished or not) continues to that
+    many rounds in all and ends as a run of that many rounds from the start would; the outputs of
+    a finished run's shorter version are moved to ``<run>/rounds-<R>/`` first.
+
+    Args:
+        run_dir: The run folder.
+        rounds: The total number of rounds to continue to (None: the run's own).
+        threads: CPU threads for this process (None: the run's ``threads`` setting).
+        log: Receives progress lines; None for silence.
+        verbose: Also log a line after each client's local training.
 
     Raises:
-        fedssd.errors.FedSSDError: The folder is not an unfinished run with a checkpoint, or the
-            checkpoint is corrupted or belongs to another run.
+        fedssd.errors.FedSSDError: The folder is not a run with a checkpoint, the checkpoint is
+            corrupted or belongs to another run, or ``rounds`` cannot be reached bit-identically.
     """
     started = time.perf_counter()
     say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
-    cfg, saved, path = resume_point(out_dir, say=say)
-    check_setup(cfg)
-    experiment = build_experiment(cfg, log=say)
-    restore_checkpoint(experiment, saved, path, out_dir=out_dir, say=say)
+    point = resume_point(out_dir, rounds=rounds, threads=threads, say=say)
+    check_setup(point.config)
+    experiment = build_experiment(point.config, log=say)
+    saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=say)
     return _run(
         experiment, out_dir=out_dir, resume_from=saved, started=started, say=say, verbose=verbose
     )
 
 
-def resume_point(out_dir: Path, *, say: Log) -> tuple[Config, Checkpoint, Path]:
-    """The saved config of an unfinished run and its newest readable checkpoint.
+@dataclasses.dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues from (see :func:`resume_point`).
+
+    Attributes:
+        config: The config to continue with (``rounds`` and ``threads`` applied).
+        stored: The run's own ``config.toml``.
+        checkpoint: The newest readable checkpoint.
+        path: Its folder.
+        finished: Whether the run had finished (it is being extended).
+    """
+
+    config: Config
+    stored: Config
+    checkpoint: Checkpoint
+    path: Path
+    finished: bool
+
+
+def resume_point(
+    out_dir: Path, *, say: Log, rounds: int | None = None, threads: int | None = None
+) -> ResumePoint:
+    """The saved config of a run and its newest readable checkpoint; nothing is changed yet.
+
+    Args:
+        out_dir: The run folder.
+        say: Progress lines (a skipped damaged checkpoint is reported).
+        rounds: Extend the run to this many rounds in all (None: the run's own).
+        threads: CPU threads for this process (None: the run's setting).
 
     Raises:
-        fedssd.errors.FedSSDError: The folder is not an unfinished run with a checkpoint, or the
-            checkpoint is corrupted or belongs to another run.
+        fedssd.errors.FedSSDError: The folder is not a run with a checkpoint, the checkpoint is
+            corrupted or belongs to another run, or ``rounds`` cannot be reached bit-identically.
     """
     config_path = out_dir / "config.toml"
     if not config_path.is_file():
         raise ConfigError(f"{out_dir} is not a fedssd run folder (it has no config.toml).")
-    if (out_dir / "summary.json").exists():
+    finished = (out_dir / "summary.json").exists()
+    stored = load_config(config_path)
+    if rounds is None and finished:
         raise ConfigError(
-            f"the run in {out_dir} has finished (summary.json exists); nothing to resume."
+            f"the run in {out_dir} has finished (summary.json exists); nothing to resume "
+            f"(add --rounds N, more than {stored.federation.rounds}, to continue it)."
         )
-    cfg = load_config(config_path)
+    cfg = stored
+    if rounds is not None and rounds != stored.federation.rounds:
+        if rounds < 1:
+            raise ConfigError(f"--rounds must be at least 1, not {rounds}.")
+        if stored.federation.lr_schedule != "constant":
+            raise ConfigError(
+                f"the run in {out_dir} uses the {stored.federation.lr_schedule!r} learning-rate "
+                "schedule, which depends on the total number of rounds, so it cannot be extended "
+                "to equal a longer run; train a new run with federation.rounds set instead."
+            )
+        cfg = dataclasses.replace(
+            stored, federation=dataclasses.replace(stored.federation, rounds=rounds)
+        )
+    if threads is not None:
+        cfg = dataclasses.replace(cfg, threads=threads)
+        config_module.validate(cfg)
     remove_partial_checkpoints(out_dir)
     checkpoints = list_checkpoints(out_dir)
     if not checkpoints:
@@ -751,34 +821,106 @@ def resume_point(out_dir: Path, *, say: Log) -> tuple[Config, Checkpoint, Path]:
             f"written every {cfg.checkpoint.every} rounds); start it again with --overwrite."
         )
     saved, path = _newest_readable(checkpoints, say)
-    if saved.identity != run_identity(config_module.to_dict(cfg)):
+    if not same_run(saved.identity, cfg):
         raise DataError(
             f"checkpoint {path} was written by a different configuration than "
             f"{config_path}; resume only the run that wrote it."
         )
-    return cfg, saved, path
+    total = cfg.federation.rounds
+    if saved.rounds_done > total or (finished and saved.rounds_done == total):
+        raise ConfigError(
+            f"the run in {out_dir} has done {saved.rounds_done} rounds; pass --rounds N with N "
+            f"greater than {saved.rounds_done} to continue it."
+        )
+    return ResumePoint(cfg, stored, saved, path, finished)
 
 
 def restore_checkpoint(
-    experiment: Experiment, saved: Checkpoint, path: Path, *, out_dir: Path, say: Log
-) -> None:
-    """Load a checkpoint's global model and server state into ``experiment`` and cut
-    ``metrics.jsonl`` back to the checkpoint's rounds (the rounds after it are redone).
+    experiment: Experiment, point: ResumePoint, *, out_dir: Path, say: Log
+) -> Checkpoint:
+    """Load a checkpoint's global model and server state into ``experiment``, then (only now
+    that everything is checked) set a finished run's outputs aside, rewrite ``config.toml`` for
+    an extension and cut ``metrics.jsonl`` back to the checkpoint's rounds (the rounds after it
+    are redone).
+
+    Returns:
+        The checkpoint, its history as the run being continued records it.
 
     Raises:
         DataError: The checkpoint's model does not fit the experiment's.
     """
-    check_model_state(experiment.global_model.state_dict(), saved.model, where=path)
+    cfg, stored, saved = point.config, point.stored, point.checkpoint
+    check_model_state(experiment.global_model.state_dict(), saved.model, where=point.path)
     experiment.global_model.load_state_dict(saved.model)
     load_server_state(experiment.method, saved.server)
-    say(
-        f"resuming {out_dir} after round {saved.rounds_done} of "
-        f"{experiment.config.federation.rounds}"
-    )
+    if point.finished:
+        _set_aside(out_dir, saved.rounds_done, say)
+    total = cfg.federation.rounds
+    if total != stored.federation.rounds:
+        write_text_atomic(
+            out_dir / "config.toml", config_module.dumps(_stored_threads(cfg, stored))
+        )
+        say(f"extending {out_dir} from {stored.federation.rounds} to {total} rounds")
+    history = [_as_in_longer_run(record, cfg) for record in saved.history]
+    saved = dataclasses.replace(saved, history=history)
+    say(f"resuming {out_dir} after round {saved.rounds_done} of {total}")
     write_text_atomic(
         out_dir / "metrics.jsonl",
         "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
     )
+    return saved
+
+
+def same_run(identity: dict[str, Any], config: Config) -> bool:
+    """Whether a checkpoint's run identity belongs to ``config``'s run.
+
+    ``federation.rounds`` is left out under the constant learning-rate schedule, where the rounds
+    done do not depend on the total, so that a run extended with ``--rounds`` still resumes from
+    the checkpoints written before the extension.
+    """
+    expected = run_identity(config_module.to_dict(config))
+    if config.federation.lr_schedule == "constant":
+        expected = _without_rounds(expected)
+        identity = _without_rounds(identity)
+    return identity == expected
+
+
+def _without_rounds(identity: dict[str, Any]) -> dict[str, Any]:
+    federation = {k: v for k, v in dict(identity.get("federation", {})).items() if k != "rounds"}
+    return {**identity, "federation": federation}
+
+
+def _stored_threads(config: Config, stored: Config) -> Config:
+    """``config`` with the run's own thread setting (``--threads`` applies to this process)."""
+    return dataclasses.replace(config, threads=stored.threads)
+
+
+def _as_in_longer_run(record: dict[str, Any], config: Config) -> dict[str, Any]:
+    """A history record as a run of ``config``'s rounds has it: the kNN monitor also measures
+    the last round of a shorter run, which a longer run skips unless it is an evaluation round."""
+    done, every = int(record["round"]), config.evaluation.every
+    if "knn_acc" in record and done != config.federation.rounds and (not every or done % every):
+        return {k: v for k, v in record.items() if k != "knn_acc"}
+    return record
+
+
+def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
+    """Move a finished run's final outputs to ``rounds-<R>/`` before it is extended."""
+    target = out_dir / f"rounds-{rounds_done}"
+    if target.exists():
+        raise ConfigError(f"{target} already exists; move it away before extending the run.")
+    names = (
+        "summary.json",
+        "model.safetensors",
+        "server_state.safetensors",
+        "eval",
+        "columns.json",
+    )
+    moved = [name for name in names if (out_dir / name).exists()]
+    target.mkdir()
+    for name in moved:
+        (out_dir / name).rename(target / name)
+    say(f"the {rounds_done}-round run's {', '.join(moved)} moved to {target}")
 
 
 def _newest_readable(checkpoints: Sequence[Path], say: Log) -> tuple[Checkpoint, Path]:
@@ -811,6 +953,28 @@ def _run(
     verbose: bool,
 ) -> RunResult:
     """The round loop, the final evaluation and the final files of a built experiment."""
+    with cpu_threads(experiment.config.threads) as threads:
+        return _run_with_threads(
+            experiment,
+            out_dir=out_dir,
+            resume_from=resume_from,
+            started=started,
+            say=say,
+            verbose=verbose,
+            threads=threads,
+        )
+
+
+def _run_with_threads(
+    experiment: Experiment,
+    *,
+    out_dir: Path | None,
+    resume_from: Checkpoint | None,
+    started: float,
+    say: Log,
+    verbose: bool,
+    threads: int,
+) -> RunResult:
     cfg, data = experiment.config, experiment.data
     tune_malloc()
     views = run_evaluation_views(cfg, data, log=say)
@@ -821,9 +985,14 @@ def _run(
     )
     fed = cfg.federation
     say(
-        f"training {cfg.method.name} on {experiment.device.type}: {fed.rounds} rounds, "
-        f"{fed.local_epochs} local epochs, {fed.num_clients} clients at fraction {fed.fraction}"
+        f"training {cfg.method.name} on {experiment.device.type} ({threads} CPU threads): "
+        f"{fed.rounds} rounds, {fed.local_epochs} local epochs, {fed.num_clients} clients at "
+        f"fraction {fed.fraction}"
     )
+    labels = None if views is None else label_warning(views.train_labels, views.test_labels)
+    for note in (busy_machine_hint(threads), labels):
+        if note is not None:
+            say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
@@ -888,6 +1057,8 @@ def finish_run(
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
+        # Results are bit-identical only for the same thread count, so it is recorded.
+        "threads": torch.get_num_threads(),
     }
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())

@@ -6,11 +6,17 @@ Every error a user can cause ends with one sentence on standard error and exit c
 from __future__ import annotations
 
 import argparse
+import contextlib
+import csv
 import dataclasses
+import io
+import os
+import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from fedssd import __version__
@@ -18,6 +24,8 @@ from fedssd.errors import ConfigError, FedSSDError, TrainingDiverged
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE.value
+"""A reader that closed the pipe early (``fedssd methods | head -2``): the shell's SIGPIPE code."""
 
 # The columns of the comparison table: (summary key, header, scale, format).
 TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
@@ -34,7 +42,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
 
 
 CONFIG_HELP = (
-    "Config keys: seed, device, precision, and the tables [data], [model], [method], "
+    "Config keys: seed, device, precision, threads, and the tables [data], [model], [method], "
     "[federation], [evaluation]; the README's Configuration table lists them, and "
     "src/fedssd/config.py documents every key. Method options: docs/methods.md."
 )
@@ -80,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="replace the files of an earlier run in the output folder",
         )
+        add_threads_option(sub)
         sub.add_argument("--quiet", action="store_true", help="print no progress lines")
         sub.add_argument(
             "--verbose", action="store_true", help="also print a line after each client's training"
@@ -92,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
             "Train one federated experiment and evaluate the final global model. Writes "
             "config.toml (resolved), metrics.jsonl (one line per round), partition.json, "
             "summary.json (final evaluation), model.safetensors and checkpoints/ into the output "
-            "folder. With --resume DIR, continue an interrupted run from its newest checkpoint."
+            "folder. With --resume DIR, continue an interrupted run from its newest checkpoint; "
+            "add --rounds N to extend a run to N rounds."
         ),
     )
     add_run_options(train, config_required=False)
@@ -109,13 +119,21 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="continue the interrupted run in DIR from its newest checkpoint (its config.toml)",
     )
+    train.add_argument(
+        "--rounds",
+        type=int,
+        metavar="N",
+        help="with --resume: continue the run (finished or not) to N rounds in all, ending as a "
+        "run of N rounds from the start would (constant learning rate only)",
+    )
 
     compare = commands.add_parser(
         "compare",
         help="run the same experiment with several methods and print a table",
         description=(
             "Run one experiment per method (same data, split, seed and initial weights) into "
-            "DIR/<method>/ and print their final evaluations side by side."
+            "DIR/<method>/, print their final evaluations side by side and write them to "
+            "DIR/table.md and DIR/results.csv ('fedssd report DIR' draws the figures)."
         ),
     )
     add_run_options(compare)
@@ -163,6 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the config's ``threads`` (CPU threads; 0 = PyTorch's default)."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        metavar="N",
+        help="CPU threads of PyTorch (the config key threads; 0 = PyTorch's default of one per "
+        "core); 1 is much faster when other jobs share the cores",
+    )
+
+
+class Stopped(KeyboardInterrupt):
+    """A termination signal (SIGTERM) turned into an exception, so that the run stops as it does
+    on Ctrl-C: files are written atomically, so nothing is left half-written."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# How an interrupted command continues: a run folder (its resume command is worked out when the
+# message is printed, from the checkpoints there by then) or a command line.
+_continue: list[Path | str] = []
+
+
+def continue_with(*items: Path | str) -> None:
+    """Say how the running command continues if it is interrupted: run folders (the resume
+    command of each is printed) or lines of text."""
+    _continue[:] = items
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Raise :class:`Stopped` in the main thread on SIGTERM (a cluster's preemption)."""
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise Stopped(signum)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals to the caller
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedssd`` command."""
     parser = build_parser()
@@ -170,32 +237,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    _continue.clear()
     try:
-        if args.command == "train":
-            return _train(args)
-        if args.command == "compare":
-            return _compare(args)
-        if args.command == "data":
-            return _data(args)
-        if args.command == "eval":
-            from fedssd.protocols import run_eval
-
-            return run_eval(args)
-        if args.command == "sweep":
-            from fedssd.sweep import run_sweep
-
-            return run_sweep(args)
-        if args.command == "report":
-            from fedssd.report import run_report
-
-            return run_report(args)
-        return _methods()
+        with _stop_on_sigterm():
+            code = _dispatch(args)
+            # Output still in the buffer is written here, where a closed pipe can be handled.
+            sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (`fedssd methods | head -2`): not an error of fedssd. Point
+        # standard output at /dev/null so that the interpreter's last flush does not fail again.
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except FedSSDError as error:
         print(f"fedssd: error: {_sentence(error)}", file=sys.stderr)
         return EXIT_FAILED if isinstance(error, TrainingDiverged) else EXIT_USAGE
-    except KeyboardInterrupt:
-        print("fedssd: interrupted; files written so far are kept.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT.value
+        name = signal.Signals(signum).name
+        print(f"fedssd: stopped by {name}; files written so far are kept.", file=sys.stderr)
+        for item in _continue:
+            line = resume_hint(item) if isinstance(item, Path) else item
+            print(f"fedssd: {line}", file=sys.stderr)
+        return 128 + signum
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        return _train(args)
+    if args.command == "compare":
+        return _compare(args)
+    if args.command == "data":
+        return _data(args)
+    if args.command == "eval":
+        from fedssd.protocols import run_eval
+
+        return run_eval(args)
+    if args.command == "sweep":
+        from fedssd.sweep import run_sweep
+
+        return run_sweep(args)
+    if args.command == "report":
+        from fedssd.report import run_report
+
+        return run_report(args)
+    return _methods()
+
+
+def resume_hint(run_dir: Path) -> str:
+    """How to continue an interrupted run: the command and the checkpoint it will start from."""
+    from fedssd.checkpoint import list_checkpoints
+
+    checkpoints = list_checkpoints(run_dir)
+    if not checkpoints:
+        return f"{run_dir} has no checkpoint yet; start it again with --out {run_dir} --overwrite."
+    newest = checkpoints[-1].name
+    rounds = int(newest.rpartition("-")[2])
+    return (
+        f"continue with: fedssd train --resume {run_dir} "
+        f"(from checkpoint {newest}, after round {rounds})"
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -208,12 +311,21 @@ def _train(args: argparse.Namespace) -> int:
                 "--resume continues a run with its own config.toml and folder; "
                 "drop --config, --set, --out and --overwrite."
             )
-        result = resume(args.resume, log=log, verbose=args.verbose)
+        _continue[:] = [args.resume]
+        result = resume(
+            args.resume, rounds=args.rounds, threads=args.threads, log=log, verbose=args.verbose
+        )
     elif args.config is None:
         raise ConfigError("train needs --config FILE (or --resume DIR to continue a run).")
+    elif args.rounds is not None:
+        raise ConfigError(
+            "--rounds extends a run with --resume DIR; for a new run, "
+            "--set federation.rounds=N sets its rounds."
+        )
     else:
-        config = load_config(args.config, args.overrides)
+        config = load_config(args.config, overrides=_with_threads(args))
         out = args.out or _default_out(args.config, config.method.name)
+        _continue[:] = [out]
         result = train(
             config,
             out=out,
@@ -232,7 +344,7 @@ def _compare(args: argparse.Namespace) -> int:
     from fedssd.methods import shared_options
     from fedssd.outputs import check_run_dir
 
-    base = load_config(args.config, args.overrides)
+    base = load_config(args.config, overrides=_with_threads(args))
     configs = {
         name: resolve(
             dataclasses.replace(
@@ -249,13 +361,54 @@ def _compare(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for name, config in configs.items():
+        _continue[:] = [
+            out / name,
+            "compare itself has no resume: the same compare command with --overwrite runs "
+            "every method again.",
+        ]
         result = train(
             config, out=out / name, overwrite=args.overwrite, log=log, verbose=args.verbose
         )
         summaries[name] = result.summary
+    _continue.clear()
+    write_compare_tables(out, summaries)
     print(format_table(summaries))
-    print(f"\n{len(summaries)} runs in {time.perf_counter() - started:.0f}s, written to {out}/")
+    print(
+        f"\n{len(summaries)} runs in {time.perf_counter() - started:.0f}s, written to {out}/ "
+        "(with table.md and results.csv)"
+    )
     return 0
+
+
+def _with_threads(args: argparse.Namespace) -> list[str]:
+    """The command's overrides, with ``--threads N`` as ``threads=N`` (after ``--set``)."""
+    overrides = list(args.overrides)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    return overrides
+
+
+def write_compare_tables(out: Path, summaries: dict[str, dict[str, Any]]) -> None:
+    """``table.md`` (the printed table) and ``results.csv`` (every scalar of each summary, one
+    line per method) in a compare folder."""
+    from fedssd.outputs import write_text_atomic
+
+    write_text_atomic(out / "table.md", format_table(summaries) + "\n")
+    fields = ["method"]
+    rows = []
+    for name, summary in summaries.items():
+        row: dict[str, Any] = {"method": name}
+        for key, value in summary.items():
+            if key != "method" and (value is None or isinstance(value, int | float | str)):
+                row[key] = "" if value is None else value
+                if key not in fields:
+                    fields.append(key)
+        rows.append(row)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n", restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(out / "results.csv", buffer.getvalue())
 
 
 def _data(args: argparse.Namespace) -> int:

@@ -12,8 +12,9 @@ run's own data or, for transfer, on another dataset (SSD.md section 5):
 
 The pool is every client's training image (the run's ``train_subset``, if any) and the test
 set the run's (``test_subset``, if any), so ``knn`` and ``linear`` on the run's own data give
-the numbers of its ``summary.json``. The result goes to ``<run>/eval/<protocol>[-<labels>]
-[-on-<dataset>].json``. This module is the edge that reads and writes run folders; the
+the numbers of its ``summary.json``. The result goes to
+``<run>/eval/<protocol>[-<labels>][-<epochs>ep][-on-<dataset>[-<npz file stem>]].json``
+(:func:`result_name`). This module is the edge that reads and writes run folders; the
 evaluations themselves are pure functions in :mod:`fedssd.evaluation`.
 """
 
@@ -42,7 +43,7 @@ from fedssd.api import (
     select_device,
     stderr_log,
 )
-from fedssd.config import Config
+from fedssd.config import Config, EvaluationConfig
 from fedssd.data.datasets import DATASET_NAMES
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation.features import extract_features
@@ -50,8 +51,10 @@ from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fr
 from fedssd.evaluation.knn import knn_accuracy
 from fedssd.evaluation.linear_probe import linear_probe
 from fedssd.evaluation.metrics import representation_metrics
+from fedssd.federation.evaluate import label_warning
 from fedssd.models import SSLModel
 from fedssd.outputs import write_json
+from fedssd.runtime import cpu_threads
 from fedssd.seeding import EVALUATION, derive_seed, numpy_rng
 
 Log = Callable[[str], None]
@@ -68,7 +71,7 @@ _FINETUNE_SUBSET = 1
 _FINETUNE_TRAIN = 2
 
 
-def load_run(run_dir: Path) -> tuple[Config, SSLModel]:
+def load_run(run_dir: str | Path) -> tuple[Config, SSLModel]:
     """The resolved config and the trained model (on the CPU) of a finished run.
 
     Only ``encoder.*`` and ``projector.*`` tensors are read, and they must match the model that
@@ -148,14 +151,40 @@ def _first_line(error: BaseException) -> str:
     return text[:160] or type(error).__name__
 
 
-def result_name(protocol: str, labels: float | None, eval_data: str | None) -> str:
-    """The file name of a result: ``<protocol>[-<labels>][-on-<eval_data>].json``."""
+def result_name(
+    protocol: str,
+    labels: float | None,
+    eval_data: str | None,
+    *,
+    epochs: int | None = None,
+    eval_path: str | Path | None = None,
+) -> str:
+    """The file name of a result:
+    ``<protocol>[-<labels>][-<epochs>ep][-on-<eval_data>[-<file stem>]].json``.
+
+    Every setting that changes the result is in the name, so that results never overwrite each
+    other: ``epochs`` when they are not the protocol's default (the caller passes None for the
+    default), and for ``npz`` transfer data the file's stem.
+    """
     name = protocol
     if labels is not None:
         name += f"-{labels:g}"
+    if epochs is not None:
+        name += f"-{epochs}ep"
     if eval_data is not None:
         name += f"-on-{eval_data}"
+        if eval_data == "npz" and eval_path is not None:
+            stem = "".join(c if c.isalnum() or c in "_.+" else "_" for c in Path(eval_path).stem)
+            name += f"-{stem}"
     return name + ".json"
+
+
+def _default_epochs(protocol: str, config: Config) -> int:
+    """The epochs a protocol uses without ``--epochs``: the run's probe epochs (the default
+    probe's when the run had none) or the paper's fine-tuning epochs."""
+    if protocol == "finetune":
+        return FinetuneSettings().epochs
+    return config.evaluation.linear_epochs or EvaluationConfig().linear_epochs
 
 
 def _check_arguments(
@@ -171,12 +200,12 @@ def _check_arguments(
     fractions = ", ".join(f"{f:g}" for f in LABEL_FRACTIONS)
     if protocol == "finetune" and labels not in LABEL_FRACTIONS:
         raise ConfigError(
-            f"Fine-tuning needs the labelled fraction as labels={fractions} (the paper's 1% and "
-            f"10%), got {labels}."
+            f"Fine-tuning needs the labelled fraction: --labels {fractions.replace(', ', ' or ')} "
+            f"(the paper's 1% and 10%; labels= in Python), got {labels}."
         )
     if protocol != "finetune" and labels is not None:
         raise ConfigError(
-            f"The {protocol} protocol uses every labelled image; pass labels only with finetune."
+            f"The {protocol} protocol uses every labelled image; pass --labels only with finetune."
         )
     if epochs is not None and (protocol == "knn" or epochs < 1):
         raise ConfigError(
@@ -281,6 +310,7 @@ def evaluate_run(
     eval_path: str | None = None,
     epochs: int | None = None,
     device: str | None = None,
+    threads: int | None = None,
     log: Log | None = stderr_log,
 ) -> dict[str, Any]:
     """Evaluate a finished run's model with one protocol and save the result in the run folder.
@@ -294,15 +324,17 @@ def evaluate_run(
         epochs: Linear-probe or fine-tuning epochs instead of the run's probe setting or the
             paper's 200 fine-tuning epochs.
         device: ``auto``, ``cpu``, ``cuda``...; None uses the run's ``device``.
+        threads: CPU threads (None: the run's ``threads`` setting; 0: PyTorch's default).
         log: Receives progress lines; None for silence.
 
     Returns:
-        The result as written to ``run_dir/eval/<protocol>[-<labels>][-on-<eval_data>].json``:
+        The result as written to ``run_dir/eval/`` under the name :func:`result_name` gives
+        (the result's ``file``):
         ``knn_acc``; or ``linear_probe_acc``, ``linear_probe_train_acc``,
         ``uniformity_global`` and ``effective_rank``; or ``finetune_best_acc``,
         ``finetune_last_acc``, ``finetune_best_epoch``, ``finetune_evaluations``,
         ``labels`` and ``labelled_images``; always ``protocol``, ``method``, ``trained_on``,
-        ``eval_data``, ``train_images``, ``test_images`` and ``seconds``.
+        ``eval_data``, ``train_images``, ``test_images``, ``seconds`` and ``file``.
 
     Raises:
         fedssd.errors.FedSSDError: A user-caused problem (arguments, run folder, data), in one
@@ -312,6 +344,37 @@ def evaluate_run(
     say: Log = log or (lambda _message: None)
     _check_arguments(protocol, labels, eval_data, eval_path, epochs)
     config, model = load_run(Path(run_dir))
+    with cpu_threads(config.threads if threads is None else threads):
+        return _evaluate(
+            Path(run_dir),
+            protocol,
+            config,
+            model,
+            labels=labels,
+            eval_data=eval_data,
+            eval_path=eval_path,
+            epochs=epochs,
+            device=device,
+            started=started,
+            say=say,
+        )
+
+
+def _evaluate(
+    run_dir: Path,
+    protocol: str,
+    config: Config,
+    model: SSLModel,
+    *,
+    labels: float | None,
+    eval_data: str | None,
+    eval_path: str | None,
+    epochs: int | None,
+    device: str | None,
+    started: float,
+    say: Log,
+) -> dict[str, Any]:
+    """:func:`evaluate_run` once the run is loaded and the threads are set."""
     target = select_device(device or config.device)
     if eval_data is None:
         views = _own_views(config, say)
@@ -325,6 +388,9 @@ def evaluate_run(
         views, _ = _transfer_views(config, eval_data, eval_path, say)
         _check_shape(config, model, views, eval_data)
     model.to(target)
+    note = label_warning(views.train_labels, views.test_labels)
+    if note is not None:
+        say(note)
     evaluation = config.evaluation
     seed = derive_seed(config.seed, EVALUATION)
     dataset_name = eval_data or config.data.name
@@ -363,7 +429,7 @@ def evaluate_run(
                 temperature=evaluation.knn_temperature,
             )
         else:
-            linear_epochs = epochs or evaluation.linear_epochs
+            linear_epochs = epochs or _default_epochs(protocol, config)
             probe = linear_probe(
                 h_train,
                 views.train_labels,
@@ -399,7 +465,16 @@ def evaluate_run(
         raise DataError(
             f"Cannot create {out_dir} ({error.strerror}); check its permissions."
         ) from None
-    path = out_dir / result_name(protocol, labels, eval_data)
+    default = _default_epochs(protocol, config)
+    name = result_name(
+        protocol,
+        labels,
+        eval_data,
+        epochs=None if epochs in (None, default) else epochs,
+        eval_path=eval_path,
+    )
+    path = out_dir / name
+    result["file"] = name
     write_json(path, result)
     say(f"{protocol} result written to {path}")
     return result
@@ -425,9 +500,14 @@ def _finetune(
         eval_batch_size=config.evaluation.batch_size,
     )
     picked = torch.from_numpy(chosen)
+    tests = (
+        f"testing every {settings.eval_every} epochs and after the last"
+        if settings.eval_every < settings.epochs
+        else "testing after the last"
+    )
     log(
         f"fine-tuning on {chosen.shape[0]} labelled images ({100 * labels:g}%) for "
-        f"{settings.epochs} epochs, test every {settings.eval_every}"
+        f"{settings.epochs} epochs, {tests}"
     )
     outcome = finetune(
         model.encoder,
@@ -465,7 +545,9 @@ def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
         description=(
             "Load a run folder's config.toml and model.safetensors and evaluate the model with "
             "one of the paper's protocols, on the run's data or (with --eval-data) on another "
-            "dataset. The result is written to DIR/eval/<protocol>[-<labels>][-on-<data>].json."
+            "dataset. The result is written to "
+            "DIR/eval/<protocol>[-<labels>][-<N>ep][-on-<data>[-<npz file stem>]].json "
+            "(-<N>ep when --epochs is not the default; docs/evaluation.md)."
         ),
     )
     parser.add_argument("--run", required=True, type=Path, metavar="DIR", help="a run folder")
@@ -493,8 +575,25 @@ def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--device", metavar="NAME", help="auto, cpu, cuda or cuda:N (default: the run's device)"
     )
+    parser.add_argument(
+        "--threads",
+        type=_threads_arg,
+        metavar="N",
+        help="CPU threads (default: the run's threads setting; 0 = PyTorch's default)",
+    )
     parser.add_argument("--quiet", action="store_true", help="print no progress lines")
     return parser
+
+
+def _threads_arg(text: str) -> int:
+    """``--threads``: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be a non-negative integer, not {text!r}")
+    return value
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -511,11 +610,14 @@ def run_eval(args: argparse.Namespace) -> int:
         eval_path=None if args.eval_path is None else str(args.eval_path),
         epochs=args.epochs,
         device=args.device,
+        threads=args.threads,
         log=None if args.quiet else stderr_log,
     )
     print(format_result(result))
-    name = result_name(args.protocol, args.labels, args.eval_data)
-    print(f"\nresult written to {Path(args.run) / 'eval' / name}")
+    # The progress line saying where the result went is on standard error; this is the one on
+    # standard output (with --quiet, the only one).
+    if args.quiet:
+        print(f"\nresult written to {Path(args.run) / 'eval' / result['file']}")
     return 0
 
 

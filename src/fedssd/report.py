@@ -36,6 +36,41 @@ Log = Callable[[str], None]
 FIGURES = "figures"
 # Colour lists up to this many categories get a legend; more get a colour bar.
 LEGEND_LIMIT = 20
+# Heatmaps up to this many clients carry each cell's value.
+CELL_TEXT_LIMIT = 20
+# A curve whose range is under this share of its magnitude is drawn with zero on its axis, so
+# that a nearly constant term does not fill the panel as if it moved.
+FLAT_SHARE = 0.05
+# Per-round quantities drawn with the opposite sign, so that the curves use the tables' sign:
+# -L_unif, higher is better.
+NEGATED = {"loss_uniform": "-L_unif (uniformity loss negated; higher is more uniform)"}
+CLASS_NAMES: dict[str, tuple[str, ...]] = {
+    "fashion_mnist": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
+    "cifar10": (
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ),
+}
+"""The published class names of datasets whose labels are indices (legends show them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,17 +120,29 @@ class SphereMap:
 
 
 def find_runs(folder: Path) -> tuple[str, list[RunInfo]]:
-    """What ``folder`` is (``run`` or ``sweep``) and the runs in it, in table order.
+    """What ``folder`` is (``run``, ``compare`` or ``sweep``) and the runs in it, in table order.
 
     Raises:
-        DataError: The folder holds neither a run nor a sweep.
+        DataError: The folder holds neither a run, nor a compare folder, nor a sweep.
     """
     if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder; pass a run folder or a sweep folder.")
-    if (folder / "config.toml").is_file() and (folder / "metrics.jsonl").is_file():
+        raise DataError(f"{folder} is not a folder; pass a run, compare or sweep folder.")
+    if _is_run(folder):
         config = _config(folder)
         method = config.method.name
         return "run", [RunInfo("run", method, method, config.seed, folder)]
+    compared = sorted(p for p in folder.iterdir() if p.is_dir() and _is_run(p))
+    if compared:
+        # A compare folder: DIR/<method>/ runs, in the order of its results.csv when present.
+        listed = _compare_order(folder)
+        compared.sort(key=lambda p: (listed.index(p.name) if p.name in listed else len(listed), p))
+        members = []
+        for run_dir in compared:
+            config = _config(run_dir)
+            members.append(
+                RunInfo("compare", run_dir.name, config.method.name, config.seed, run_dir)
+            )
+        return "compare", members
     order = _sweep_order(folder)
     runs: list[RunInfo] = []
     for config_path in sorted(folder.glob("*/*/seed-*/config.toml")):
@@ -107,11 +154,27 @@ def find_runs(folder: Path) -> tuple[str, list[RunInfo]]:
         runs.append(RunInfo(setting, row, config.method.name, config.seed, run_dir))
     if not runs:
         raise DataError(
-            f"{folder} holds no run (config.toml and metrics.jsonl) and no sweep "
-            "(<setting>/<row>/seed-<s>/ folders); pass the folder fedssd train or sweep wrote."
+            f"{folder} holds no run (config.toml and metrics.jsonl), no compare runs "
+            "(<method>/ folders) and no sweep (<setting>/<row>/seed-<s>/ folders); pass the "
+            "folder fedssd train, compare or sweep wrote."
         )
     runs.sort(key=lambda r: (*order(r), r.seed))
     return "sweep", runs
+
+
+def _is_run(folder: Path) -> bool:
+    return (folder / "config.toml").is_file() and (folder / "metrics.jsonl").is_file()
+
+
+def _compare_order(folder: Path) -> list[str]:
+    """The methods of a compare folder's results.csv, in its order (empty when absent)."""
+    path = folder / "results.csv"
+    if not path.is_file():
+        return []
+    import csv
+
+    with path.open(encoding="utf-8", newline="") as handle:
+        return [row.get("method", "") for row in csv.DictReader(handle)]
 
 
 def _sweep_order(folder: Path) -> Callable[[RunInfo], tuple[int, int, str, str]]:
@@ -256,11 +319,54 @@ def _label(key: str) -> str:
         "loss": "total loss",
         "knn_acc": "kNN accuracy (%)",
         "loss_align": "alignment loss",
-        "loss_uniform": "uniformity loss",
         "loss_dsr": "DSR loss",
         "loss_pd": "projector distillation loss",
+        **NEGATED,
     }
     return names.get(key, key.replace("_", " "))
+
+
+def _short_label(key: str) -> str:
+    """A panel title: the label without its explanation in brackets."""
+    return _label(key).split(" (")[0] if key in NEGATED else _label(key)
+
+
+def curve_sign(key: str) -> float:
+    """-1 for the quantities drawn negated (:data:`NEGATED`), else 1."""
+    return -1.0 if key in NEGATED else 1.0
+
+
+def honest_limits(low: float, high: float) -> tuple[float, float] | None:
+    """Y-axis limits that include zero for a nearly flat curve, else None (automatic).
+
+    A term whose values span less than :data:`FLAT_SHARE` of their magnitude (DSR moving from
+    0.0869 to 0.0872) would otherwise be zoomed in until its rounding noise fills the panel.
+
+    Args:
+        low: The smallest value drawn.
+        high: The largest value drawn.
+
+    Returns:
+        ``(bottom, top)`` or None.
+    """
+    magnitude = max(abs(low), abs(high))
+    if not magnitude or high - low >= FLAT_SHARE * magnitude:
+        return None
+    pad = 0.05 * magnitude
+    return (min(0.0, low) - (pad if low < 0 else 0.0), max(0.0, high) + (pad if high > 0 else 0.0))
+
+
+def row_title(row: str, method: str) -> str:
+    """A row's name, with its method only where the name does not already say it."""
+    return row if row == method else f"{row} ({method})"
+
+
+def class_names(dataset: str, count: int) -> list[str]:
+    """Legend entries of ``count`` classes: the dataset's class names when known, else indices."""
+    names = CLASS_NAMES.get(dataset)
+    if names is not None and len(names) == count:
+        return list(names)
+    return [str(k) for k in range(count)]
 
 
 def curves_figure(
@@ -286,7 +392,8 @@ def curves_figure(
     colours = plt.get_cmap("tab10")
     for index, key in enumerate(keys):
         ax: Axes = axes[index // columns][index % columns]
-        scale = 100.0 if key.endswith("_acc") else 1.0
+        scale = (100.0 if key.endswith("_acc") else 1.0) * curve_sign(key)
+        drawn: list[float] = []
         for position, (row, histories) in enumerate(groups.items()):
             rounds, mean, low, high = band(histories, key)
             if rounds.size == 0:
@@ -294,12 +401,23 @@ def curves_figure(
             colour = colours(position % 10)
             seeds = len(histories)
             ax.plot(rounds, scale * mean, color=colour, marker="o", markersize=3, label=row)
+            drawn.extend((scale * mean).tolist())
             if seeds > 1:
                 ax.fill_between(rounds, scale * low, scale * high, color=colour, alpha=0.2)
-        ax.set_title(_label(key))
+                drawn.extend((scale * low).tolist() + (scale * high).tolist())
+        ax.set_title(_short_label(key))
         ax.set_xlabel("round")
-        ax.set_ylabel(_label(key))
+        ax.set_ylabel(_label(key) if key not in NEGATED else "-L_unif (higher is better)")
         ax.grid(alpha=0.3)
+        # Tick labels show the values themselves, never an offset ("+8.69e-2") to add to them.
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        limits = honest_limits(min(drawn), max(drawn)) if drawn else None
+        if limits is not None:
+            ax.set_ylim(*limits)
+            ax.set_title(
+                f"{_short_label(key)}\n(nearly flat: {min(drawn):.4g} to {max(drawn):.4g})",
+                fontsize=10,
+            )
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for index in range(len(keys), lines * columns):
         axes[index // columns][index % columns].set_visible(False)
@@ -319,8 +437,11 @@ def curves_figure(
     return keys
 
 
-def partition_figure(partition: Mapping[str, Any], path: Path, title: str) -> None:
-    """Stacked bars: for each client, its number of training images of each class."""
+def partition_figure(
+    partition: Mapping[str, Any], path: Path, title: str, *, dataset: str = ""
+) -> None:
+    """Stacked bars: for each client, its number of training images of each class (named as
+    :func:`class_names` gives for ``dataset``)."""
     plt = _pyplot()
     histogram = np.asarray(partition["label_histogram"], dtype=np.int64)  # (clients, classes)
     clients, classes = histogram.shape
@@ -328,6 +449,7 @@ def partition_figure(partition: Mapping[str, Any], path: Path, title: str) -> No
     colours = _category_colours(plt, classes)
     bottom = np.zeros(clients)
     positions = np.arange(clients)
+    names = class_names(dataset, classes)
     for c in range(classes):
         ax.bar(
             positions,
@@ -335,7 +457,7 @@ def partition_figure(partition: Mapping[str, Any], path: Path, title: str) -> No
             bottom=bottom,
             color=colours[c],
             width=0.85,
-            label=str(c),
+            label=names[c],
         )
         bottom += histogram[:, c]
     ax.set_xlabel("client")
@@ -391,6 +513,7 @@ def uniformity_figure(
             image = ax.imshow(matrix, cmap="viridis", vmin=low, vmax=high, origin="upper")
             mean = float(np.nanmean(matrix[~np.eye(matrix.shape[0], dtype=bool)]))
             ax.set_title(f"{row} ({kind})\nmean off-diagonal {mean:.3f}", fontsize=10)
+            _cell_values(ax, matrix, low, high)
             ax.set_xlabel("client j")
             ax.set_ylabel("client i")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -402,12 +525,38 @@ def uniformity_figure(
     _save(fig, path)
 
 
+def _cell_values(ax: Axes, matrix: np.ndarray, low: float, high: float) -> None:
+    """Write each cell's value on it (up to :data:`CELL_TEXT_LIMIT` clients), dark on the light
+    end of the colour scale and light on the dark end."""
+    size = matrix.shape[0]
+    if size > CELL_TEXT_LIMIT:
+        return
+    middle = (low + high) / 2
+    fontsize = 8 if size <= 6 else max(4.0, 8 - 0.3 * (size - 6))
+    for i in range(size):
+        for j in range(matrix.shape[1]):
+            value = float(matrix[i, j])
+            if not math.isfinite(value):
+                continue
+            ax.text(
+                j,
+                i,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="black" if value > middle else "white",
+            )
+
+
 def embedding_figure(
     maps: Mapping[str, SphereMap],
     clients: np.ndarray,
     labels: np.ndarray,
     path: Path,
     title: str,
+    *,
+    dataset: str = "",
 ) -> None:
     """Embeddings on the sphere (equal-area Mollweide map), coloured by client and by class.
 
@@ -417,11 +566,13 @@ def embedding_figure(
         labels: ``(n,)`` class of each point.
         path: PNG to write.
         title: Figure title.
+        dataset: The dataset's name, whose class names (:func:`class_names`) the legend shows.
     """
     plt = _pyplot()
     fig = plt.figure(figsize=(13, 3.9 * len(maps) + 0.6))
     num_clients = int(clients.max()) + 1
-    num_classes = int(labels.max()) + 1
+    known = CLASS_NAMES.get(dataset, ())
+    num_classes = max(int(labels.max()) + 1, len(known))
     for i, (kind, sphere) in enumerate(maps.items()):
         for j, (name, values, count) in enumerate(
             (("client", clients, num_clients), ("class", labels, num_classes))
@@ -445,8 +596,16 @@ def embedding_figure(
             ax.set_yticklabels([])
             ax.grid(alpha=0.3)
             if count <= LEGEND_LIMIT:
+                names = class_names(dataset, count) if name == "class" else None
                 handles = [
-                    plt.Line2D([], [], marker="o", linestyle="", color=colours[k], label=str(k))
+                    plt.Line2D(
+                        [],
+                        [],
+                        marker="o",
+                        linestyle="",
+                        color=colours[k],
+                        label=names[k] if names else str(k),
+                    )
                     for k in range(count)
                 ]
                 ax.legend(
@@ -565,7 +724,8 @@ def build_report(
         first_seed = seeds[0]
         firsts = {row: next(r for r in mine if r.row == row) for row in rows}
         slug = _slug(setting)
-        where = "" if kind == "run" else f"{setting}: "
+        where = f"{setting}: " if kind == "sweep" else ""
+        dataset = _config(mine[0].path).data.name
         figures: list[Figure_] = []
 
         say(f"report: curves of {setting}")
@@ -583,7 +743,9 @@ def build_report(
                 "Per-round curves",
                 f"{', '.join(_label(k) for k in keys)} of the global model per round, one colour "
                 f"per row; {spread}. kNN accuracy is measured on the rounds the run's "
-                "evaluation.every asks for.",
+                "evaluation.every asks for. The uniformity loss is drawn as -L_unif (higher is "
+                "more uniform), the sign of the tables; a nearly flat term is drawn with zero "
+                "on its axis and its range in the panel title.",
             )
         )
 
@@ -595,6 +757,7 @@ def build_report(
                 partition,
                 path,
                 f"{where}training images per client and class (seed {first_seed})",
+                dataset=dataset,
             )
             figures.append(
                 Figure_(
@@ -646,7 +809,9 @@ def build_report(
                     clients,
                     labels,
                     path,
-                    f"{where}{row} ({run.method}, seed {run.seed}): embeddings on the sphere",
+                    f"{where}{row_title(row, run.method)}, seed {run.seed}: embeddings on the "
+                    "sphere",
+                    dataset=dataset,
                 )
                 figures.append(
                     Figure_(
@@ -695,6 +860,17 @@ def render_markdown(
             lines += ["## Table", ""]
             lines += [("#" + line) if line.startswith("#") else line for line in body]
             lines += [""]
+    elif kind == "compare":
+        seeds = sorted({r.seed for r in runs})
+        lines += [f"# Report: comparison `{folder.name}`", ""]
+        lines += [
+            f"{len(runs)} runs in `{folder}`: methods {', '.join(r.row for r in runs)}; seed "
+            f"{', '.join(map(str, seeds))}.",
+            "",
+        ]
+        table = folder / "table.md"
+        if table.is_file():
+            lines += ["## Final evaluation", "", table.read_text(encoding="utf-8").strip(), ""]
     else:
         run = runs[0]
         lines += [f"# Report: {run.method} run `{folder.name}` (seed {run.seed})", ""]

@@ -12,14 +12,21 @@ instead, as allocators such as jemalloc do by default; the process then holds on
 heap after tensors are freed.
 
 Set the environment variable ``FEDSSD_TUNE_MALLOC=0`` to leave the allocator as it is.
+
+:func:`cpu_threads` applies the config's ``threads`` (PyTorch's intra-op threads) for the length
+of a run and :func:`busy_machine_hint` says when more threads than free cores are likely.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import os
 import platform
+from collections.abc import Iterator
+
+import torch
 
 ENV_SWITCH = "FEDSSD_TUNE_MALLOC"
 # mallopt parameter numbers from glibc's malloc.h.
@@ -58,4 +65,52 @@ def tune_malloc() -> bool:
     # The mmap threshold first: setting either one turns off glibc's dynamic adjustment of both.
     return bool(
         mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    )
+
+
+@contextlib.contextmanager
+def cpu_threads(threads: int) -> Iterator[int]:
+    """Run the block with ``threads`` intra-op threads (0: leave PyTorch's setting), then restore
+    the previous count, so that a caller's own setting survives :func:`fedssd.train`.
+
+    The inter-op pool is left alone: PyTorch refuses to resize it once any parallel work has run,
+    and training does not use it.
+
+    Yields:
+        The number of threads in effect.
+    """
+    previous = torch.get_num_threads()
+    if threads > 0 and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+def busy_machine_hint(threads: int) -> str | None:
+    """A hint to use fewer threads when the 1-minute load average already fills every core.
+
+    More busy threads than cores make PyTorch's threads wait for each other: on the 2-core
+    development machine with two other busy processes, the smoke config took 15 s at 2 threads and
+    8 s at 1 (README, "Threads"). The load is only advice: the thread count, which results depend
+    on, never follows it.
+
+    Args:
+        threads: The threads the run will use.
+
+    Returns:
+        One line of advice, or None when the machine does not look busy (or cannot tell).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+    if threads <= 1 or load < cores:
+        return None
+    return (
+        f"note: the load average ({load:.1f}) already fills the {cores} CPU cores; if other jobs "
+        f"share them, --threads 1 (config key threads) can be much faster than {threads} threads."
     )

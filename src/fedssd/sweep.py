@@ -402,7 +402,7 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
     for setting in grid.settings:
         here = f"{where}, setting {setting.name!r}"
         try:
-            base = api.load_config(grid.base, [*grid.overrides, *setting.overrides])
+            base = api.load_config(grid.base, overrides=[*grid.overrides, *setting.overrides])
         except ConfigError as error:
             raise ConfigError(f"{here}: {error}") from None
         for row in grid.rows:
@@ -413,7 +413,7 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
                 )
                 first = api.load_config(
                     dataclasses.replace(base, method=method),
-                    [*row.overrides, f"seed={grid.seeds[0]}"],
+                    overrides=[*row.overrides, f"seed={grid.seeds[0]}"],
                 )
                 api.check_setup(first)
             except ConfigError as error:
@@ -469,7 +469,8 @@ def _check_same_config(run: PlannedRun) -> None:
         previous = config_module.load(saved)
     except ConfigError:
         previous = None
-    if previous != run.config:
+    # The thread count says how to run, not what: --threads 1 may finish a sweep begun with more.
+    if previous is None or dataclasses.replace(previous, threads=run.config.threads) != run.config:
         raise ConfigError(
             f"finished run {run.run_dir} was made with a different config than the grid now "
             "gives; choose another --out or delete that folder."
@@ -602,10 +603,10 @@ def _evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | No
             continue
         from fedssd.protocols import evaluate_run
 
-        kwargs: dict[str, Any] = {"labels": column.labels, "eval_data": column.eval_data}
-        if log is not None:
-            kwargs["log"] = log
-        result = evaluate_run(run_dir, column.protocol, **kwargs)
+        # log=None is silence (sweep --quiet); evaluate_run's own default would print.
+        result = evaluate_run(
+            run_dir, column.protocol, labels=column.labels, eval_data=column.eval_data, log=log
+        )
         have[column.evaluation] = result
         # Written after each evaluation, so that an interruption loses at most the one running.
         write_json(run_dir / COLUMNS_FILE, have)
@@ -902,8 +903,14 @@ def add_sweep_parser(commands: Any) -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config key in every run, e.g. --set device=cuda (repeatable)",
     )
+    from fedssd.cli import add_threads_option
+
+    add_threads_option(sweep)
     sweep.add_argument(
-        "--dry-run", action="store_true", help="check the grid and list its runs; run nothing"
+        "--dry-run",
+        action="store_true",
+        help="check the grid and its configs and list its runs; run nothing and read no data "
+        "(so splits are not checked and nothing is downloaded)",
     )
     sweep.add_argument(
         "--tables-only",
@@ -920,23 +927,35 @@ def run_sweep(args: argparse.Namespace) -> int:
     """``fedssd sweep``: returns the exit code (user errors raise ConfigError)."""
     from fedssd.api import stderr_log
 
-    grid = load_grid(args.grid, args.overrides)
+    overrides = list(args.overrides)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    grid = load_grid(args.grid, overrides)
     out: Path = args.out or Path("runs") / grid.path.stem
     runs = plan(grid, out)
-    if not args.tables_only:
-        check_partitions(runs, f"grid {grid.path.name}")
     if args.dry_run:
         for index, run in enumerate(runs, start=1):
             status = run_status(run, grid.columns)
             print(f"{index:>4}/{len(runs)}  {status:<8}  {run.run_dir}")
         todo = sum(1 for run in runs if run_status(run, grid.columns) != "done")
-        print(f"{len(runs)} runs checked; {todo} to do.")
+        print(
+            f"{len(runs)} runs checked; {todo} to do. A dry run reads no data: the data and its "
+            "splits are checked when the sweep starts."
+        )
         return 0
+    if not args.tables_only:
+        check_partitions(runs, f"grid {grid.path.name}")
     if args.tables_only:
         if not out.is_dir():
             raise ConfigError(f"sweep folder {out} does not exist; run the sweep first.")
         write_outputs(grid, out, runs)
     else:
+        from fedssd.cli import continue_with
+
+        continue_with(
+            f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; the "
+            "interrupted run starts again)"
+        )
         execute(grid, out, runs, log=stderr_log, run_log=None if args.quiet else stderr_log)
     sys.stdout.write((out / "table.md").read_text(encoding="utf-8"))
     print(f"\nresults.csv and table.md written to {out}/")

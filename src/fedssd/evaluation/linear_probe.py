@@ -175,7 +175,7 @@ def linear_probe(
         if accuracy > best_accuracy:
             best_accuracy, best_epoch = accuracy, epoch
         if log is not None and (epoch % log_every == 0 or epoch == epochs):
-            log(f"linear probe epoch {epoch}/{epochs}: test accuracy {accuracy:.4f}")
+            log(f"linear probe epoch {epoch}/{epochs}: test accuracy {100 * accuracy:.2f}%")
 
     return LinearProbeResult(
         accuracy=accuracy,

@@ -28,6 +28,26 @@ from fedssd.evaluation.metrics import (
 from fedssd.seeding import EVALUATION, derive_seed
 
 
+def label_warning(train_labels: torch.Tensor, test_labels: torch.Tensor) -> str | None:
+    """A warning when the labels cannot measure anything: with a single class in the labelled
+    pool or the test set, kNN and linear-probe accuracy are 100% (or 0%) whatever the model.
+
+    Returns:
+        One line, or None when both hold at least two classes.
+    """
+    parts = [
+        f"the {name} labels hold one class ({int(labels[0])})"
+        for name, labels in (("training", train_labels), ("test", test_labels))
+        if labels.numel() and bool((labels == labels[0]).all())
+    ]
+    if not parts:
+        return None
+    return (
+        f"warning: {' and '.join(parts)}, so kNN and linear-probe accuracy measure nothing here; "
+        "the label-free metrics (uniformity, alignment, effective rank) still do."
+    )
+
+
 def knn_monitor(
     *,
     every: int,
@@ -138,7 +158,8 @@ def evaluate_model(
         log: Progress lines.
 
     Returns:
-        ``linear_probe_acc``, ``knn_acc``, uniformity (global, intra, inter), ``alignment``,
+        ``linear_probe_acc`` (None when ``settings.linear_epochs`` is 0), ``knn_acc``,
+        uniformity (global, intra, inter), ``alignment``,
         ``effective_rank`` and their ``_z`` counterparts, as plain JSON data.
     """
     batch = settings.batch_size
@@ -153,20 +174,26 @@ def evaluate_model(
         k=settings.knn_k,
         temperature=settings.knn_temperature,
     )
-    log(f"kNN accuracy {100 * knn:.2f}%; linear probe ({settings.linear_epochs} epochs)")
-    probe = linear_probe(
-        h_train,
-        train_labels,
-        h_test,
-        test_labels,
-        num_classes=num_classes,
-        epochs=settings.linear_epochs,
-        lr=settings.linear_lr,
-        batch_size=settings.linear_batch_size,
-        seed=seed,
-        device=device,
-        log=log,
-    )
+    probe_acc: float | None = None
+    probe_train_acc: float | None = None
+    if settings.linear_epochs:
+        log(f"kNN accuracy {100 * knn:.2f}%; linear probe ({settings.linear_epochs} epochs)")
+        probe = linear_probe(
+            h_train,
+            train_labels,
+            h_test,
+            test_labels,
+            num_classes=num_classes,
+            epochs=settings.linear_epochs,
+            lr=settings.linear_lr,
+            batch_size=settings.linear_batch_size,
+            seed=seed,
+            device=device,
+            log=log,
+        )
+        probe_acc, probe_train_acc = probe.accuracy, probe.train_accuracy
+    else:
+        log(f"kNN accuracy {100 * knn:.2f}%; no linear probe (evaluation.linear_epochs = 0)")
     quality_h, quality_z = (
         representation_metrics(
             features,
@@ -191,8 +218,8 @@ def evaluate_model(
         device=device,
     )
     summary: dict[str, Any] = {
-        "linear_probe_acc": probe.accuracy,
-        "linear_probe_train_acc": probe.train_accuracy,
+        "linear_probe_acc": probe_acc,
+        "linear_probe_train_acc": probe_train_acc,
         "knn_acc": knn,
         "alignment": align_h,
         "alignment_z": align_z,

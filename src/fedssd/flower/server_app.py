@@ -299,11 +299,12 @@ def run_federation(
         The result (as :func:`fedssd.api.train` returns it) and the strategy (history, nodes).
     """
     started = time.perf_counter()
-    saved = None
+    point = None
     if settings.resume:
-        cfg, saved, saved_path = resume_point(settings.out, say=log)
+        point = resume_point(settings.out, say=log)
+        cfg = point.config
     else:
-        cfg = load_config(settings.config, settings.overrides)
+        cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
     check_setup(cfg)
     text = config_module.dumps(cfg)
@@ -323,7 +324,8 @@ def run_federation(
         clients = discover_clients(
             grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
         )
-    if saved is None:
+    saved = None
+    if point is None:
         out_dir = prepare_run_dir(settings.out, overwrite=settings.overwrite)
         if sites:
             write_sites_header(out_dir, cfg, clients)
@@ -331,8 +333,8 @@ def run_federation(
             write_header(out_dir, cfg, experiment.data)
     else:
         out_dir = settings.out
-        restore_checkpoint(experiment, saved, saved_path, out_dir=out_dir, say=log)
-    run_key = _run_key(out_dir, fresh=saved is None)
+        saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=log)
+    run_key = _run_key(out_dir, fresh=point is None)
     history = list(saved.history) if saved is not None else []
     views = run_evaluation_views(cfg, experiment.data, log=log)
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, log)
