@@ -211,6 +211,10 @@ def test_records_round_trip_client_state_and_results() -> None:
     assert back is not None
     assert torch.equal(back.tensors["target.w"], kept.tensors["target.w"])
     assert (back.scalars, back.last_round, back.participations) == ({"lambda": 0.25}, 3, 2)
+    # A later run on the same nodes (another run key) does not see an earlier run's state.
+    records.save_client_state(state, 7, kept, run_key="run-a")
+    assert records.load_client_state(state, 7, run_key="run-b") is None
+    assert records.load_client_state(state, 7, run_key="run-a") is not None
     result = LocalResult(4, 5, 120, -1.5, {"align": 0.5, "uniform": -2.0}, 1.25)
     assert records.metrics_to_result(records.result_to_metrics(result)) == result
 

@@ -144,10 +144,15 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     )
     config = base / "experiment.toml"
     config.write_text(EXPERIMENT.format(server=data / "server" / "eval.npz"))
+    federated = base / "experiment-federated.toml"
+    federated.write_text(
+        "\n".join(line for line in config.read_text().splitlines() if "eval.npz" not in line)
+    )
     return {
         "base": base,
         "data": data,
         "config": config,
+        "federated": federated,
         "site0": data / "site0" / "train.npz",
         "site1": data / "site1",
         "site2": data / "site2" / "train.npz",
@@ -186,21 +191,22 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str, poll: float 
 
 _SIMULATION = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from pathlib import Path
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
     from fedssd.flower.client_app import app as client_app
     from fedssd.flower.server_app import RunSettings, run_federation
 
-    config, out, sites = sys.argv[1:]
+    runs = json.loads(sys.argv[1])
     server = ServerApp()
 
     @server.main()
     def main(grid, context):
-        settings = RunSettings(config=Path(config), overrides=(sites,), out=Path(out),
-                               connect_timeout=120.0, round_timeout=300.0)
-        run_federation(grid, settings, log=print)
+        for config, out, overrides in runs:
+            settings = RunSettings(config=Path(config), overrides=tuple(overrides), out=Path(out),
+                                   connect_timeout=120.0, round_timeout=300.0)
+            run_federation(grid, settings, log=print)
 
     run_simulation(
         server, client_app, num_supernodes=3,
@@ -213,19 +219,45 @@ _SIMULATION = textwrap.dedent(
 def test_simulation_engine_on_sites_matches_in_process(
     world: dict[str, Path], tmp_path: Path
 ) -> None:
-    expected = _in_process(world, tmp_path / "in-process")
-    out = tmp_path / "flower"
+    # Without a server-side set (evaluation.data) the final evaluation is federated.
+    runs = {
+        "server-set": (world["config"], [_sites(world)]),
+        "federated": (world["federated"], [_sites(world), "federation.rounds=2"]),
+    }
+    in_process = {
+        name: train(config, overrides=overrides, out=tmp_path / "in-process" / name, log=None)
+        for name, (config, overrides) in runs.items()
+    }
+    flower = [
+        [str(config), str(tmp_path / "flower" / name), overrides]
+        for name, (config, overrides) in runs.items()
+    ]
     done = subprocess.run(
-        [sys.executable, "-c", _SIMULATION, str(world["config"]), str(out), _sites(world)],
+        [sys.executable, "-c", _SIMULATION, json.dumps(flower)],
         env=flower_env(FLWR_HOME=str(tmp_path / "flwr-home")),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=400,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    _assert_same_weights(expected, out / "model.safetensors")
-    lines = _lines(out / "metrics.jsonl")
-    assert [r["samples"] for r in lines] == [{"0": 48, "1": 40, "2": 44}] * 3
+    for name, result in in_process.items():
+        out = tmp_path / "flower" / name
+        expected = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+        _assert_same_weights(expected, out / "model.safetensors")
+        lines = _lines(out / "metrics.jsonl")
+        assert all(r["samples"] == {"0": 48, "1": 40, "2": 44} for r in lines)
+    # The nodes evaluated the final model on their own images as the simulator's clients did.
+    summary = json.loads((tmp_path / "flower" / "federated" / "summary.json").read_text())
+    simulated = in_process["federated"].summary
+    assert summary["evaluation"] == simulated["evaluation"] == "federated"
+    assert summary["clients_missing"] == []
+    assert sorted(summary["federated"]["per_client"]) == ["0", "1", "2"]
+    for client, values in simulated["federated"]["per_client"].items():
+        got = summary["federated"]["per_client"][client]
+        assert sorted(got) == sorted(values)
+        for key, value in values.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (client, key)
+    assert "knn_acc" in summary and summary["knn_queries"] > 0
 
 
 def _openers(audit: Path) -> dict[str, set[str]]:
@@ -250,17 +282,19 @@ def _node_statuses(env: dict[str, str]) -> list[str]:
     return [node["status"] for node in json.loads(listed.stdout)["nodes"]]
 
 
-def _pids_running(name: str) -> list[int]:
-    """Processes whose command line mentions ``name`` (read from /proc)."""
+def _pids_running(name: str, marker: str) -> list[int]:
+    """This test's processes whose command line mentions ``name``: those whose environment
+    holds ``marker`` (read from /proc, so other programs on the machine are never touched)."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or entry.name == str(os.getpid()):
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            environ = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if name in cmdline and str(os.getpid()) != entry.name:
+        if name in cmdline and marker.encode() in environ:
             found.append(int(entry.name))
     return found
 
@@ -404,12 +438,15 @@ def test_sites_deployment_with_failures_and_resume(
     submitted = flwr_run(out, 'overrides="federation.rounds=4"', stream=False)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     _wait(lambda: len(_lines(out / "metrics.jsonl")) >= 2, 240, "round 2 of the third run")
-    for pid in _pids_running("flwr-serverapp"):
+    marker = f"FEDSSD_TEST_WATCH={world['data']}"
+    serverapps = _pids_running("flwr-serverapp", marker)
+    assert serverapps, "no ServerApp process of this test is running"
+    for pid in serverapps:
         os.kill(pid, signal.SIGKILL)
     assert not (out / "summary.json").exists()
-    # The dead run's last tasks finish on the nodes before the run is resumed.
+    # The dead run's round-3 tasks may still run on the nodes while the resumed run redoes round 3:
+    # both start from the same checkpointed model and state, so they write the same state.
     time.sleep(5)
-    _wait(lambda: not _pids_running("flwr-clientapp"), 60, "the nodes' last tasks")
     resumed = flwr_run(out, "resume=true", stream=False)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     _wait(lambda: (out / "summary.json").exists(), 240, "the resumed run's summary")

@@ -4,12 +4,16 @@ For each ``train`` message: load the global weights (and the method's server sta
 client model, the method's ``begin_client`` hook with the state this client kept, the same
 :func:`fedssd.federation.client.local_train` with the same per-(round, client id) generator,
 ``end_client``, and a reply carrying the model state without the method's local keys, the
-method's payload and the training result. The kept state persists in the node's
-``Context.state`` under the client's id.
+method's payload and the training result. The kept state persists on the node's disk under its
+``state-dir`` (:mod:`fedssd.flower.node_state`), else in the node's ``Context.state``, under the
+client's id. An ``evaluate`` message asks for the final model's metrics on this node's own
+images (a federated evaluation); a ``query`` asks which client the node plays.
 
-A SuperNode's node config names its client: ``partition-id`` (0-based, as Flower's simulation
-engine sets it). Optional ``data-root`` / ``data-path`` point the node at its own copy of the
-dataset, and ``device`` picks its accelerator.
+A SuperNode's node config names its client: ``client-id`` (0-based; ``partition-id``, as
+Flower's simulation engine sets it, when absent). In a run on the sites' own data
+(``data.partition = "clients"``) ``data-path`` is this site's images, and the node reads nothing
+else; in other runs ``data-root`` / ``data-path`` point the node at its own copy of the shared
+dataset. ``device`` picks its accelerator.
 """
 
 from __future__ import annotations
@@ -45,7 +49,6 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PARTITION_ID = "partition-id"
-
 CLIENT_ID = "client-id"
 STATE_DIR = "state-dir"
 
@@ -136,11 +139,14 @@ def _experiment(config_text: str, site: str | None, client_id: int) -> Experimen
     """
     config = resolve(config_module.load(tomllib.loads(config_text)))
     tune_malloc()
-    quiet = lambda _message: None  # noqa: E731
     if site is None:
-        return build_experiment(config, log=quiet)
-    own = node_data(config, client_id, site, log=quiet)
-    return build_experiment(config, log=quiet, data=own)
+        return build_experiment(config, log=_quiet)
+    own = node_data(config, client_id, site, log=_quiet)
+    return build_experiment(config, log=_quiet, data=own)
+
+
+def _quiet(_message: str) -> None:
+    """A node's set-up says nothing (the server logs the run)."""
 
 
 def experiment_for(config: Config, context: Context, client_id: int) -> Experiment:
@@ -178,7 +184,7 @@ def train_client(message: Message, context: Context) -> Message:
             state_dir, run_key, client_id, round_index=round_index
         )
     else:
-        stored = records.load_client_state(context.state, client_id)
+        stored = records.load_client_state(context.state, client_id, run_key=run_key)
     if hooks is not None:
         hooks.begin_client(model, stored, client_id=client_id, round_index=round_index)
     result = local_train(
@@ -216,7 +222,7 @@ def train_client(message: Message, context: Context) -> Message:
             )
         else:
             # save_client_state serializes the tensors to CPU bytes (records.to_arrays) itself.
-            records.save_client_state(context.state, client_id, kept)
+            records.save_client_state(context.state, client_id, kept, run_key=run_key)
     private = local_keys(model, method)
     content[records.STATE] = records.to_arrays(
         {k: v for k, v in model.state_dict().items() if k not in private}

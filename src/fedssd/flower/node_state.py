@@ -24,11 +24,18 @@ new run never picks up an old run's state, while a resumed run (same run folder)
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
 
-from fedssd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from fedssd.checkpoint import (
+    FOLDER,
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedssd.errors import ConfigError
 from fedssd.federation.store import ClientStore
 from fedssd.methods.protocol import ClientState
@@ -91,18 +98,23 @@ def save_client_state(
     folder.mkdir(parents=True, exist_ok=True)
     store = ClientStore()
     store.put(client_id, kept)
-    written = save_checkpoint(
-        folder,
-        Checkpoint(
-            rounds_done=round_index + 1,
-            model={},
-            server={},
-            store=store,
-            history=[],
-            identity={"run-key": run_key, "client-id": client_id},
-        ),
-        keep=1 << 30,
+    checkpoint = Checkpoint(
+        rounds_done=round_index + 1,
+        model={},
+        server={},
+        store=store,
+        history=[],
+        identity={"run-key": run_key, "client-id": client_id},
     )
+    try:
+        written = save_checkpoint(folder, checkpoint, keep=1 << 30)
+    except OSError:
+        # Another process wrote the same round at the same moment (a task of a server that died,
+        # redone by the resumed server: both hold the same state). Keep the version that won.
+        written = folder / FOLDER / f"round-{round_index + 1:06d}"
+        for partial in (folder / FOLDER).glob(f".tmp-{written.name}-{os.getpid()}"):
+            shutil.rmtree(partial, ignore_errors=True)
+        load_checkpoint(written)
     # A resume can start after `earliest` rounds done at the earliest; it loads the newest
     # version at or before it, and every version after it may be loaded later.
     earliest = round_index + 1 - horizon

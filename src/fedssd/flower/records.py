@@ -90,13 +90,17 @@ def _scalar(value: object) -> float:
     return float(value)
 
 
-def _state_keys(client_id: int) -> tuple[str, str]:
-    return f"fedssd.client.{client_id}.tensors", f"fedssd.client.{client_id}.meta"
+def _state_keys(client_id: int, run_key: str) -> tuple[str, str]:
+    prefix = f"fedssd.{run_key}.client.{client_id}" if run_key else f"fedssd.client.{client_id}"
+    return f"{prefix}.tensors", f"{prefix}.meta"
 
 
-def save_client_state(state: RecordDict, client_id: int, kept: ClientState) -> None:
-    """Keep ``kept`` in a node's context state under the client's id (not the node id)."""
-    tensors_key, meta_key = _state_keys(client_id)
+def save_client_state(
+    state: RecordDict, client_id: int, kept: ClientState, *, run_key: str = ""
+) -> None:
+    """Keep ``kept`` in a node's context state under the client's id (not the node id) and the
+    server's run key (so that a later run on the same nodes starts afresh)."""
+    tensors_key, meta_key = _state_keys(client_id, run_key)
     state[tensors_key] = to_arrays(kept.tensors)
     meta = ConfigRecord({"last-round": kept.last_round, "participations": kept.participations})
     for name, value in kept.scalars.items():
@@ -104,9 +108,12 @@ def save_client_state(state: RecordDict, client_id: int, kept: ClientState) -> N
     state[meta_key] = meta
 
 
-def load_client_state(state: RecordDict, client_id: int) -> ClientState | None:
-    """The client's state kept by :func:`save_client_state`, or None before it first trained."""
-    tensors_key, meta_key = _state_keys(client_id)
+def load_client_state(
+    state: RecordDict, client_id: int, *, run_key: str = ""
+) -> ClientState | None:
+    """The client's state kept by :func:`save_client_state` in the run ``run_key``, or None
+    before it first trained in that run."""
+    tensors_key, meta_key = _state_keys(client_id, run_key)
     if meta_key not in state:
         return None
     meta = state.config_records[meta_key]
