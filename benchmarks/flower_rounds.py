@@ -124,7 +124,7 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
                 _start(
                     [str(BIN / "flower-supernode"), "--insecure",
                      "--superlink", f"127.0.0.1:{port}",
-                     "--node-config", f"client-id={k}{node_data[k]}",
+                     "--node-config", f"client-id={k} partition-id={k}{node_data[k]}",
                      "--port", str(_free_port())],
                     work / f"supernode{k}.log",
                     env,
