@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from fedssd.api import RunResult, load_config, resume, train
     from fedssd.config import Config
+    from fedssd.encoders import load_encoder
 
-__all__ = ["Config", "RunResult", "__version__", "load_config", "resume", "train"]
+__all__ = ["Config", "RunResult", "__version__", "load_config", "load_encoder", "resume", "train"]
 
 
 def __getattr__(name: str) -> Any:
@@ -22,6 +23,10 @@ def __getattr__(name: str) -> Any:
         from fedssd import api
 
         return getattr(api, name)
+    if name == "load_encoder":
+        from fedssd.encoders import load_encoder
+
+        return load_encoder
     if name == "Config":
         from fedssd.config import Config
 

@@ -156,9 +156,13 @@ def resolve(config: Config) -> Config:
         root=_absolute(data.root),
         split_file=_absolute(data.split_file),
     )
+    model = config.model
+    if model.init_from is not None:
+        model = dataclasses.replace(model, init_from=_absolute(model.init_from))
     return dataclasses.replace(
         config,
         data=data,
+        model=model,
         method=dataclasses.replace(config.method, options=options),
     )
 
@@ -192,6 +196,13 @@ def check_setup(config: Config) -> None:
         device=torch.device("cpu"),
     )
     build_method(config.method.name, config.method.options, context)
+    from fedssd.tracking import check_tracking
+
+    check_tracking(config)
+    if config.model.init_from is not None:
+        from fedssd.encoders import check_init_from
+
+        check_init_from(config, probe)
 
 
 def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
@@ -350,6 +361,10 @@ def build_experiment(config: Config, *, log: Log) -> Experiment:
     data = prepare_data(config, log=log)
     in_channels = data.dataset.x_train.shape[1]
     global_model = make_model(config, in_channels, device)
+    if config.model.init_from is not None:
+        from fedssd.encoders import warm_start
+
+        warm_start(global_model, config, log=log)
     client_model = make_model(config, in_channels, device)
     method = build_method(
         config.method.name,
@@ -551,6 +566,43 @@ def _run(
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
         callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+    from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
+
+    trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
+    callbacks += tracker_callbacks(trackers)
+    try:
+        result = _rounds_and_finish(
+            experiment,
+            callbacks,
+            store,
+            history,
+            views=views,
+            out_dir=out_dir,
+            started=started,
+            say=say,
+            verbose=verbose,
+        )
+    except BaseException:
+        finish_trackers(trackers, None)
+        raise
+    finish_trackers(trackers, result.summary)
+    return result
+
+
+def _rounds_and_finish(
+    experiment: Experiment,
+    callbacks: list[Callback],
+    store: ClientStore,
+    history: list[dict[str, Any]],
+    *,
+    views: EvaluationViews,
+    out_dir: Path | None,
+    started: float,
+    say: Log,
+    verbose: bool,
+) -> RunResult:
+    """The round loop and the final evaluation of :func:`_run`."""
+    cfg, fed = experiment.config, experiment.config.federation
     history = run_rounds(
         global_model=experiment.global_model,
         client_model=experiment.client_model,
