@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -143,12 +144,16 @@ def export_encoder(
     if fmt == "safetensors":
         _save_safetensors(target, model, projector=projector, card=card)
     elif fmt == "torchscript":
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is deprecated in favour of torch.export, but it is still what most
+            # downstream code (C++, mobile) loads.
+            warnings.simplefilter("ignore", DeprecationWarning)
             traced = torch.jit.trace(module, example)
-        traced.save(str(target))
-        card["max_abs_difference"] = _difference(
-            module, lambda x: torch.jit.load(str(target))(x), example
-        )
+            traced.save(str(target))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reloaded = torch.jit.load(str(target))
+        card["max_abs_difference"] = _difference(module, reloaded, example)
     else:
         _export_onnx(module, example, target, projector=projector)
         card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
@@ -181,9 +186,10 @@ def _export_onnx(module: nn.Module, example: Tensor, path: Path, *, projector: b
         ) from None
     outputs = ["features", "embedding"] if projector else ["features"]
     axes = {name: {0: "batch"} for name in ["images", *outputs]}
-    with torch.no_grad():
-        # The TorchScript-based exporter: it needs only onnx, and these models are plain
-        # convolution stacks it handles exactly.
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter (deprecated in favour of torch.export, which needs
+        # onnxscript too): it needs only onnx, and these plain convolution stacks export exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(
             module,
             (example,),
