@@ -14,7 +14,7 @@ import pytest
 import fedssd.api
 from fedssd import executors, sweep
 from fedssd.errors import ConfigError
-from tests.test_sweep import FakeTrain, write_grid
+from test_sweep import FakeTrain, write_grid
 
 
 def _rows(out: Path) -> list[tuple[str, str]]:

@@ -89,6 +89,7 @@ def test_safetensors_export_and_load_encoder(run: Path, tmp_path: Path) -> None:
     both = fedssd.load_encoder(run, projector=True)
     with torch.no_grad():
         h, z = both(_images())
+        assert torch.equal(h, model.encoder(_images()))
         assert torch.equal(z, model(_images())[1])
 
 
@@ -97,9 +98,10 @@ def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
 ) -> None:
     _, trained = load_run(run)
     cfg = fedssd.load_config(SMOKE, [*TINY, f"model.init_from={str(run)!r}"])
-    from fedssd.api import build_experiment
+    from fedssd.api import build_experiment, warm_start
 
     experiment = build_experiment(cfg, log=lambda _m: None)
+    warm_start(experiment, log=lambda _m: None)
     own = experiment.global_model.state_dict()
     for key, value in trained.state_dict().items():
         if key.startswith("encoder."):

@@ -361,10 +361,6 @@ def build_experiment(config: Config, *, log: Log) -> Experiment:
     data = prepare_data(config, log=log)
     in_channels = data.dataset.x_train.shape[1]
     global_model = make_model(config, in_channels, device)
-    if config.model.init_from is not None:
-        from fedssd.encoders import warm_start
-
-        warm_start(global_model, config, log=log)
     client_model = make_model(config, in_channels, device)
     method = build_method(
         config.method.name,
@@ -412,6 +408,22 @@ def build_experiment(config: Config, *, log: Log) -> Experiment:
     )
 
 
+def warm_start(experiment: Experiment, *, log: Log) -> None:
+    """Start the global model from the trained encoder ``model.init_from`` names, if any.
+
+    Only the server's (or simulator's) global model: clients receive its weights every round,
+    so a Flower node never needs the source file.
+
+    Raises:
+        fedssd.errors.FedSSDError: The source is missing or does not fit the model.
+    """
+    if experiment.config.model.init_from is None:
+        return
+    from fedssd.encoders import warm_start as copy_trained
+
+    copy_trained(experiment.global_model, experiment.config, log=log)
+
+
 def attach_extras(model: SSLModel, method: Method, *, seed: int) -> None:
     """Give ``model`` the method's extra modules (predictor, centroids), seeded from the run."""
     if not isinstance(method, ExtendsModel):
@@ -457,6 +469,7 @@ def train(
         check_run_dir(Path(out), overwrite=overwrite)
     check_setup(cfg)
     experiment = build_experiment(cfg, log=say)
+    warm_start(experiment, log=say)
     # Everything the user can get wrong has been checked: only now is the output folder touched.
     out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
     if out_dir is not None:
