@@ -253,3 +253,21 @@ def test_wandb_mode_never_goes_online_without_a_key(
     assert tracking.wandb_mode("auto") == "online"
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert tracking.wandb_mode("online") == "offline"
+
+
+def test_resume_continues_the_same_mlflow_run(tmp_path: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "run"
+    overrides = [*TINY, "tracking.backends=mlflow", "checkpoint.every=1"]
+    fedssd.train(SMOKE, overrides=overrides, out=out, log=None)
+    first = json.loads((out / tracking.STATE_FILE).read_text())["mlflow"]
+    (out / "summary.json").unlink()  # as if killed during the final evaluation
+    fedssd.resume(out, log=None)
+    again = json.loads((out / tracking.STATE_FILE).read_text())["mlflow"]
+    assert again == first
+    client = MlflowClient(tracking_uri=first["uri"])
+    experiment = client.get_experiment_by_name("fedssd")
+    assert len(client.search_runs([experiment.experiment_id])) == 1
+    assert client.get_run(first["run_id"]).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first["run_id"], "loss")] == [1, 2]

@@ -213,6 +213,10 @@ def _train(args: argparse.Namespace) -> int:
     from fedssd.api import load_config, resume, stderr_log, train
 
     log = None if args.quiet else stderr_log
+    if args.resume is not None and args.track:
+        raise ConfigError(
+            "--resume reports to the trackers the run's own config.toml names; drop --track."
+        )
     args.overrides = _with_tracking(args)
     if args.resume is not None:
         if args.config is not None or args.overrides or args.out is not None or args.overwrite:

@@ -239,8 +239,9 @@ class ProcessExecutor:
                     for future in concurrent.futures.as_completed(futures):
                         yield _outcome(future, futures[future])
                 except BaseException:
-                    for future in futures:
-                        future.cancel()
+                    # Interrupted: runs not started are dropped; running ones stop with the
+                    # workers (they share the terminal's Ctrl-C) and are redone on resume.
+                    pool.shutdown(wait=False, cancel_futures=True)
                     raise
         finally:
             manager.shutdown()
