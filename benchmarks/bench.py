@@ -3,7 +3,8 @@
 Run ``python -m benchmarks.bench`` (``make bench``) or ``python -m benchmarks.bench --quick``
 (``make bench-quick``, under 2 minutes on a 2-core CPU). Every figure is printed with the machine,
 the torch version, the thread count and the configuration, and written to
-``benchmarks/results/latest.json``:
+``runs/bench/latest.json`` under the current folder (untracked; ``--out`` chooses another file).
+The committed record ``benchmarks/results/latest.json`` changes only with ``--update-reference``:
 
 1. ``train_efficiency``: SSD local training (batched two-view augmentation, every loss term,
    SGD step: the real :func:`fedssd.federation.client.local_train`) divided by bare model
@@ -57,7 +58,10 @@ from fedssd.models import SSLModel, build_model
 from fedssd.outputs import append_jsonl
 from fedssd.runtime import DESCRIPTION, tune_malloc
 
-RESULTS = Path(__file__).resolve().parent / "results" / "latest.json"
+# Each run writes here (relative to the folder it runs in; runs/ is not tracked by git) ...
+RESULTS = Path("runs") / "bench" / "latest.json"
+# ... and the committed record of the figures docs/benchmarks.md quotes changes only on request.
+REFERENCE = Path(__file__).resolve().parent / "results" / "latest.json"
 
 # Dense bf16 tensor-core peak in TFLOP/s (vendor datasheets, without sparsity), matched in order
 # against torch.cuda.get_device_name(): the first key found in the name wins.
@@ -969,7 +973,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="reduced sizes (under 2 minutes)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where to write the JSON")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="where to write the JSON (runs/bench/latest.json)"
+    )
+    parser.add_argument(
+        "--update-reference",
+        action="store_true",
+        help=f"also replace the committed record {REFERENCE.relative_to(REFERENCE.parents[2])}",
+    )
     parser.add_argument(
         "--default-allocator",
         action="store_true",
@@ -986,6 +997,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {args.out} ({results['bench_seconds']:.0f} s)")
+    if args.update_reference:
+        REFERENCE.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        print(f"updated the committed record {REFERENCE}")
     return 0
 
 

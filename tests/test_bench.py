@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -70,6 +71,33 @@ def test_quick_mode_writes_every_figure(tmp_path: Path, monkeypatch: pytest.Monk
         assert "no CUDA" in gpu["reason"]
         assert gpu["cpu_smoke"]["image_pairs_per_s"] > 0
     assert gpu["protocol_image_pairs"] == 50_000 * 100 * 5
+
+
+def _tracked_state(root: Path) -> str:
+    """``git status`` of the tracked files (untracked and ignored ones left out)."""
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
+def test_quick_bench_leaves_tracked_files_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = Path(__file__).resolve().parents[1]
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout")  # e.g. an unpacked sdist: nothing is tracked
+    monkeypatch.setattr(bench, "QUICK", TINY)
+    reference = bench.REFERENCE.read_bytes()
+    before = _tracked_state(root)
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--quick"]) == 0
+    assert (tmp_path / "runs" / "bench" / "latest.json").is_file()
+    assert bench.REFERENCE.read_bytes() == reference
+    assert _tracked_state(root) == before
 
 
 def test_flop_count_matches_a_hand_count() -> None:

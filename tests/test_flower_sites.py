@@ -222,7 +222,10 @@ def test_simulation_engine_on_sites_matches_in_process(
     # Without a server-side set (evaluation.data) the final evaluation is federated.
     runs = {
         "server-set": (world["config"], [_sites(world)]),
-        "federated": (world["federated"], [_sites(world), "federation.rounds=2"]),
+        "federated": (
+            world["federated"],
+            [_sites(world), "federation.rounds=2", 'tracking.backends="tensorboard"'],
+        ),
     }
     in_process = {
         name: train(config, overrides=overrides, out=tmp_path / "in-process" / name, log=None)
@@ -258,6 +261,14 @@ def test_simulation_engine_on_sites_matches_in_process(
         for key, value in values.items():
             assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (client, key)
     assert "knn_acc" in summary and summary["knn_queries"] > 0
+    # The ServerApp reports to the run's trackers as fedssd train does.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "flower" / "federated" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("round/loss")]
+    history = _lines(tmp_path / "flower" / "federated" / "metrics.jsonl")
+    assert losses == pytest.approx([r["loss"] for r in history], rel=1e-6)
 
 
 def _openers(audit: Path) -> dict[str, set[str]]:

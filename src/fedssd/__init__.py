@@ -7,6 +7,7 @@ Public names:
     resume: Continue (or extend) a run from its newest checkpoint.
     load_config: A validated, resolved :class:`Config` from a TOML file and overrides.
     load_run: The config and trained model of a finished run folder.
+    load_encoder: A trained encoder (a run folder or an exported file), ready in eval mode.
     Config: The experiment configuration (a frozen dataclass).
     RunResult: What :func:`train` returns.
 
@@ -22,9 +23,19 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from fedssd.api import RunResult, load_config, resume, train
     from fedssd.config import Config
+    from fedssd.encoders import load_encoder
     from fedssd.protocols import load_run
 
-__all__ = ["Config", "RunResult", "__version__", "load_config", "load_run", "resume", "train"]
+__all__ = [
+    "Config",
+    "RunResult",
+    "__version__",
+    "load_config",
+    "load_encoder",
+    "load_run",
+    "resume",
+    "train",
+]
 
 # Where each lazily loaded public name lives.
 _LAZY = {
@@ -33,6 +44,7 @@ _LAZY = {
     "resume": "fedssd.api",
     "train": "fedssd.api",
     "Config": "fedssd.config",
+    "load_encoder": "fedssd.encoders",
     "load_run": "fedssd.protocols",
 }
 

@@ -177,10 +177,14 @@ def resolve(config: Config) -> Config:
     evaluation = config.evaluation
     if evaluation.data is not None and not _named_dataset(evaluation.data):
         evaluation = dataclasses.replace(evaluation, data=_absolute(evaluation.data))
+    model = config.model
+    if model.init_from is not None:
+        model = dataclasses.replace(model, init_from=_absolute(model.init_from))
     return dataclasses.replace(
         config,
         data=data,
         evaluation=evaluation,
+        model=model,
         method=dataclasses.replace(config.method, options=options),
     )
 
@@ -228,6 +232,13 @@ def check_setup(config: Config) -> None:
         device=torch.device("cpu"),
     )
     build_method(config.method.name, config.method.options, context)
+    from fedssd.tracking import check_tracking
+
+    check_tracking(config)
+    if config.model.init_from is not None:
+        from fedssd.encoders import check_init_from
+
+        check_init_from(config, probe)
 
 
 def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
@@ -660,6 +671,22 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
     )
 
 
+def warm_start(experiment: Experiment, *, log: Log) -> None:
+    """Start the global model from the trained encoder ``model.init_from`` names, if any.
+
+    Only the server's (or simulator's) global model: clients receive its weights every round,
+    so a Flower node never needs the source file.
+
+    Raises:
+        fedssd.errors.FedSSDError: The source is missing or does not fit the model.
+    """
+    if experiment.config.model.init_from is None:
+        return
+    from fedssd.encoders import warm_start as copy_trained
+
+    copy_trained(experiment.global_model, experiment.config, log=log)
+
+
 def attach_extras(model: SSLModel, method: Method, *, seed: int) -> None:
     """Give ``model`` the method's extra modules (predictor, centroids), seeded from the run."""
     if not isinstance(method, ExtendsModel):
@@ -705,6 +732,7 @@ def train(
         check_run_dir(Path(out), overwrite=overwrite)
     check_setup(cfg)
     experiment = build_experiment(cfg, log=say)
+    warm_start(experiment, log=say)
     # Everything the user can get wrong has been checked: only now is the output folder touched.
     out_dir = prepare_run_dir(Path(out), overwrite=overwrite) if out is not None else None
     if out_dir is not None:
@@ -998,6 +1026,43 @@ def _run_with_threads(
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
         callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+    from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
+
+    trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
+    callbacks += tracker_callbacks(trackers)
+    try:
+        result = _rounds_and_finish(
+            experiment,
+            callbacks,
+            store,
+            history,
+            views=views,
+            out_dir=out_dir,
+            started=started,
+            say=say,
+            verbose=verbose,
+        )
+    except BaseException:
+        finish_trackers(trackers, None)
+        raise
+    finish_trackers(trackers, result.summary)
+    return result
+
+
+def _rounds_and_finish(
+    experiment: Experiment,
+    callbacks: list[Callback],
+    store: ClientStore,
+    history: list[dict[str, Any]],
+    *,
+    views: EvaluationViews | None,
+    out_dir: Path | None,
+    started: float,
+    say: Log,
+    verbose: bool,
+) -> RunResult:
+    """The round loop and the final evaluation of :func:`_run`."""
+    cfg, fed = experiment.config, experiment.config.federation
     history = run_rounds(
         global_model=experiment.global_model,
         client_model=experiment.client_model,

@@ -93,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--verbose", action="store_true", help="also print a line after each client's training"
         )
+        sub.add_argument(
+            "--track",
+            metavar="BACKENDS",
+            help="log to tensorboard, wandb and/or mlflow (comma-separated; docs/tracking.md)",
+        )
 
     train = commands.add_parser(
         "train",
@@ -171,11 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "methods", help="list the registered methods", description="List the registered methods."
     )
+    from fedssd.encoders import add_export_parser
     from fedssd.protocols import add_eval_parser
     from fedssd.report import add_report_parser
     from fedssd.sweep import add_sweep_parser
 
     add_eval_parser(commands)
+    add_export_parser(commands)
     add_sweep_parser(commands)
     add_report_parser(commands)
     return parser
@@ -279,6 +286,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedssd.sweep import run_sweep
 
         return run_sweep(args)
+    if args.command == "export":
+        from fedssd.encoders import run_export
+
+        return run_export(args)
     if args.command == "report":
         from fedssd.report import run_report
 
@@ -305,6 +316,11 @@ def _train(args: argparse.Namespace) -> int:
     from fedssd.api import load_config, resume, stderr_log, train
 
     log = None if args.quiet else stderr_log
+    if args.resume is not None and args.track:
+        raise ConfigError(
+            "--resume reports to the trackers the run's own config.toml names; drop --track."
+        )
+    args.overrides = _with_tracking(args)
     if args.resume is not None:
         if args.config is not None or args.overrides or args.out is not None or args.overwrite:
             raise ConfigError(
@@ -344,7 +360,12 @@ def _compare(args: argparse.Namespace) -> int:
     from fedssd.methods import shared_options
     from fedssd.outputs import check_run_dir
 
+    args.overrides = _with_tracking(args)
     base = load_config(args.config, overrides=_with_threads(args))
+    out = args.out or _default_out(args.config, "compare")
+    # The comparison's runs are grouped in the trackers (W&B group, MLflow tag).
+    tracking = dataclasses.replace(base.tracking, group=base.tracking.group or out.name)
+    base = dataclasses.replace(base, tracking=tracking)
     configs = {
         name: resolve(
             dataclasses.replace(
@@ -354,7 +375,6 @@ def _compare(args: argparse.Namespace) -> int:
         )
         for name in dict.fromkeys(args.methods)
     }
-    out = args.out or _default_out(args.config, "compare")
     for name in configs:
         check_run_dir(out / name, overwrite=args.overwrite)
     log = None if args.quiet else stderr_log
@@ -453,6 +473,14 @@ def format_table(summaries: dict[str, dict[str, Any]]) -> str:
             cells.append("n/a" if value is None else fmt.format(value * scale))
         rows.append(cells)
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def _with_tracking(args: argparse.Namespace) -> list[str]:
+    """The overrides with ``--track`` turned into ``tracking.backends``."""
+    overrides = list(args.overrides)
+    if getattr(args, "track", None):
+        overrides.append(f"tracking.backends={args.track!r}")
+    return overrides
 
 
 def _default_out(config_path: Path, label: str) -> Path:

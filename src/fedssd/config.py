@@ -2,10 +2,10 @@
 
 A configuration is a TOML file whose tables mirror the dataclasses below (``[data]``,
 ``[model]``, ``[method]``, ``[federation]``, ``[evaluation]``, ``[checkpoint]``, ``[faults]``,
-``[validation]``) plus the top-level ``seed``, ``device``, ``precision`` and ``threads``.
-:func:`load` reads a file, applies ``key=value`` overrides (``federation.rounds=5``), rejects
-unknown keys, wrong types and out-of-range values with a :class:`~fedssd.errors.ConfigError`,
-and returns a :class:`Config`. The ``[method]`` table holds
+``[validation]``, ``[tracking]``) plus the top-level ``seed``, ``device``, ``precision`` and
+``threads``. :func:`load` reads a file, applies ``key=value`` overrides (``federation.rounds=5``),
+rejects unknown keys, wrong types and out-of-range values with a
+:class:`~fedssd.errors.ConfigError`, and returns a :class:`Config`. The ``[method]`` table holds
 ``name`` plus that method's own options; those are checked against the method's option dataclass
 by :func:`fedssd.methods.resolve_options`, so this module never needs to know any method.
 """
@@ -96,12 +96,18 @@ class ModelConfig:
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
+        init_from: Start from a trained encoder instead of the seed's random weights: a run
+            folder or a file ``fedssd export`` wrote (warm start, transfer across datasets;
+            docs/export.md). Unset: random initialisation.
+        init_projector: With ``init_from``, also copy the projector (default: encoder only).
     """
 
     encoder: str = "resnet18"
     width: int = 0
     projector_hidden: int = 2048
     projector_out: int = 0
+    init_from: str | None = None
+    init_projector: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +228,35 @@ class ValidationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment trackers the run reports to (docs/tracking.md); none by default.
+
+    Where a run is logged is not part of what it computes: checkpoints and sweeps ignore this
+    table when they compare configs.
+
+    Attributes:
+        backends: Comma-separated ``tensorboard``, ``wandb``, ``mlflow`` (empty: none).
+        project: W&B project and MLflow experiment name.
+        run_name: The run's name in the trackers (empty: the run folder's name).
+        group: Groups runs (W&B group, MLflow parent run); a sweep or comparison sets it.
+        wandb_mode: ``auto`` (online when W&B has an API key, else offline; ``WANDB_MODE``
+            wins), ``online`` or ``offline``.
+        wandb_entity: The W&B team or user (empty: the account's default).
+        mlflow_uri: MLflow tracking URI (empty: a file store ``<run>/mlruns``).
+        mlflow_parent_run: The MLflow run this one is nested under (set by a sweep).
+    """
+
+    backends: str = ""
+    project: str = "fedssd"
+    run_name: str = ""
+    group: str = ""
+    wandb_mode: Literal["auto", "online", "offline"] = "auto"
+    wandb_entity: str = ""
+    mlflow_uri: str = ""
+    mlflow_parent_run: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment.
 
@@ -247,6 +282,7 @@ class Config:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
 
 def load(
@@ -455,6 +491,10 @@ def validate(config: Config) -> None:
         (model.projector_hidden >= 1, "model.projector_hidden must be at least 1."),
         (model.projector_out >= 0, "model.projector_out must be >= 0 (0 means the feature size)."),
         (
+            model.init_projector is None or model.init_from is not None,
+            "model.init_projector needs model.init_from (the run or file to start from).",
+        ),
+        (
             fed.num_clients >= 1,
             f"federation.num_clients must be at least 1, not {fed.num_clients}.",
         ),
@@ -497,6 +537,9 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    from fedssd.tracking import parse_backends
+
+    parse_backends(config.tracking.backends)
 
 
 def _valid_device(device: str) -> bool:

@@ -23,11 +23,14 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from fedssd import config as config_module
 from fedssd.config import Config
 from fedssd.errors import ConfigError, FedSSDError
+
+if TYPE_CHECKING:
+    from fedssd.executors import Executor
 
 Log = Callable[[str], None]
 Status = Literal["done", "evaluate", "restart", "new"]
@@ -38,6 +41,7 @@ ROW_KEYS = ("name", "method", "overrides")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_+][A-Za-z0-9_.+-]*")
 COLUMNS_FILE = "columns.json"
 SWEEP_FILE = "sweep.json"
+FAILED_FILE = "failed.json"
 
 # Summary metrics a column may name: key -> (title, shown in %, higher is better; None = no bold).
 SUMMARY_METRICS: dict[str, tuple[str, bool, bool | None]] = {
@@ -469,8 +473,13 @@ def _check_same_config(run: PlannedRun) -> None:
         previous = config_module.load(saved)
     except ConfigError:
         previous = None
-    # The thread count says how to run, not what: --threads 1 may finish a sweep begun with more.
-    if previous is None or dataclasses.replace(previous, threads=run.config.threads) != run.config:
+    if previous is not None:
+        # The thread count says how to run, not what (--threads 1 may finish a sweep begun with
+        # more), and where a run was logged to is not part of what it computed.
+        previous = dataclasses.replace(
+            previous, threads=run.config.threads, tracking=run.config.tracking
+        )
+    if previous is None or previous != run.config:
         raise ConfigError(
             f"finished run {run.run_dir} was made with a different config than the grid now "
             "gives; choose another --out or delete that folder."
@@ -509,21 +518,27 @@ def execute(
     *,
     log: Log | None,
     run_log: Log | None,
+    executor: Executor | None = None,
 ) -> list[dict[str, Any]]:
-    """Run (or finish) every run that is not done, one after another, then write the tables.
+    """Run (or finish) every run that is not done, then write the tables.
 
     Args:
         grid: The grid.
         out: The sweep folder.
         runs: From :func:`plan`.
         log: Receives the sweep's progress lines (run i/N, elapsed, time left).
-        run_log: Receives each run's own progress lines (None for silence).
+        run_log: Receives each run's own progress lines (None for silence); an executor running
+            runs elsewhere prints them on its own standard error instead.
+        executor: Where the runs execute (:mod:`fedssd.executors`); None runs them here, one
+            after another.
 
     Returns:
-        The records of every finished run (as in results.csv).
+        The records of every finished run (as in results.csv). Runs that failed are listed in
+        ``failed.json`` (and each one's error in its ``error.txt``); the others went on.
     """
-    from fedssd import api
+    from fedssd.executors import RunTask, SerialExecutor
     from fedssd.outputs import write_json
+    from fedssd.tracking import sweep_tracking
 
     say: Log = log or (lambda _message: None)
     out.mkdir(parents=True, exist_ok=True)
@@ -531,35 +546,95 @@ def execute(
     started = time.perf_counter()
     trained_seconds: list[float] = []
     total = len(runs)
+    tasks: list[RunTask] = []
+    statuses: dict[int, Status] = {}
+    configs = sweep_tracking(grid.title, out, runs)
     for index, run in enumerate(runs, start=1):
         status = run_status(run, grid.columns)
         label = f"{run.setting}/{run.row}/seed-{run.seed}"
         if status == "done":
             say(f"[sweep] run {index}/{total} {label}: finished earlier, skipped")
             continue
-        say(
-            f"[sweep] run {index}/{total} {label}: "
-            + {"evaluate": "extra evaluations", "restart": "restarting", "new": "starting"}[status]
-            + f" | elapsed {_duration(time.perf_counter() - started)} | left "
-            + _eta(trained_seconds, runs[index - 1 :], grid.columns)
+        statuses[index] = status
+        tasks.append(
+            RunTask(
+                index=index,
+                label=label,
+                config=configs[index - 1],
+                run_dir=run.run_dir,
+                train=status in ("restart", "new"),
+                columns=tuple(grid.columns),
+                verbose=run_log is not None,
+            )
         )
-        begun = time.perf_counter()
-        inner = _prefixed(run_log, f"[{index}/{total} {label}] ")
-        if status in ("restart", "new"):
-            # An interrupted run is redone from scratch: its files are replaced, and extra
-            # evaluations of an earlier model must not survive.
-            (run.run_dir / COLUMNS_FILE).unlink(missing_ok=True)
-            api.train(run.config, out=run.run_dir, overwrite=True, log=inner)
-        _evaluate_columns(run.run_dir, grid.columns, log=inner)
-        trained_seconds.append(time.perf_counter() - begun)
+    executor = executor or SerialExecutor(run_log)
+    words = {"evaluate": "extra evaluations", "restart": "restarting", "new": "starting"}
+
+    def on_start(task: RunTask, queued: bool) -> None:
+        what = words[statuses[task.index]]
+        if queued:
+            say(f"[sweep] run {task.index}/{total} {task.label}: queued ({what})")
+            return
         say(
-            f"[sweep] run {index}/{total} {label}: done in "
-            f"{_duration(trained_seconds[-1])} | elapsed {_duration(time.perf_counter() - started)}"
+            f"[sweep] run {task.index}/{total} {task.label}: {what}"
+            f" | elapsed {_duration(time.perf_counter() - started)} | left "
+            + _eta(trained_seconds, runs[task.index - 1 :], grid.columns)
         )
+
+    failures: dict[int, str] = {}
+    for finished, outcome in enumerate(executor.run(tasks, on_start), start=1):
+        run = runs[outcome.index - 1]
+        label = f"{run.setting}/{run.row}/seed-{run.seed}"
+        elapsed = time.perf_counter() - started
+        progress = f"{finished}/{len(tasks)} of this sweep done"
+        left = _duration(elapsed / finished * (len(tasks) - finished))
+        if outcome.error is not None:
+            failures[outcome.index] = outcome.error
+            say(
+                f"[sweep] run {outcome.index}/{total} {label}: FAILED ({outcome.error}); "
+                f"the others go on | {progress} | elapsed {_duration(elapsed)} | left {left}"
+            )
+        else:
+            trained_seconds.append(outcome.seconds)
+            say(
+                f"[sweep] run {outcome.index}/{total} {label}: done in "
+                f"{_duration(outcome.seconds)} | {progress} | elapsed {_duration(elapsed)}"
+                f" | left {left}"
+            )
         write_outputs(grid, out, runs)
+    _write_failures(out, runs, failures)
     records = write_outputs(grid, out, runs)
+    if failures:
+        say(
+            f"[sweep] {len(failures)} of {len(tasks)} runs failed (listed in {out}/failed.json, "
+            f"each error in its run's error.txt); run the sweep again to retry them"
+        )
     say(f"[sweep] {total} runs complete in {_duration(time.perf_counter() - started)}: {out}")
     return records
+
+
+def _write_failures(out: Path, runs: Sequence[PlannedRun], failures: Mapping[int, str]) -> None:
+    """``failed.json``: the runs that failed in the last execution, with their errors (removed
+    when none failed)."""
+    from fedssd.outputs import write_json
+
+    path = out / FAILED_FILE
+    if not failures:
+        path.unlink(missing_ok=True)
+        return
+    write_json(
+        path,
+        [
+            {
+                "setting": runs[i - 1].setting,
+                "row": runs[i - 1].row,
+                "seed": runs[i - 1].seed,
+                "run_dir": str(runs[i - 1].run_dir),
+                "error": error,
+            }
+            for i, error in sorted(failures.items())
+        ],
+    )
 
 
 def _prefixed(log: Log | None, prefix: str) -> Log | None:
@@ -920,7 +995,61 @@ def add_sweep_parser(commands: Any) -> argparse.ArgumentParser:
     sweep.add_argument(
         "--quiet", action="store_true", help="print only the sweep's lines, not each run's"
     )
+    add_execution_options(sweep)
     return sweep
+
+
+def add_execution_options(sweep: argparse.ArgumentParser) -> None:
+    """The options saying where and how many runs execute at once (docs/sweeps.md)."""
+    group = sweep.add_argument_group("execution (docs/sweeps.md)")
+    group.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at once: N local worker processes, each with cores // N torch threads "
+        "(default 1: one after another in this process)",
+    )
+    group.add_argument(
+        "--devices",
+        metavar="cuda:0,cuda:1",
+        help="GPUs for the local workers, one each (with device = auto or cuda in the config)",
+    )
+    group.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "submitit", "ray"),
+        help="local processes (default), Slurm through submitit, or Ray",
+    )
+    group.add_argument(
+        "--cluster",
+        default=None,
+        metavar="NAME",
+        help="submitit's cluster: slurm, or local (runs the jobs as local processes)",
+    )
+    group.add_argument(
+        "--executor-param",
+        dest="executor_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter, e.g. timeout_min=600, slurm_partition=gpu, gpus_per_node=1",
+    )
+    group.add_argument(
+        "--ray-address", metavar="ADDRESS", help="Ray cluster to join (default: a local one)"
+    )
+    group.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="only the grid's first N runs (in the order setting, row, seed)",
+    )
+    group.add_argument(
+        "--track",
+        metavar="BACKENDS",
+        help="log every run to tensorboard, wandb and/or mlflow (comma-separated; "
+        "docs/tracking.md); the runs are grouped under the sweep",
+    )
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -930,9 +1059,16 @@ def run_sweep(args: argparse.Namespace) -> int:
     overrides = list(args.overrides)
     if args.threads is not None:
         overrides.append(f"threads={args.threads}")
+    if getattr(args, "track", None):
+        overrides.append(f"tracking.backends={args.track!r}")
     grid = load_grid(args.grid, overrides)
     out: Path = args.out or Path("runs") / grid.path.stem
     runs = plan(grid, out)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, not {limit}.")
+        runs = runs[:limit]
     if args.dry_run:
         for index, run in enumerate(runs, start=1):
             status = run_status(run, grid.columns)
@@ -956,7 +1092,46 @@ def run_sweep(args: argparse.Namespace) -> int:
             f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; the "
             "interrupted run starts again)"
         )
-        execute(grid, out, runs, log=stderr_log, run_log=None if args.quiet else stderr_log)
+        run_log = None if args.quiet else stderr_log
+        executor = _executor(args, out, runs, run_log)
+        execute(grid, out, runs, log=stderr_log, run_log=run_log, executor=executor)
     sys.stdout.write((out / "table.md").read_text(encoding="utf-8"))
     print(f"\nresults.csv and table.md written to {out}/")
+    if (out / FAILED_FILE).is_file() and not args.tables_only:
+        failed = json.loads((out / FAILED_FILE).read_text(encoding="utf-8"))
+        print(
+            f"fedssd: {len(failed)} runs failed, the others finished; see {out}/{FAILED_FILE}.",
+            file=sys.stderr,
+        )
+        return 1
     return 0
+
+
+def _executor(
+    args: argparse.Namespace, out: Path, runs: Sequence[PlannedRun], run_log: Log | None
+) -> Executor:
+    """The executor the command line asks for (checked before any run starts)."""
+    from fedssd.executors import make_executor, parse_devices
+
+    devices = parse_devices(getattr(args, "devices", None))
+    if devices:
+        pinned = sorted({r.config.device for r in runs} - {"auto", "cuda"})
+        if pinned:
+            raise ConfigError(
+                f"--devices spreads runs over GPUs, but the config sets device = {pinned[0]!r}; "
+                "set device = auto (or cuda) so that each worker uses its own GPU."
+            )
+    parameters: dict[str, Any] = {}
+    for item in getattr(args, "executor_params", []):
+        key, value = config_module.parse_override(item)
+        parameters[key] = value
+    return make_executor(
+        getattr(args, "executor", "local"),
+        jobs=getattr(args, "jobs", 1),
+        devices=devices,
+        run_log=run_log,
+        folder=out / ".submitit",
+        cluster=getattr(args, "cluster", None),
+        parameters=parameters,
+        address=getattr(args, "ray_address", None),
+    )

@@ -49,6 +49,7 @@ from fedssd.api import (
     resume_point,
     round_callbacks,
     run_evaluation_views,
+    warm_start,
     write_header,
 )
 from fedssd.config import Config
@@ -66,6 +67,7 @@ from fedssd.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
 Log = Callable[[str], None]
 
@@ -326,6 +328,8 @@ def run_federation(
         )
     saved = None
     if point is None:
+        # model.init_from: the server's global model alone (the nodes receive its weights).
+        warm_start(experiment, log=log)
         out_dir = prepare_run_dir(settings.out, overwrite=settings.overwrite)
         if sites:
             write_sites_header(out_dir, cfg, clients)
@@ -342,6 +346,8 @@ def run_federation(
         # Client states live on the nodes (Context.state, or their state-dir), so the store
         # saved here is empty.
         callbacks.append(checkpointer(cfg, out_dir, experiment.method, ClientStore(), history))
+    trackers = make_trackers(cfg, out_dir, say=log, resume=point is not None)
+    callbacks += tracker_callbacks(trackers)
     strategy = MethodStrategy(
         global_model=experiment.global_model,
         method=experiment.method,
@@ -360,29 +366,34 @@ def run_federation(
         f"training {cfg.method.name} on Flower: {remaining} of {cfg.federation.rounds} rounds, "
         f"{cfg.federation.num_clients} clients at fraction {cfg.federation.fraction}"
     )
-    if remaining > 0:
-        strategy.start(
-            grid,
-            records.to_arrays(experiment.global_model.state_dict()),
-            num_rounds=remaining,
-            timeout=settings.round_timeout,
-            evaluate_fn=strategy.after_round,
-        )
 
     def on_the_nodes(model: nn.Module) -> dict[str, Any]:
         return evaluate_on_nodes(
             grid, strategy.nodes, model, text, timeout=settings.round_timeout, log=log
         )
 
-    result = finish_run(
-        experiment,
-        strategy.history,
-        views=views,
-        out_dir=out_dir,
-        started=started,
-        say=log,
-        evaluate=on_the_nodes if sites else None,
-    )
+    try:
+        if remaining > 0:
+            strategy.start(
+                grid,
+                records.to_arrays(experiment.global_model.state_dict()),
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                evaluate_fn=strategy.after_round,
+            )
+        result = finish_run(
+            experiment,
+            strategy.history,
+            views=views,
+            out_dir=out_dir,
+            started=started,
+            say=log,
+            evaluate=on_the_nodes if sites else None,
+        )
+    except BaseException:
+        finish_trackers(trackers, None)
+        raise
+    finish_trackers(trackers, result.summary)
     return result, strategy
 
 

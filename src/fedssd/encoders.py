@@ -1,0 +1,443 @@
+"""Trained encoders out and in: ``fedssd export``, :func:`load_encoder` and ``model.init_from``.
+
+:func:`export_encoder` writes a run's encoder (optionally with its projector) as safetensors,
+TorchScript or ONNX, next to a JSON card saying what it expects and gives: input size,
+channels, value range, feature width, method, data and the run's summary. :func:`load_encoder`
+returns a ready ``nn.Module`` in eval mode from a run folder or an exported safetensors file.
+:func:`warm_start` starts a new run's global model from a trained encoder (docs/export.md).
+
+Models are only ever read from safetensors (never pickles), so loading one cannot run code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import Tensor, nn
+
+from fedssd.config import Config
+from fedssd.errors import ConfigError, DataError
+
+Format = Literal["safetensors", "torchscript", "onnx"]
+FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
+SUFFIX = {"safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
+CARD_KEY = "fedssd_card"  # the card is also kept in the safetensors header under this key
+# Image side of each dataset as fedssd feeds it (before data.pad_to_32).
+_IMAGE_SIZE = {"fashion_mnist": 28, "mnist": 28, "cifar10": 32, "cifar100": 32, "tiny_imagenet": 64}
+
+
+class EncoderWithProjector(nn.Module):
+    """``x -> (h, z_raw)``: the encoder's features and the projector's embedding."""
+
+    def __init__(self, encoder: nn.Module, projector: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Features ``(batch, feature_dim)`` and embedding ``(batch, embed_dim)``."""
+        h = self.encoder(x)
+        return h, self.projector(h)
+
+
+def input_size(config: Config) -> int | None:
+    """The image side the run was trained on (None for an ``npz`` dataset)."""
+    side = _IMAGE_SIZE.get(config.data.name)
+    if side == 28 and config.data.pad_to_32:
+        return 32
+    return side
+
+
+def _in_channels(model: nn.Module) -> int:
+    first = next(p for p in model.parameters() if p.dim() == 4)
+    return int(first.shape[1])
+
+
+def make_card(
+    config: Config, model: nn.Module, summary: Mapping[str, Any], *, projector: bool, fmt: str
+) -> dict[str, Any]:
+    """The JSON card of an exported encoder."""
+    from fedssd import __version__
+    from fedssd import config as config_module
+
+    raw = config_module.to_dict(config)
+    side = input_size(config)
+    outputs = ["features"] + (["embedding"] if projector else [])
+    return {
+        "format": fmt,
+        "fedssd_version": __version__,
+        "input": {
+            "shape": ["batch", _in_channels(model), side, side],
+            "channels": _in_channels(model),
+            "size": side,
+            "dtype": "float32",
+            "value_range": [0.0, 1.0],
+            "normalization": "none (pixels / 255, no mean/std)",
+        },
+        "outputs": outputs,
+        "feature_dim": int(getattr(model, "feature_dim", 0)),
+        "embed_dim": int(getattr(model, "embed_dim", 0)) if projector else None,
+        "projector": projector,
+        "method": config.method.name,
+        "data": raw["data"],
+        "model": raw["model"],
+        "summary": {k: v for k, v in summary.items() if not isinstance(v, list | dict)},
+    }
+
+
+def export_encoder(
+    run_dir: str | Path,
+    fmt: str,
+    *,
+    projector: bool = False,
+    out: str | Path | None = None,
+    batch: int = 2,
+) -> tuple[Path, Path]:
+    """Write a finished run's encoder (and optionally projector) and its card.
+
+    Args:
+        run_dir: A folder ``fedssd train`` wrote.
+        fmt: ``safetensors``, ``torchscript`` or ``onnx``.
+        projector: Also export the projector (the module then returns ``(h, z_raw)``).
+        out: The file to write (default ``<run>/export/encoder[-projector].<suffix>``); the card
+            goes next to it as ``<name>.json``.
+        batch: Batch of the random images the exported file is checked on.
+
+    Returns:
+        The model file and the card file.
+
+    Raises:
+        ConfigError: Unknown format, or an exporter's package is missing.
+        DataError: The run folder does not hold a finished run, or the exported file does not
+            reproduce the run's features.
+    """
+    from fedssd.protocols import load_run
+
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    run_dir = Path(run_dir)
+    config, model = load_run(run_dir)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    name = "encoder-projector" if projector else "encoder"
+    target = Path(out) if out is not None else run_dir / "export" / f"{name}{SUFFIX[fmt]}"
+    if target.suffix == ".json":
+        raise ConfigError(f"--out {target} ends in .json, the card's name; choose another name.")
+    card_path = target.with_suffix(".json")
+    module: nn.Module = (
+        EncoderWithProjector(model.encoder, model.projector) if projector else model.encoder
+    )
+    module.eval()
+    card = make_card(config, model, summary, projector=projector, fmt=fmt)
+    side = input_size(config) or 32
+    example = torch.rand(
+        batch, _in_channels(model), side, side, generator=torch.Generator().manual_seed(0)
+    )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "safetensors":
+        _save_safetensors(target, model, projector=projector, card=card)
+    elif fmt == "torchscript":
+        with torch.no_grad(), warnings.catch_warnings():
+            # TorchScript is deprecated in favour of torch.export, but it is still what most
+            # downstream code (C++, mobile) loads.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(module, example)
+            traced.save(str(target))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            reloaded = torch.jit.load(str(target))
+        card["max_abs_difference"] = _difference(module, reloaded, example)
+    else:
+        _export_onnx(module, example, target, projector=projector)
+        card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
+    from fedssd.outputs import write_json
+
+    write_json(card_path, card)
+    return target, card_path
+
+
+def _save_safetensors(
+    path: Path, model: nn.Module, *, projector: bool, card: Mapping[str, Any]
+) -> None:
+    from safetensors.torch import save_file
+
+    prefixes = ("encoder.", "projector.") if projector else ("encoder.",)
+    tensors = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.startswith(prefixes)
+    }
+    save_file(tensors, str(path), metadata={CARD_KEY: json.dumps(card)})
+
+
+def _export_onnx(module: nn.Module, example: Tensor, path: Path, *, projector: bool) -> None:
+    try:
+        import onnx  # noqa: F401 - the exporter needs it
+    except ImportError:
+        raise ConfigError(
+            "ONNX export needs the onnx package; install it with pip install 'fedssd[export]'."
+        ) from None
+    outputs = ["features", "embedding"] if projector else ["features"]
+    axes = {name: {0: "batch"} for name in ["images", *outputs]}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The TorchScript-based exporter (deprecated in favour of torch.export, which needs
+        # onnxscript too): it needs only onnx, and these plain convolution stacks export exactly.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            module,
+            (example,),
+            str(path),
+            input_names=["images"],
+            output_names=outputs,
+            dynamic_axes=axes,
+            dynamo=False,
+        )
+
+
+def _onnx_runner(path: Path) -> Any:
+    try:
+        import onnxruntime  # type: ignore[import-untyped]
+    except ImportError:
+        raise ConfigError(
+            "checking the ONNX export needs onnxruntime; install it with pip install "
+            "'fedssd[export]'."
+        ) from None
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(x: Tensor) -> Any:
+        outputs = session.run(None, {"images": x.numpy()})
+        tensors = [torch.from_numpy(o) for o in outputs]
+        return tensors[0] if len(tensors) == 1 else tuple(tensors)
+
+    return run
+
+
+def _difference(module: nn.Module, exported: Any, example: Tensor) -> float:
+    """Largest absolute difference between the run's model and the exported file on
+    ``example``; over 1e-4 means the export is wrong."""
+    with torch.no_grad():
+        ours = module(example)
+        theirs = exported(example)
+    ours_t = ours if isinstance(ours, tuple) else (ours,)
+    theirs_t = theirs if isinstance(theirs, tuple) else (theirs,)
+    worst = max(float((a - b).abs().max()) for a, b in zip(ours_t, theirs_t, strict=True))
+    if worst > 1e-4:
+        raise DataError(
+            f"the exported file gives features up to {worst:.3g} away from the run's model; "
+            "report this as a bug."
+        )
+    return worst
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_encoder(source: str | Path, *, projector: bool = False) -> nn.Module:
+    """A trained encoder ready for downstream use, in eval mode, on the CPU.
+
+    Args:
+        source: A run folder, or a ``.safetensors`` file ``fedssd export`` wrote.
+        projector: Return the encoder with its projector (``x -> (h, z_raw)``) instead of the
+            encoder alone (``x -> h``).
+
+    Returns:
+        The module; inputs are ``(batch, channels, size, size)`` float32 in ``[0, 1]`` (the
+        card or ``config.toml`` says the channels and size).
+
+    Raises:
+        DataError: The source is not a finished run or an exported safetensors file, or lacks
+            the projector asked for.
+    """
+    config, tensors = read_encoder_source(Path(source))
+    model = _model_for(config, tensors)
+    if projector and not any(k.startswith("projector.") for k in tensors):
+        raise DataError(
+            f"{source} holds no projector; export it with --projector or load the run folder."
+        )
+    model.load_state_dict(tensors, strict=False)
+    model.eval()
+    module: nn.Module = (
+        EncoderWithProjector(model.encoder, model.projector) if projector else model.encoder
+    )
+    return module.eval()
+
+
+def read_encoder_source(path: Path) -> tuple[Config, dict[str, Tensor]]:
+    """The config and the ``encoder.*`` (and ``projector.*``) tensors of a run folder or an
+    exported safetensors file.
+
+    Raises:
+        DataError: Neither, or unreadable.
+    """
+    from fedssd import config as config_module
+
+    if path.is_dir():
+        model_path = path / "model.safetensors"
+        config_path = path / "config.toml"
+        if not model_path.is_file() or not config_path.is_file():
+            raise DataError(
+                f"{path} is not a finished fedssd run (it needs config.toml and "
+                "model.safetensors); pass a run folder or a file fedssd export wrote."
+            )
+        tensors, _ = _read_safetensors(model_path)
+        return config_module.load(config_path), tensors
+    if not path.is_file():
+        raise DataError(
+            f"{path} does not exist; pass a run folder or a .safetensors file fedssd export wrote."
+        )
+    tensors, metadata = _read_safetensors(path)
+    card_text = metadata.get(CARD_KEY)
+    if card_text is None:
+        sidecar = path.with_suffix(".json")
+        if not sidecar.is_file():
+            raise DataError(
+                f"{path} carries no fedssd card (and {sidecar.name} is missing); pass a file "
+                "fedssd export --format safetensors wrote."
+            )
+        card_text = sidecar.read_text(encoding="utf-8")
+    try:
+        card = json.loads(card_text)
+        config = config_module.load({"data": card["data"], "model": card["model"]})
+    except (ValueError, KeyError, TypeError, ConfigError) as error:
+        raise DataError(f"the fedssd card of {path} is damaged ({error}).") from None
+    return config, tensors
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            tensors = {
+                key: handle.get_tensor(key)
+                for key in handle.keys()  # noqa: SIM118 - safe_open handles are not mappings
+                if key.startswith(("encoder.", "projector."))
+            }
+            metadata = dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        text = " ".join(str(error).split())[:160]
+        raise DataError(f"{path} is not a readable safetensors file ({text}).") from None
+    if not any(k.startswith("encoder.") for k in tensors):
+        raise DataError(f"{path} holds no encoder.* tensors; it is not a fedssd model file.")
+    return tensors, metadata
+
+
+def _model_for(config: Config, tensors: Mapping[str, Tensor]) -> Any:
+    """The model ``config`` describes, with the channels its first convolution was trained on."""
+    from fedssd.api import make_model
+
+    first = next(v for k, v in tensors.items() if k.startswith("encoder.") and v.dim() == 4)
+    return make_model(config, int(first.shape[1]), torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- warm start
+
+
+def check_init_from(config: Config, _probe: nn.Module | None = None) -> None:
+    """Refuse a ``model.init_from`` that names nothing loadable (before any file is written).
+
+    Raises:
+        ConfigError: Not a run folder with a model, nor a safetensors file.
+    """
+    source = Path(str(config.model.init_from))
+    if source.is_dir() and (source / "model.safetensors").is_file():
+        return
+    if source.is_file() and source.suffix == ".safetensors":
+        return
+    raise ConfigError(
+        f"model.init_from = {str(source)!r} is neither a finished run folder (with "
+        "model.safetensors) nor a .safetensors file fedssd export wrote."
+    )
+
+
+def warm_start(model: nn.Module, config: Config, *, log: Any = None) -> None:
+    """Copy the trained encoder (and, with ``model.init_projector``, projector) named by
+    ``model.init_from`` into ``model``.
+
+    Raises:
+        ConfigError: The source is not loadable.
+        DataError: Its tensors do not fit this run's model, in one sentence.
+    """
+    check_init_from(config)
+    source = Path(str(config.model.init_from))
+    _, tensors = read_encoder_source(source)
+    parts = ("encoder.", "projector.") if config.model.init_projector else ("encoder.",)
+    own = model.state_dict()
+    chosen = {k: v for k, v in tensors.items() if k.startswith(parts)}
+    if config.model.init_projector and not any(k.startswith("projector.") for k in chosen):
+        raise DataError(
+            f"model.init_projector = true but {source} holds no projector; export it with "
+            "--projector or start from the run folder."
+        )
+    wanted = {k for k in own if k.startswith(parts)}
+    missing = sorted(wanted - set(chosen))
+    extra = sorted(set(chosen) - wanted)
+    if missing or extra:
+        what = f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model lacks"
+        raise DataError(
+            f"model.init_from {source} {what}; start from a run with the same model.encoder "
+            "and model.width."
+        )
+    for key, value in chosen.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise DataError(
+                f"model.init_from {source} holds {key} of shape {tuple(value.shape)} where this "
+                f"run's model has {tuple(own[key].shape)}; start from a run with the same "
+                "model.encoder, model.width, projector sizes and image channels."
+            )
+    device = next(model.parameters()).device
+    model.load_state_dict({k: v.to(device) for k, v in chosen.items()}, strict=False)
+    if log is not None:
+        which = "encoder and projector" if config.model.init_projector else "encoder"
+        log(f"starting from the trained {which} of {source}")
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def add_export_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd export`` to the CLI's sub-command action."""
+    export: argparse.ArgumentParser = commands.add_parser(
+        "export",
+        help="write a run's trained encoder as safetensors, TorchScript or ONNX",
+        description=(
+            "Write the trained encoder of a finished run (with --projector, encoder and "
+            "projector) as safetensors, TorchScript or ONNX, with a JSON card next to it "
+            "(input size, channels, value range, feature width, method, data, the run's "
+            "summary). TorchScript and ONNX files are checked to give the run's features. "
+            "docs/export.md shows how to use them."
+        ),
+    )
+    export.add_argument("run", type=Path, metavar="RUN", help="a finished run folder")
+    export.add_argument(
+        "--format", dest="fmt", choices=FORMATS, default="safetensors", help="file format"
+    )
+    export.add_argument("--projector", action="store_true", help="include the projector")
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="model file (default: RUN/export/encoder.<suffix>); the card is FILE with .json",
+    )
+    return export
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``fedssd export``: returns the exit code (user errors raise FedSSDError)."""
+    target, card = export_encoder(args.run, args.fmt, projector=args.projector, out=args.out)
+    print(f"{args.fmt} written to {target}; card {card}")
+    return 0
+
+
+__all__ = [
+    "EncoderWithProjector",
+    "check_init_from",
+    "export_encoder",
+    "load_encoder",
+    "warm_start",
+]
