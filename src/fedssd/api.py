@@ -40,6 +40,7 @@ from fedssd.data.partition import label_histogram, make_partition, subset_indice
 from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.evaluate import evaluate_model, knn_monitor
+from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
 from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -191,7 +192,10 @@ def check_setup(config: Config) -> None:
         seed=config.seed,
         device=torch.device("cpu"),
     )
-    build_method(config.method.name, config.method.options, context)
+    method = build_method(config.method.name, config.method.options, context)
+    if config.privacy.dp != "off":
+        check_private_method(method)
+        make_aggregator(config)  # a target epsilon no noise can meet fails here
 
 
 def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
@@ -391,7 +395,9 @@ def build_experiment(config: Config, *, log: Log) -> Experiment:
             augment=augment,
             autocast_dtype=autocast_dtype(config.precision, device),
         ),
-        guards=Guards(faults=config.faults, validation=config.validation),
+        guards=Guards(
+            faults=config.faults, validation=config.validation, privacy=make_aggregator(config)
+        ),
         images=data.dataset.x_train.to(device),
         client_indices=[torch.from_numpy(p).long().to(device) for p in data.client_indices],
     )
@@ -593,6 +599,7 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
+        **privacy_summary(history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
     }
