@@ -31,6 +31,7 @@ from fedssd.federation.client import local_train
 from fedssd.federation.simulator import local_keys
 from fedssd.federation.store import stamp_participation
 from fedssd.flower import records
+from fedssd.flower.secagg import secure_aggregation_mod
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
@@ -43,7 +44,8 @@ else:  # pragma: no cover - Python 3.10
 
 PARTITION_ID = "partition-id"
 
-app = ClientApp()
+# SecAgg+ for the rounds of a run with secure-aggregation = true; other messages pass through.
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def client_id_of(context: Context) -> int:

@@ -9,6 +9,8 @@ names the same TOML file the CLI takes, plus overrides::
     overwrite = false
     round-timeout = 3600.0                      # seconds to wait for a round's replies
     connect-timeout = 300.0                     # seconds to wait for every client's node
+    secure-aggregation = false                  # SecAgg+ (fedssd.flower.secagg, docs/privacy.md)
+    secagg-clipping-range = 8.0                 # SecAgg+'s quantisation range [-c, c]
 
 The server builds the experiment like :func:`fedssd.api.train` (data, model, method, schedule),
 finds which node plays which client id, runs :class:`~fedssd.flower.strategy.MethodStrategy`
@@ -42,7 +44,7 @@ from fedssd.api import (
 )
 from fedssd.errors import ConfigError
 from fedssd.federation.store import ClientStore
-from fedssd.flower import records
+from fedssd.flower import records, secagg
 from fedssd.flower.strategy import MethodStrategy
 from fedssd.outputs import check_run_dir, prepare_run_dir
 
@@ -63,6 +65,8 @@ class RunSettings:
         overwrite: Replace an earlier run's files in ``out``.
         round_timeout: Seconds to wait for a round's replies.
         connect_timeout: Seconds to wait until every client id has a node.
+        secure_aggregation: Aggregate with SecAgg+ (:mod:`fedssd.flower.secagg`).
+        secagg_clipping_range: SecAgg+'s quantisation range ``c``.
     """
 
     config: Path
@@ -71,6 +75,8 @@ class RunSettings:
     overwrite: bool = False
     round_timeout: float = 3600.0
     connect_timeout: float = 300.0
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = secagg.CLIPPING_RANGE
 
     @classmethod
     def from_run_config(
@@ -115,6 +121,10 @@ class RunSettings:
             overwrite=bool(get("overwrite", bool, False)),
             round_timeout=float(get("round-timeout", float, 3600.0)),  # type: ignore[arg-type]
             connect_timeout=float(get("connect-timeout", float, 300.0)),  # type: ignore[arg-type]
+            secure_aggregation=bool(get("secure-aggregation", bool, False)),
+            secagg_clipping_range=float(
+                get("secagg-clipping-range", float, secagg.CLIPPING_RANGE)  # type: ignore[arg-type]
+            ),
         )
 
 
@@ -193,6 +203,8 @@ def run_federation(
     check_run_dir(settings.out, overwrite=settings.overwrite)
     check_setup(cfg)
     experiment = build_experiment(cfg, log=log)
+    if settings.secure_aggregation:
+        secagg.check_secure_aggregation(cfg, experiment.method)
     nodes = discover_clients(
         grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
     )
@@ -219,13 +231,22 @@ def run_federation(
         f"training {cfg.method.name} on Flower: {cfg.federation.rounds} rounds, "
         f"{cfg.federation.num_clients} clients at fraction {cfg.federation.fraction}"
     )
-    strategy.start(
-        grid,
-        records.to_arrays(experiment.global_model.state_dict()),
-        num_rounds=cfg.federation.rounds,
-        timeout=settings.round_timeout,
-        evaluate_fn=strategy.after_round,
-    )
+    if settings.secure_aggregation:
+        secagg.run_secure(
+            grid,
+            strategy,
+            max_weight=secagg.max_batches(cfg, [len(p) for p in experiment.data.client_indices]),
+            clipping_range=settings.secagg_clipping_range,
+            timeout=settings.round_timeout,
+        )
+    else:
+        strategy.start(
+            grid,
+            records.to_arrays(experiment.global_model.state_dict()),
+            num_rounds=cfg.federation.rounds,
+            timeout=settings.round_timeout,
+            evaluate_fn=strategy.after_round,
+        )
     result = finish_run(
         experiment, strategy.history, views=views, out_dir=out_dir, started=started, say=log
     )
