@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import dp_accounting
@@ -276,3 +277,19 @@ def test_dp_needs_a_noise_multiplier_or_a_target() -> None:
     with pytest.raises(ConfigError, match=r"noise_multiplier or privacy\.target_epsilon"):
         config.load(SMOKE, ["privacy.dp=fixed"])
     assert config.load(SMOKE).privacy.dp == "off"  # off by default
+
+
+def test_adaptive_dp_run_resumes_bit_for_bit(tmp_path: Path) -> None:
+    sets = [*TINY, "federation.rounds=3", "checkpoint.every=1", "checkpoint.keep=2"]
+    sets += ["privacy.dp=adaptive", "privacy.noise_multiplier=0.5"]
+    sets += ["privacy.count_noise_multiplier=5.0", "privacy.clip_norm=2.0"]
+    run = tmp_path / "run"
+    whole = api.train(SMOKE, overrides=sets, out=run, log=None)
+    # As if it had been killed after round 2: the newest checkpoint is round 2's.
+    shutil.rmtree(run / "checkpoints" / "round-000003")
+    (run / "summary.json").unlink()
+    resumed = api.resume(run, log=None)
+    for key, value in whole.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+    # The clip norm of round 3 came back from round 2's record, not from privacy.clip_norm.
+    assert resumed.history[2]["dp_clip_norm"] == whole.history[1]["dp_next_clip_norm"] != 2.0
