@@ -105,7 +105,7 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
         node_data = [f' data-path="{site}"' for site in sites]
         overrides += (
             " data.name=npz data.partition=clients data.train_subset=0"
-            f' evaluation.data="{work}/server.npz"'
+            f" evaluation.data={work}/server.npz"
         )
     processes: list[subprocess.Popen[bytes]] = []
     try:

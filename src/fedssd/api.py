@@ -48,6 +48,7 @@ from fedssd.federation.evaluate import (
     knn_monitor,
     label_warning,
 )
+from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
 from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -231,7 +232,10 @@ def check_setup(config: Config) -> None:
         seed=config.seed,
         device=torch.device("cpu"),
     )
-    build_method(config.method.name, config.method.options, context)
+    method = build_method(config.method.name, config.method.options, context)
+    if config.privacy.dp != "off":
+        check_private_method(method)
+        make_aggregator(config)  # a target epsilon no noise can meet fails here
     from fedssd.tracking import check_tracking
 
     check_tracking(config)
@@ -665,7 +669,9 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             augment=augment,
             autocast_dtype=autocast_dtype(config.precision, device),
         ),
-        guards=Guards(faults=config.faults, validation=config.validation),
+        guards=Guards(
+            faults=config.faults, validation=config.validation, privacy=make_aggregator(config)
+        ),
         images=data.dataset.x_train.to(device),
         client_indices=[torch.from_numpy(p).long().to(device) for p in data.client_indices],
     )
@@ -1120,6 +1126,7 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
+        **privacy_summary(history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Results are bit-identical only for the same thread count, so it is recorded.

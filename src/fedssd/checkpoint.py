@@ -61,7 +61,13 @@ def run_identity(config_data: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a resolved config a checkpoint must match: seed, data, model, method,
     federation (the rest, e.g. evaluation settings, may differ on resume)."""
     keys = ("seed", "data", "model", "method", "federation")
-    return {key: jsonable(config_data[key]) for key in keys if key in config_data}
+    identity = {key: jsonable(config_data[key]) for key in keys if key in config_data}
+    # Differential privacy changes the training: a DP run resumes only with its own settings (a
+    # run without DP keeps the identity it had before the [privacy] table existed).
+    privacy = config_data.get("privacy", {})
+    if privacy.get("dp", "off") != "off":
+        identity["privacy"] = jsonable(privacy)
+    return identity
 
 
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path:

@@ -257,6 +257,40 @@ class TrackingConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy, DP-FedAvg (docs/privacy.md; off by default).
+
+    Attributes:
+        dp: ``off``, ``fixed`` (clip norm ``clip_norm`` all run) or ``adaptive`` (the clip norm
+            tracks the ``target_quantile`` of the update norms, Andrew et al. 2021).
+        clip_norm: L2 bound C on each client's update (adaptive: its initial value); 0 = no
+            clipping (only with ``noise_multiplier = 0``: a check of the code path, no privacy).
+        noise_multiplier: z, the noise's standard deviation on the sum in units of C; unset
+            means: the smallest z that meets ``target_epsilon`` over ``federation.rounds``.
+        target_epsilon: The privacy budget; the run stops, before the round that would exceed
+            it, with one sentence (0 = no budget).
+        delta: The delta of (epsilon, delta).
+        weighting: ``uniform`` (every update counts the same: DP-FedAvg's sensitivity holds) or
+            ``batches`` (FedAvg's batch-count weights; the noise scales with the largest weight
+            and the weights themselves, i.e. the client sizes, are taken to be public).
+        target_quantile: gamma, the fraction of updates that should fall within the clip norm.
+        clip_lr: eta, the geometric learning rate of the clip norm.
+        count_noise_multiplier: sigma_b, the noise on the count of updates within the norm;
+            unset means m / 20 (m: clients per round), Andrew et al.'s recommendation.
+    """
+
+    dp: Literal["off", "fixed", "adaptive"] = "off"
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float = 0.0
+    delta: float = 1e-5
+    weighting: Literal["uniform", "batches"] = "uniform"
+    target_quantile: float = 0.5
+    clip_lr: float = 0.2
+    count_noise_multiplier: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole experiment.
 
@@ -283,6 +317,7 @@ class Config:
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
     tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = dataclasses.field(default_factory=PrivacyConfig)
 
 
 def load(
@@ -534,12 +569,46 @@ def validate(config: Config) -> None:
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {config.device!r}.",
         ),
     ]
+    checks += _privacy_checks(config.privacy)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
     from fedssd.tracking import parse_backends
 
     parse_backends(config.tracking.backends)
+
+
+def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
+    """Range checks of the ``[privacy]`` table."""
+    if dp.dp == "off":
+        return []
+    noise = dp.noise_multiplier
+    return [
+        (dp.clip_norm >= 0, "privacy.clip_norm must be >= 0 (0 means no clipping)."),
+        (noise is None or noise >= 0, "privacy.noise_multiplier must be >= 0."),
+        (dp.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 means no budget)."),
+        (
+            noise is not None or dp.target_epsilon > 0,
+            "privacy.dp needs privacy.noise_multiplier or privacy.target_epsilon (the noise is "
+            "then calibrated to it).",
+        ),
+        (0 < dp.delta < 1, "privacy.delta must be in (0, 1)."),
+        (
+            dp.clip_norm > 0 or noise == 0,
+            "privacy.clip_norm = 0 (no clipping) is only allowed with privacy.noise_multiplier = "
+            "0: noise is measured in units of the clip norm.",
+        ),
+        (
+            dp.dp != "adaptive" or dp.clip_norm > 0,
+            "adaptive clipping needs an initial privacy.clip_norm > 0.",
+        ),
+        (0 < dp.target_quantile < 1, "privacy.target_quantile must be in (0, 1)."),
+        (dp.clip_lr >= 0, "privacy.clip_lr must be >= 0."),
+        (
+            dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
+            "privacy.count_noise_multiplier must be > 0.",
+        ),
+    ]
 
 
 def _valid_device(device: str) -> bool:

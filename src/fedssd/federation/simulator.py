@@ -21,6 +21,7 @@ from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.errors import TrainingDiverged
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
 from fedssd.federation.faults import draw_fault
+from fedssd.federation.privacy import PrivateAggregator
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.store import ClientStore, stamp_participation
 from fedssd.federation.validate import check_update, norm_outliers, update_distance
@@ -57,10 +58,11 @@ class Schedule:
 
 @dataclasses.dataclass(frozen=True)
 class Guards:
-    """Simulated faults and the server's update checks."""
+    """Simulated faults, the server's update checks and differential privacy (None = off)."""
 
     faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
     validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    privacy: PrivateAggregator | None = None
 
 
 def round_lr(schedule: Schedule, round_index: int) -> float:
@@ -119,11 +121,16 @@ def run_rounds(
     Raises:
         TrainingDiverged: Every client that trained in a round had a non-finite loss, or the
             aggregated model holds NaN or infinite values.
+        PrivacyBudgetExhausted: The next round would exceed ``privacy.target_epsilon``.
     """
     store = ClientStore() if store is None else store
     guards = Guards() if guards is None else guards
     history = [] if history is None else history
+    if guards.privacy is not None:
+        guards.privacy.restore(history)
     for round_index in range(start_round, schedule.rounds):
+        if guards.privacy is not None:
+            guards.privacy.check_budget(round_index)  # before the clients spend time training
         record = run_round(
             round_index,
             global_model=global_model,
@@ -306,6 +313,7 @@ def conclude_round(
 
     Raises:
         TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
+        PrivacyBudgetExhausted: This round would exceed ``privacy.target_epsilon``.
     """
     if movements is None and guards.validation.max_norm_ratio > 0:
         movements = {
@@ -320,8 +328,15 @@ def conclude_round(
         )
     skipped = len(updates) < max(1, guards.faults.min_clients)
     new_state = None
+    privacy_record: dict[str, Any] = {}
     if not skipped:
-        new_state = aggregate_updates(method, global_state, updates, round_index=round_index)
+        if guards.privacy is not None:
+            guards.privacy.check_budget(round_index)
+            new_state, privacy_record = guards.privacy.aggregate(
+                global_state, updates, round_index=round_index
+            )
+        else:
+            new_state = aggregate_updates(method, global_state, updates, round_index=round_index)
         if not _finite(new_state):
             raise TrainingDiverged(
                 f"training diverged in round {round_index + 1}: the aggregated global model holds "
@@ -333,6 +348,8 @@ def conclude_round(
     record["failed"] = {str(k): v for k, v in sorted(failed.items())}
     record["skipped"] = skipped
     record["seconds"] = time.perf_counter() - started
+    if guards.privacy is not None:
+        record.update(privacy_record or guards.privacy.idle(round_index))
     return new_state, record
 
 

@@ -38,6 +38,7 @@ from fedssd.federation.simulator import local_keys
 from fedssd.federation.store import stamp_participation
 from fedssd.flower import node_state, records
 from fedssd.flower.records import SITES
+from fedssd.flower.secagg import secure_aggregation_mod
 from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
@@ -52,7 +53,8 @@ PARTITION_ID = "partition-id"
 CLIENT_ID = "client-id"
 STATE_DIR = "state-dir"
 
-app = ClientApp()
+# SecAgg+ for the rounds of a run with secure-aggregation = true; other messages pass through.
+app = ClientApp(mods=[secure_aggregation_mod])
 
 
 def client_id_of(context: Context) -> int:

@@ -10,6 +10,8 @@ names the same TOML file the CLI takes, plus overrides::
     resume = false                              # continue the run in `out` from its checkpoint
     round-timeout = 3600.0                      # seconds to wait for a round's replies
     connect-timeout = 300.0                     # seconds to wait for every client's node
+    secure-aggregation = false                  # SecAgg+ (fedssd.flower.secagg, docs/privacy.md)
+    secagg-clipping-range = 8.0                 # SecAgg+'s quantisation range [-c, c]
 
 The server builds the experiment like :func:`fedssd.api.train` (data, model, method, schedule),
 finds which node plays which client id, runs :class:`~fedssd.flower.strategy.MethodStrategy`
@@ -57,7 +59,7 @@ from fedssd.data.datasets import ImageDataset
 from fedssd.errors import ConfigError, DataError
 from fedssd.federation.evaluate import combine_client_evaluations
 from fedssd.federation.store import ClientStore
-from fedssd.flower import records
+from fedssd.flower import records, secagg
 from fedssd.flower.records import SITES
 from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
 from fedssd.outputs import (
@@ -87,6 +89,8 @@ class RunSettings:
         resume: Continue the unfinished run in ``out`` from its newest checkpoint.
         round_timeout: Seconds to wait for a round's replies.
         connect_timeout: Seconds to wait until every client id has a node.
+        secure_aggregation: Aggregate with SecAgg+ (:mod:`fedssd.flower.secagg`).
+        secagg_clipping_range: SecAgg+'s quantisation range ``c``.
     """
 
     config: Path
@@ -96,6 +100,8 @@ class RunSettings:
     resume: bool = False
     round_timeout: float = 3600.0
     connect_timeout: float = 300.0
+    secure_aggregation: bool = False
+    secagg_clipping_range: float = secagg.CLIPPING_RANGE
 
     @classmethod
     def from_run_config(
@@ -146,6 +152,10 @@ class RunSettings:
             resume=resume,
             round_timeout=float(get("round-timeout", float, 3600.0)),  # type: ignore[arg-type]
             connect_timeout=float(get("connect-timeout", float, 300.0)),  # type: ignore[arg-type]
+            secure_aggregation=bool(get("secure-aggregation", bool, False)),
+            secagg_clipping_range=float(
+                get("secagg-clipping-range", float, secagg.CLIPPING_RANGE)  # type: ignore[arg-type]
+            ),
         )
 
 
@@ -302,6 +312,11 @@ def run_federation(
     """
     started = time.perf_counter()
     point = None
+    if settings.resume and settings.secure_aggregation:
+        raise ConfigError(
+            "resume does not work with secure-aggregation yet (the SecAgg+ workflow always "
+            "starts at round 1); start the run again with overwrite=true."
+        )
     if settings.resume:
         point = resume_point(settings.out, say=log)
         cfg = point.config
@@ -326,6 +341,8 @@ def run_federation(
         clients = discover_clients(
             grid, num_clients=cfg.federation.num_clients, timeout=settings.connect_timeout, log=log
         )
+    if settings.secure_aggregation:
+        secagg.check_secure_aggregation(cfg, experiment.method)
     saved = None
     if point is None:
         # model.init_from: the server's global model alone (the nodes receive its weights).
@@ -373,7 +390,20 @@ def run_federation(
         )
 
     try:
-        if remaining > 0:
+        if settings.secure_aggregation:
+            sizes = (
+                [clients[k]["num-images"] for k in sorted(clients)]
+                if sites
+                else [len(p) for p in experiment.data.client_indices]
+            )
+            secagg.run_secure(
+                grid,
+                strategy,
+                max_weight=secagg.max_batches(cfg, sizes),
+                clipping_range=settings.secagg_clipping_range,
+                timeout=settings.round_timeout,
+            )
+        elif remaining > 0:
             strategy.start(
                 grid,
                 records.to_arrays(experiment.global_model.state_dict()),
