@@ -97,7 +97,7 @@ def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     _, trained = load_run(run)
-    cfg = fedssd.load_config(SMOKE, [*TINY, f"model.init_from={str(run)!r}"])
+    cfg = fedssd.load_config(SMOKE, overrides=[*TINY, f"model.init_from={str(run)!r}"])
     from fedssd.api import build_experiment, warm_start
 
     experiment = build_experiment(cfg, log=lambda _m: None)
@@ -107,7 +107,7 @@ def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
         if key.startswith("encoder."):
             assert torch.equal(own[key], value), key
     # The projector keeps the seed's initialisation unless asked for.
-    fresh = build_experiment(fedssd.load_config(SMOKE, TINY), log=lambda _m: None)
+    fresh = build_experiment(fedssd.load_config(SMOKE, overrides=TINY), log=lambda _m: None)
     key = next(k for k in own if k.startswith("projector."))
     assert torch.equal(own[key], fresh.global_model.state_dict()[key])
 

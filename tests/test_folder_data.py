@@ -252,7 +252,7 @@ def _clients_config(sites: list[str], *extra: str) -> list[str]:
 
 def test_each_client_gets_exactly_its_own_images_in_order(tmp_path: Path) -> None:
     sites = _sites(tmp_path)
-    cfg = load_config(SMOKE, _clients_config([str(p) for p in sites]))
+    cfg = load_config(SMOKE, overrides=_clients_config([str(p) for p in sites]))
     data = prepare_data(cfg, log=lambda _m: None)
     assert [p.tolist() for p in data.client_indices] == [
         [0, 1, 2, 3, 4],
@@ -272,7 +272,7 @@ def test_each_client_gets_exactly_its_own_images_in_order(tmp_path: Path) -> Non
 
 def test_a_node_reads_only_its_own_site(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     sites = _sites(tmp_path)
-    cfg = load_config(SMOKE, _clients_config([str(p) for p in sites]))
+    cfg = load_config(SMOKE, overrides=_clients_config([str(p) for p in sites]))
     whole = prepare_data(cfg, log=lambda _m: None)
     opened: list[str] = []
     original = np.load
@@ -297,7 +297,7 @@ def test_relative_site_paths_resolve_against_the_working_folder(
 ) -> None:
     _sites(tmp_path)
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(SMOKE, _clients_config(["site_a/", "site_b.npz", "site_c.npz"]))
+    cfg = load_config(SMOKE, overrides=_clients_config(["site_a/", "site_b.npz", "site_c.npz"]))
     assert cfg.data.clients == tuple(
         str(tmp_path / n) for n in ("site_a", "site_b.npz", "site_c.npz")
     )
@@ -311,7 +311,7 @@ def test_one_subfolder_per_client(tmp_path: Path) -> None:
         _png(base / "hospital_a" / f"{i}.png", _noise(rng, 20, 20))
     cfg = load_config(
         SMOKE,
-        [
+        overrides=[
             "data.name=folder",
             "data.partition=clients",
             f"data.path={json.dumps(str(base))}",
@@ -322,7 +322,7 @@ def test_one_subfolder_per_client(tmp_path: Path) -> None:
     data = prepare_data(cfg, log=lambda _m: None)
     assert [len(p) for p in data.client_indices] == [3, 5]
     assert data.dataset.y_train[:3].tolist() == [-1, -1, -1]
-    wrong = load_config(SMOKE, [*cfg_args(base), "federation.num_clients=3"])
+    wrong = load_config(SMOKE, overrides=[*cfg_args(base), "federation.num_clients=3"])
     with pytest.raises(ConfigError, match=r"2 client datasets but federation\.num_clients is 3"):
         prepare_data(wrong, log=lambda _m: None)
 
@@ -339,16 +339,16 @@ def cfg_args(base: Path) -> list[str]:
 def test_site_list_problems(tmp_path: Path) -> None:
     sites = [str(p) for p in _sites(tmp_path)]
     with pytest.raises(ConfigError, match=r"lists 3 datasets but federation\.num_clients is 2"):
-        load_config(SMOKE, [*_clients_config(sites), "federation.num_clients=2"])
+        load_config(SMOKE, overrides=[*_clients_config(sites), "federation.num_clients=2"])
     with pytest.raises(ConfigError, match=r"needs data\.partition = 'clients'"):
-        load_config(SMOKE, [f"data.clients={json.dumps(sites)}"])
-    missing = load_config(SMOKE, _clients_config([*sites[:2], str(tmp_path / "nowhere")]))
+        load_config(SMOKE, overrides=[f"data.clients={json.dumps(sites)}"])
+    missing = load_config(SMOKE, overrides=_clients_config([*sites[:2], str(tmp_path / "nowhere")]))
     with pytest.raises(DataError, match="nowhere does not exist"):
         prepare_data(missing, log=lambda _m: None)
     # A site whose images have another shape is refused in one sentence.
     odd = tmp_path / "odd.npz"
     np.savez(odd, x_train=np.zeros((3, 20, 20), np.uint8))
-    mismatch = load_config(SMOKE, _clients_config([*sites[:2], str(odd)]))
+    mismatch = load_config(SMOKE, overrides=_clients_config([*sites[:2], str(odd)]))
     with pytest.raises(DataError, match="same image size"):
         prepare_data(mismatch, log=lambda _m: None)
 
@@ -359,11 +359,13 @@ def test_label_splits_of_unlabelled_data_are_refused(tmp_path: Path) -> None:
         _png(tmp_path / "flat" / f"{i:02d}.png", _noise(rng, 8, 8))
     base = ["data.name=folder", f"data.path={json.dumps(str(tmp_path / 'flat'))}"]
     base += ["data.train_subset=0", "data.test_subset=0", "federation.num_clients=3"]
-    cfg = load_config(SMOKE, [*base, "data.partition=dirichlet"])
+    cfg = load_config(SMOKE, overrides=[*base, "data.partition=dirichlet"])
     with pytest.raises(ConfigError, match="use partition = 'clients' or 'iid'"):
         prepare_data(cfg, log=lambda _m: None)
-    iid = prepare_data(load_config(SMOKE, [*base, "data.partition=iid"]), log=lambda _m: None)
+    iid = prepare_data(
+        load_config(SMOKE, overrides=[*base, "data.partition=iid"]), log=lambda _m: None
+    )
     assert sorted(np.concatenate(iid.client_indices).tolist()) == list(range(30))
     assert iid.federated_evaluation
-    record = partition_record(load_config(SMOKE, [*base, "data.partition=iid"]), iid)
+    record = partition_record(load_config(SMOKE, overrides=[*base, "data.partition=iid"]), iid)
     assert record["labelled"] == [0, 0, 0] and record["label_histogram"] == [[], [], []]

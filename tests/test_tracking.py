@@ -218,7 +218,7 @@ def test_a_missing_package_is_one_sentence_before_training(
 
 def test_unknown_backend_is_refused() -> None:
     with pytest.raises(ConfigError, match="choose from tensorboard, wandb, mlflow"):
-        fedssd.load_config(SMOKE, ["tracking.backends=tensorbored"])
+        fedssd.load_config(SMOKE, overrides=["tracking.backends=tensorbored"])
 
 
 def test_round_scalars_count_clients() -> None:

@@ -215,13 +215,25 @@ def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -
     return resolve(config_module.load(source, overrides))
 
 
-def check_setup(config: Config) -> None:
+def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
-    before any data is read or file written."""
+    before any data is read or file written.
+
+    Args:
+        config: The resolved config.
+        sites_on_nodes: The run's sites are on Flower nodes (a ServerApp), so the config names
+            none of them; otherwise ``data.partition = "clients"`` must say where they are.
+    """
     if config.data.name not in DATASET_NAMES:
         raise ConfigError(
             f"unknown dataset data.name = {config.data.name!r}; choose one of "
             f"{', '.join(DATASET_NAMES)}."
+        )
+    data = config.data
+    if data.partition == "clients" and not sites_on_nodes and not data.clients and not data.path:
+        raise ConfigError(
+            "data.partition = 'clients' needs data.clients (one folder or .npz per client) or "
+            "data.path (a folder with one subfolder per client)."
         )
     with torch.device("meta"):
         probe = _build_model(config, in_channels=3)

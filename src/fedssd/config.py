@@ -579,20 +579,30 @@ def validate(config: Config) -> None:
 
 
 def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
-    """Range checks of the ``[privacy]`` table."""
-    if dp.dp == "off":
-        return []
+    """Checks of the ``[privacy]`` table: the ranges always (a value out of range is a mistake
+    even while DP is off), how the settings combine when DP is on."""
     noise = dp.noise_multiplier
-    return [
+    ranges = [
         (dp.clip_norm >= 0, "privacy.clip_norm must be >= 0 (0 means no clipping)."),
         (noise is None or noise >= 0, "privacy.noise_multiplier must be >= 0."),
         (dp.target_epsilon >= 0, "privacy.target_epsilon must be >= 0 (0 means no budget)."),
+        (0 < dp.delta < 1, "privacy.delta must be in (0, 1)."),
+        (0 < dp.target_quantile < 1, "privacy.target_quantile must be in (0, 1)."),
+        (dp.clip_lr >= 0, "privacy.clip_lr must be >= 0."),
+        (
+            dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
+            "privacy.count_noise_multiplier must be > 0.",
+        ),
+    ]
+    if dp.dp == "off":
+        return ranges
+    return [
+        *ranges,
         (
             noise is not None or dp.target_epsilon > 0,
             "privacy.dp needs privacy.noise_multiplier or privacy.target_epsilon (the noise is "
             "then calibrated to it).",
         ),
-        (0 < dp.delta < 1, "privacy.delta must be in (0, 1)."),
         (
             dp.clip_norm > 0 or noise == 0,
             "privacy.clip_norm = 0 (no clipping) is only allowed with privacy.noise_multiplier = "
@@ -601,12 +611,6 @@ def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
         (
             dp.dp != "adaptive" or dp.clip_norm > 0,
             "adaptive clipping needs an initial privacy.clip_norm > 0.",
-        ),
-        (0 < dp.target_quantile < 1, "privacy.target_quantile must be in (0, 1)."),
-        (dp.clip_lr >= 0, "privacy.clip_lr must be >= 0."),
-        (
-            dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
-            "privacy.count_noise_multiplier must be > 0.",
         ),
     ]
 

@@ -323,7 +323,7 @@ def run_federation(
     else:
         cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
-    check_setup(cfg)
+    check_setup(cfg, sites_on_nodes=True)
     text = config_module.dumps(cfg)
     sites = cfg.data.partition == SITES
     if sites:
