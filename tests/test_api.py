@@ -224,3 +224,18 @@ def test_labels_of_one_class_are_warned_about(tmp_path: Path) -> None:
     warnings = [line for line in lines if line.startswith("warning:")]
     assert len(warnings) == 1, lines
     assert "one class" in warnings[0] and "measure nothing" in warnings[0]
+
+
+def test_the_time_left_of_a_resumed_run_counts_only_its_own_rounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fedssd import api
+
+    clock = iter([100.0, 110.0, 120.0])
+    monkeypatch.setattr(api.time, "perf_counter", lambda: next(clock))
+    lines: list[str] = []
+    report = api._progress("ssd", 10, lines.append)
+    # Resumed after round 4: rounds 5 and 6 take 10 s each, leaving 5, then 4, rounds of 10 s.
+    for done in (5, 6):
+        report({"round": done, "loss": 0.5, "seconds": 10.0}, None)  # type: ignore[arg-type]
+    assert lines[0].endswith("eta 50s") and lines[1].endswith("eta 40s"), lines

@@ -1273,13 +1273,17 @@ def _client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
 
 
 def _progress(name: str, rounds: int, say: Log) -> Callback:
-    """A callback printing one line per round with the loss parts and the time left."""
+    """A callback printing one line per round with the loss parts and the time left (from the
+    rounds this process ran: a resumed run's earlier rounds took no time here)."""
     started = time.perf_counter()
+    before: list[int] = []  # rounds done before the first this process reports
 
     def report(record: dict[str, Any], _model: nn.Module) -> None:
         done = record["round"]
+        if not before:
+            before.append(done - 1)
         elapsed = time.perf_counter() - started
-        eta = elapsed / done * (rounds - done)
+        eta = elapsed / (done - before[0]) * (rounds - done)
         parts = " ".join(
             f"{key[5:]} {value:.4f}" for key, value in record.items() if key.startswith("loss_")
         )
