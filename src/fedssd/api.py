@@ -37,7 +37,7 @@ from fedssd.config import Config, DataConfig
 from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
 from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, ImageDataset, load_dataset
 from fedssd.data.partition import label_histogram, make_partition, subset_indices
-from fedssd.data.sites import load_site, load_sites
+from fedssd.data.sites import load_sites, site_dataset
 from fedssd.errors import ConfigError, DataError
 from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.evaluate import (
@@ -351,15 +351,7 @@ def node_data(config: Config, client_id: int, path: str | Path, *, log: Log) -> 
         raise ConfigError(
             f"client id {client_id} is outside 0..{count - 1} (federation.num_clients = {count})."
         )
-    data = config.data
-    dataset = load_site(
-        path,
-        image_size=data.image_size,
-        rgb=data.rgb,
-        pad_to_32=data.pad_to_32,
-        root=data.root,
-        log=log,
-    )
+    dataset = site_dataset(config.data, path, log=log)
     empty = np.zeros(0, dtype=np.int64)
     parts = [empty] * count
     parts[client_id] = np.arange(dataset.x_train.shape[0], dtype=np.int64)
@@ -367,7 +359,7 @@ def node_data(config: Config, client_id: int, path: str | Path, *, log: Log) -> 
         dataset=dataset,
         client_indices=parts,
         test_indices=np.arange(dataset.x_test.shape[0]),
-        scheme=data.partition,
+        scheme=config.data.partition,
     )
 
 
@@ -420,14 +412,7 @@ def server_evaluation_views(config: Config, *, log: Log) -> EvaluationViews | No
                 f"evaluation.data {place} does not exist; give a labelled .npz file, a folder "
                 "with one subfolder per class, or a dataset name."
             )
-        owned = load_site(
-            place,
-            image_size=data.image_size,
-            rgb=data.rgb,
-            pad_to_32=data.pad_to_32,
-            root=data.root,
-            log=log,
-        )
+        owned = site_dataset(data, place, log=log)
         if not owned.labelled:
             raise DataError(
                 f"evaluation.data {place} has no labels; the server's evaluation set needs them "
