@@ -147,3 +147,54 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -
                 return
         time.sleep(0.2)
     raise AssertionError(f"nothing listens on port {port} after {timeout}s")
+
+
+def flwr_home(folder: Path) -> tuple[Path, int]:
+    """``FLWR_HOME`` (``folder/flwr-home``) naming a federation ``test`` on a free port of
+    127.0.0.1 that trusts the CA of :func:`write_tls`; returns it and the port."""
+    home = folder / "flwr-home"
+    home.mkdir()
+    port = free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
+        f'root-certificates = "{folder / "ca.crt"}"\n'
+    )
+    return home, port
+
+
+def start_superlink(
+    processes: Processes,
+    folder: Path,
+    port: int,
+    env: dict[str, str],
+    *,
+    register: list[str],
+    cli_env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A SuperLink on ``port`` with TLS (:func:`write_tls`'s files in ``folder``) and SuperNode
+    authentication, once it listens, with the public keys ``folder/<name>.pub`` registered."""
+    superlink = processes.start(
+        "superlink",
+        [
+            str(BIN / "flower-superlink"),
+            "--ssl-ca-certfile", str(folder / "ca.crt"),
+            "--ssl-certfile", str(folder / "server.pem"),
+            "--ssl-keyfile", str(folder / "server.key"),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--host", "127.0.0.1",
+            "--port", str(port),
+        ],
+        env,
+    )  # fmt: skip
+    wait_for_port(port, superlink, timeout=60)
+    for name in register:
+        registered = subprocess.run(
+            [str(BIN / "flwr"), "supernode", "register", str(folder / f"{name}.pub"), "test"],
+            env=cli_env or env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+    return superlink

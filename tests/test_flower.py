@@ -42,8 +42,9 @@ from flower_testing import (
     REPO,
     Processes,
     flower_env,
+    flwr_home,
     free_port,
-    wait_for_port,
+    start_superlink,
     write_node_key,
     write_tls,
 )
@@ -245,39 +246,10 @@ def test_deployment_with_tls_and_supernode_authentication(
     write_tls(tmp_path)
     for name in ("node0", "node1", "node2", "rogue"):
         write_node_key(tmp_path / name)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{tmp_path / "ca.crt"}"\n'
-    )
+    home, port = flwr_home(tmp_path)
     env = flower_env(FLWR_HOME=str(home))
     ca = str(tmp_path / "ca.crt")
-    superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", ca,
-            "--ssl-certfile", str(tmp_path / "server.pem"),
-            "--ssl-keyfile", str(tmp_path / "server.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-        ],
-        env,
-    )  # fmt: skip
-    wait_for_port(port, superlink, timeout=60)
-    for k in range(3):
-        registered = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(tmp_path / f"node{k}.pub"), "test"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert registered.returncode == 0, registered.stdout + registered.stderr
+    start_superlink(processes, tmp_path, port, env, register=["node0", "node1", "node2"])
 
     def supernode(name: str, key: str, partition: int, *extra: str) -> subprocess.Popen[bytes]:
         return processes.start(

@@ -51,8 +51,9 @@ from flower_testing import (
     REPO,
     Processes,
     flower_env,
+    flwr_home,
     free_port,
-    wait_for_port,
+    start_superlink,
     write_node_key,
     write_tls,
 )
@@ -322,13 +323,7 @@ def test_sites_deployment_with_failures_and_resume(
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     (hooks / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    home = tmp_path / "flwr-home"
-    home.mkdir()
-    port = free_port()
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "test"\n\n[superlink.test]\naddress = "127.0.0.1:{port}"\n'
-        f'root-certificates = "{tmp_path / "ca.crt"}"\n'
-    )
+    home, port = flwr_home(tmp_path)
     python_path = os.pathsep.join(p for p in (str(hooks), os.environ.get("PYTHONPATH")) if p)
 
     def env(party: str) -> dict[str, str]:
@@ -340,30 +335,14 @@ def test_sites_deployment_with_failures_and_resume(
         )
 
     ca = str(tmp_path / "ca.crt")
-    superlink = processes.start(
-        "superlink",
-        [
-            str(BIN / "flower-superlink"),
-            "--ssl-ca-certfile", ca,
-            "--ssl-certfile", str(tmp_path / "server.pem"),
-            "--ssl-keyfile", str(tmp_path / "server.key"),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--host", "127.0.0.1",
-            "--port", str(port),
-        ],
+    start_superlink(
+        processes,
+        tmp_path,
+        port,
         env("server"),
-    )  # fmt: skip
-    wait_for_port(port, superlink, timeout=60)
-    for k in range(3):
-        registered = subprocess.run(
-            [str(BIN / "flwr"), "supernode", "register", str(tmp_path / f"node{k}.pub"), "test"],
-            env=env("cli"),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert registered.returncode == 0, registered.stdout + registered.stderr
+        register=["node0", "node1", "node2"],
+        cli_env=env("cli"),
+    )
 
     def supernode(k: int, name: str) -> subprocess.Popen[bytes]:
         site = world[f"site{k}"]
