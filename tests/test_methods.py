@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 
 from fedssd.errors import ConfigError
 from fedssd.methods import METHODS, ClientUpdate, MethodContext, build_method, resolve_options
+from fedssd.methods.protocol import MethodSpec
 from fedssd.methods.server import aggregate_updates, load_server_state, server_state
 from fedssd.methods.ssd import SSD, SSDOptions, draw_scaling_sets
 from fedssd.models import build_model
@@ -315,3 +317,105 @@ def test_server_state_defaults_and_refusal() -> None:
     torch.testing.assert_close(server_state(own)["table"], torch.tensor([1.0, 2.0]))
     load_server_state(own, {"table": torch.tensor([3.0, 4.0])})
     torch.testing.assert_close(server_state(own)["table"], torch.tensor([3.0, 4.0]))
+
+
+# --- capabilities and registration ------------------------------------------------------------
+
+
+class _Loss:
+    """A method with only the required part (a constant loss)."""
+
+    def __init__(self, options: object, context: MethodContext) -> None:
+        self.options = options
+
+    def local_loss(
+        self,
+        model: nn.Module,
+        view1: torch.Tensor,
+        view2: torch.Tensor,
+        *,
+        client_id: int,
+        position: int,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return torch.zeros(()), {}
+
+
+class _ThreeHooks(_Loss):
+    """begin_client, after_step and end_client but no local_modules: without the check the round
+    loop's ``isinstance(method, ClientHooks)`` would be False and the hooks never run."""
+
+    def begin_client(self, model: nn.Module, stored: object, **_: int) -> None:
+        pass
+
+    def after_step(self, model: nn.Module) -> None:
+        pass
+
+    def end_client(self, model: nn.Module, stored: object, **_: int) -> tuple[object, dict]:  # type: ignore[type-arg]
+        return None, {}
+
+
+class _HalfState(_Loss):
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+
+class _LocalList(_ThreeHooks):
+    local_modules = ["predictor"]  # noqa: RUF012 - a list on purpose (not a frozenset)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoOptions:
+    pass
+
+
+def _spec(cls: type) -> MethodSpec:
+    return MethodSpec(method=cls, options=_NoOptions, summary="test")
+
+
+def test_a_partial_hook_set_fails_at_build_naming_the_missing_member() -> None:
+    from fedssd.methods.protocol import ClientHooks
+
+    assert not isinstance(_ThreeHooks(_NoOptions(), context()), ClientHooks)  # the silent case
+    with pytest.raises(TypeError, match=r"ClientHooks but not local_modules;"):
+        _spec(_ThreeHooks).build(_NoOptions(), context())
+    with pytest.raises(TypeError, match=r"HasServerState but not load_state_dict;"):
+        _spec(_HalfState).build(_NoOptions(), context())
+    with pytest.raises(TypeError, match=r"local_modules must be a frozenset"):
+        _spec(_LocalList).build(_NoOptions(), context())
+
+
+def test_a_complete_or_empty_capability_set_builds() -> None:
+    class Hooks(_ThreeHooks):
+        local_modules: frozenset[str] = frozenset()
+
+    assert isinstance(_spec(_Loss).build(_NoOptions(), context()), _Loss)
+    assert isinstance(_spec(Hooks).build(_NoOptions(), context()), Hooks)
+    with pytest.raises(TypeError, match="must be a dataclass"):
+        MethodSpec(method=_Loss, options=int, summary="")
+
+
+def test_registry_lists_the_thirteen_methods_by_class_in_order() -> None:
+    names = [
+        "fedalignuniform", "ssd", "fedx", "ldawa", "feddecorr", "fedu2", "hsd",
+        "fedsimclr", "fedsimsiam", "fedbyol", "fedu", "fedema", "orchestra",
+    ]  # fmt: skip
+    assert list(METHODS) == names
+    for name, spec in METHODS.items():
+        assert isinstance(spec.method, type), name
+        assert spec.method.__module__ == f"fedssd.methods.{name}", name
+        assert dataclasses.is_dataclass(spec.options), name
+
+
+def test_ssd_and_hsd_refuse_each_others_or_another_runs_sets() -> None:
+    ssd = build_method("ssd", {"pd": False}, context())
+    hsd = build_method("hsd", {}, context())
+    saved_ssd, saved_hsd = server_state(ssd), server_state(hsd)
+    assert set(saved_ssd) == {"dsr_dims", "dsr_basis"}
+    assert set(saved_hsd) == {"hsd_dims", "hsd_basis"}
+    assert torch.equal(saved_ssd["dsr_dims"], saved_hsd["hsd_dims"])  # the same draw
+    load_server_state(ssd, saved_ssd)
+    load_server_state(hsd, saved_hsd)
+    with pytest.raises(ConfigError, match="checkpoint's SSD scaling sets differ"):
+        load_server_state(ssd, saved_hsd)
+    with pytest.raises(ConfigError, match="checkpoint's HSD subspaces differ"):
+        load_server_state(hsd, {**saved_hsd, "hsd_dims": saved_hsd["hsd_dims"].flip(0)})

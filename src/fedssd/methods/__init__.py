@@ -1,4 +1,5 @@
-"""The method registry: one literal dict from name to method (DESIGN.md)."""
+"""The method registry: one literal dict from name to method class (docs/methods.md, "Adding a
+method")."""
 
 from __future__ import annotations
 
@@ -27,71 +28,71 @@ from fedssd.methods.protocol import ClientUpdate, Method, MethodContext, MethodS
 
 METHODS: dict[str, MethodSpec] = {
     "fedalignuniform": MethodSpec(
+        method=fedalignuniform.FedAlignUniform,
         options=fedalignuniform.AlignUniformOptions,
-        build=fedalignuniform.build,
         summary="alignment + uniformity locally, FedAvg (Wang & Isola 2020; SSD's base)",
     ),
     "ssd": MethodSpec(
+        method=ssd.SSD,
         options=ssd.SSDOptions,
-        build=ssd.build,
         summary="soft separation (DSR) + projector distillation on FedAlignUniform (ICCV 2025)",
     ),
     "fedx": MethodSpec(
+        method=fedx.FedX,
         options=fedx.FedXOptions,
-        build=fedx.build,
         summary="FedAlignUniform + FedX relational/cross distillation from the global model "
         "(ECCV 2022)",
     ),
     "ldawa": MethodSpec(
+        method=ldawa.LDAWA,
         options=ldawa.LDAWAOptions,
-        build=ldawa.build,
         summary="FedAlignUniform + layer-wise cosine-scaled aggregation, L-DAWA (ICCV 2023)",
     ),
     "feddecorr": MethodSpec(
+        method=feddecorr.FedDecorr,
         options=feddecorr.FedDecorrOptions,
-        build=feddecorr.build,
         summary="FedAlignUniform + decorrelation regulariser on h, FedDecorr (ICLR 2023)",
     ),
     "fedu2": MethodSpec(
+        method=fedu2.FedU2,
         options=fedu2.FedU2Options,
-        build=fedu2.build,
         summary="FedAlignUniform + FUR (sliced Wasserstein to uniform) + EUA aggregation, "
         "FedU2 (CVPR 2024)",
     ),
     "hsd": MethodSpec(
+        method=hsd.HSD,
         options=hsd.HSDOptions,
-        build=hsd.build,
         summary="FedAlignUniform with each client hard-confined to its own subspace (SSD's "
         "ablation)",
     ),
     "fedsimclr": MethodSpec(
+        method=fedsimclr.FedSimCLR,
         options=fedsimclr.SimCLROptions,
-        build=fedsimclr.build,
         summary="SimCLR's NT-Xent locally, FedAvg (Chen et al. 2020)",
     ),
     "fedsimsiam": MethodSpec(
+        method=fedsimsiam.FedSimSiam,
         options=fedsimsiam.SimSiamOptions,
-        build=fedsimsiam.build,
         summary="SimSiam locally, FedAvg incl. the predictor (Chen & He 2021)",
     ),
     "fedbyol": MethodSpec(
+        method=fedbyol.FedBYOL,
         options=fedbyol.BYOLOptions,
-        build=fedbyol.build,
         summary="BYOL locally with a per-client EMA target, FedAvg (Grill et al. 2020)",
     ),
     "fedu": MethodSpec(
+        method=fedu.FedU,
         options=fedu.FedUOptions,
-        build=fedu.build,
         summary="BYOL + divergence-aware predictor update (Zhuang et al., ICCV 2021)",
     ),
     "fedema": MethodSpec(
+        method=fedema.FedEMA,
         options=fedema.FedEMAOptions,
-        build=fedema.build,
         summary="BYOL + divergence-aware EMA of the local model (Zhuang et al., ICLR 2022)",
     ),
     "orchestra": MethodSpec(
+        method=orchestra.Orchestra,
         options=orchestra.OrchestraOptions,
-        build=orchestra.build,
         summary="local + global Sinkhorn clustering, EMA-target cluster assignment (ICML 2022)",
     ),
 }

@@ -120,15 +120,25 @@ class TargetNetwork:
         Returns:
             Whether a stored target was found (False: first participation).
         """
+        saved = {} if stored is None else strip_prefix(stored.tensors, TARGET_PREFIX)
+        return self.load_state(model, saved)
+
+    def load_state(self, model: nn.Module, saved: Mapping[str, torch.Tensor] | None) -> bool:
+        """Set the target to ``saved`` (unprefixed keys), or, when there is none (None or
+        empty), to a copy of ``model``'s online network; on ``model``'s device.
+
+        Returns:
+            Whether ``saved`` was loaded.
+        """
         online = online_network(model)
         if self.module is None:
             self.module = target_copy(model)
+        self.module.to(next(model.parameters()).device)
         self._stepped = None
-        saved = {} if stored is None else strip_prefix(stored.tensors, TARGET_PREFIX)
         if saved:
             self.module.load_state_dict(saved)
             return True
-        # A separate copy of the received online network (not the same object, BASELINES.md 6.3).
+        # A separate copy of the received online network (not the same object, as in BYOL).
         self.module.load_state_dict(online.state_dict())
         return False
 

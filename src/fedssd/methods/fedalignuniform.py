@@ -87,8 +87,3 @@ class FedAlignUniform:
             return align_uniform_loss(
                 out, uniformity_weight=self.options.uniformity_weight, t=self.options.uniformity_t
             )
-
-
-def build(options: AlignUniformOptions, context: MethodContext) -> FedAlignUniform:
-    """Registry factory."""
-    return FedAlignUniform(options, context)

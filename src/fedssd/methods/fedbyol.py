@@ -81,8 +81,3 @@ class FedBYOL:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss against the client's target."""
         return byol_loss(model, self.target, view1, view2)
-
-
-def build(options: BYOLOptions, context: MethodContext) -> FedBYOL:
-    """Registry factory."""
-    return FedBYOL(options, context)

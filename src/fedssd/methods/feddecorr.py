@@ -131,8 +131,3 @@ class FedDecorr:
                 decorr = decorr / 2
             parts["decorr"] = decorr.detach()
             return loss + opts.decorr_weight * decorr, parts
-
-
-def build(options: FedDecorrOptions, context: MethodContext) -> FedDecorr:
-    """Registry factory."""
-    return FedDecorr(options, context)

@@ -253,8 +253,3 @@ class FedEMA:
         """Restore the table of lambdas."""
         if "lambdas" in state:
             self.lambdas = state["lambdas"].detach().to("cpu", torch.float64).clone()
-
-
-def build(options: FedEMAOptions, context: MethodContext) -> FedEMA:
-    """Registry factory."""
-    return FedEMA(options, context)

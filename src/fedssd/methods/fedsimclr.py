@@ -53,8 +53,3 @@ class FedSimCLR:
         with full_precision(view1.device):
             loss = losses.nt_xent(*out.z_raw, temperature=self.options.temperature)
         return loss, {"ntxent": loss.detach()}
-
-
-def build(options: SimCLROptions, context: MethodContext) -> FedSimCLR:
-    """Registry factory."""
-    return FedSimCLR(options, context)

@@ -68,8 +68,3 @@ class FedSimSiam:
                 p2, u1.float()
             )
         return loss, {"simsiam": loss.detach()}
-
-
-def build(options: SimSiamOptions, context: MethodContext) -> FedSimSiam:
-    """Registry factory."""
-    return FedSimSiam(options, context)

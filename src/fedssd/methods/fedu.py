@@ -149,8 +149,3 @@ class FedU:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Symmetric BYOL loss against the client's target."""
         return byol_loss(model, self.target, view1, view2)
-
-
-def build(options: FedUOptions, context: MethodContext) -> FedU:
-    """Registry factory."""
-    return FedU(options, context)

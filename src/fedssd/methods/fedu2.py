@@ -529,16 +529,10 @@ class FedU2:
             self._logits = state["famo_logits"].detach().double().cpu().clone()
 
 
-def build(options: FedU2Options, context: MethodContext) -> FedU2:
-    """Registry factory."""
-    return FedU2(options, context)
-
-
 __all__ = [
     "FUR_DRAWS",
     "FedU2",
     "FedU2Options",
-    "build",
     "eua_famo",
     "eua_mgda",
     "flexible_uniform_regularizer",

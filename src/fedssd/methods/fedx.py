@@ -230,8 +230,3 @@ class FedX:
                 loss = loss + local_con
                 parts["local_con"] = local_con.detach()
             return loss, parts
-
-
-def build(options: FedXOptions, context: MethodContext) -> FedX:
-    """Registry factory."""
-    return FedX(options, context)

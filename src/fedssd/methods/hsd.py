@@ -30,8 +30,8 @@ from fedssd.methods.fedalignuniform import (
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require, require_same_state
-from fedssd.methods.ssd import draw_scaling_sets
+from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.ssd import check_saved_sets, draw_scaling_sets, sets_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +137,7 @@ class HSD:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The subspace assignment (saved so that a run can be inspected or resumed)."""
-        return {"hsd_dims": self.sets.dims.clone(), "hsd_basis": self.sets.basis.clone()}
+        return sets_state(self.sets, "hsd")
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Check that saved subspaces are the ones this run draws from its seed.
@@ -145,14 +145,4 @@ class HSD:
         Raises:
             ConfigError: The saved assignment differs (the checkpoint belongs to another run).
         """
-        require_same_state(
-            self.state_dict(),
-            state,
-            "the checkpoint's HSD subspaces differ from this run's (another seed, number of "
-            "clients or embedding size); resume only the run that wrote it.",
-        )
-
-
-def build(options: HSDOptions, context: MethodContext) -> HSD:
-    """Registry factory."""
-    return HSD(options, context)
+        check_saved_sets(self.sets, state, prefix="hsd", what="HSD subspaces")

@@ -188,8 +188,3 @@ class LDAWA(FedAlignUniform):
                     result[key] = averaged[key]
         # Entries no client sends (a method's local modules; none for L-DAWA) stay as they were.
         return {k: result.get(k, v) for k, v in global_state.items()}
-
-
-def build(options: LDAWAOptions, context: MethodContext) -> LDAWA:
-    """Registry factory."""
-    return LDAWA(options, context)

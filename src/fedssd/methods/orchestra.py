@@ -45,8 +45,8 @@ from fedssd import losses
 from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
 from fedssd.methods.byol_common import TARGET_PREFIX as TARGET_PREFIX
+from fedssd.methods.byol_common import TargetNetwork, strip_prefix, with_prefix
 from fedssd.methods.byol_common import ema_update as ema_update
-from fedssd.methods.byol_common import online_network, strip_prefix, target_copy, with_prefix
 from fedssd.methods.fedalignuniform import full_precision
 from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
 from fedssd.methods.server import fedavg_updates
@@ -419,17 +419,19 @@ class Orchestra:
             if options.cap_global_centroids
             else options.global_centroids
         )
-        self._target: nn.ModuleDict | None = None
-        # The client model of the last EMA step and the paired parameter lists (target, online),
-        # built at a client's first step and reused while the same model object steps.
-        self._stepped: nn.Module | None = None
-        self._pairs: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        # The EMA target, one module reused for every client (the BYOL family's helper).
+        self.target = TargetNetwork(options.target_momentum)
         # Global mode: the server's FedAvg of the clients' targets (target key -> tensor); None
         # until the first aggregation, when clients start from the global online network.
         self._global_target: dict[str, torch.Tensor] | None = None
         self._memory: _ProjectionMemory | None = None
         self._generator: torch.Generator | None = None
         self._init_pass = False
+
+    @property
+    def _target(self) -> nn.ModuleDict | None:
+        """The target module (None before the first ``begin_client``)."""
+        return self.target.module
 
     # -- model parts ---------------------------------------------------------------------------
 
@@ -452,24 +454,14 @@ class Orchestra:
     ) -> None:
         """Load the global (or the client's) target, else copy the online network; reset memory."""
         device = next(model.parameters()).device
-        if self._target is None:
-            self._target = target_copy(model)
-        target = self._target.to(device)
-        if self.options.target_mode == "global" and self._global_target is not None:
-            target.load_state_dict(self._global_target)
-        elif (
-            self.options.target_mode == "client"
-            and stored is not None
-            and any(k.startswith(TARGET_PREFIX) for k in stored.tensors)
-        ):
-            target.load_state_dict(strip_prefix(stored.tensors, TARGET_PREFIX))
-        else:
-            # No target yet (first round, or first participation in client mode): it starts as
-            # the received global online network, as the released code's copy at build time.
-            target.load_state_dict(online_network(model).state_dict())
-        # As in the released code the target runs in training mode (batch statistics).
-        target.train()
-        self._stepped = None
+        saved: Mapping[str, torch.Tensor] | None = None
+        if self.options.target_mode == "global":
+            saved = self._global_target
+        elif stored is not None:
+            saved = strip_prefix(stored.tensors, TARGET_PREFIX)
+        # No target yet (first round, or first participation in client mode): it starts as the
+        # received global online network, as the released code's copy at build time.
+        self.target.load_state(model, saved)
         self._memory = _ProjectionMemory(self.options.memory_size, self.context.embed_dim, device)
         self._generator = generator(
             self.context.seed, ORCHESTRA, _CLIENT_KEY, round_index, client_id, device=device
@@ -523,15 +515,9 @@ class Orchestra:
         The released code updates the target before each step's target forward; updating after
         each optimizer step gives the same sequence shifted by one (BASELINES.md 9.3, step 1).
         """
-        if self._init_pass or self._target is None:
+        if self._init_pass or self.target.module is None:
             return
-        if model is not self._stepped:
-            self._pairs = (
-                list(self._target.parameters()),
-                list(online_network(model).parameters()),
-            )
-            self._stepped = model
-        ema_update(*self._pairs, self.options.target_momentum)
+        self.target.step(model)
 
     def end_client(
         self, model: nn.Module, stored: ClientState | None, *, client_id: int, round_index: int
@@ -539,7 +525,7 @@ class Orchestra:
         """Send the local centroids (and, in global mode, the target); keep the target in client
         mode only."""
         target, memory, gen = self._client_parts()
-        target_tensors = with_prefix(target.state_dict(), TARGET_PREFIX)
+        target_tensors = target.tensors()
         client_mode = self.options.target_mode == "client"
         state = ClientState(
             tensors=target_tensors if client_mode else {},
@@ -615,17 +601,18 @@ class Orchestra:
 
     # -- helpers ---------------------------------------------------------------------------------
 
-    def _client_parts(self) -> tuple[nn.ModuleDict, _ProjectionMemory, torch.Generator]:
-        if self._target is None or self._memory is None or self._generator is None:
+    def _client_parts(self) -> tuple[TargetNetwork, _ProjectionMemory, torch.Generator]:
+        if self.target.module is None or self._memory is None or self._generator is None:
             raise RuntimeError("Orchestra.begin_client must be called before local training")
-        return self._target, self._memory, self._generator
+        return self.target, self._memory, self._generator
 
     @staticmethod
-    def _target_projection(target: nn.ModuleDict, view: torch.Tensor) -> torch.Tensor:
-        """``(batch, embed_dim)`` unit-norm float32 target projections, no gradient."""
-        with torch.no_grad():
-            u = target["projector"](target["encoder"](view))
-        return losses.normalize(u.float())
+    def _target_projection(target: TargetNetwork, view: torch.Tensor) -> torch.Tensor:
+        """``(batch, embed_dim)`` unit-norm float32 target projections, no gradient.
+
+        As in the released code the target runs in training mode (batch statistics).
+        """
+        return losses.normalize(target.project(view).float())
 
 
 def _part(module: nn.Module, name: str) -> nn.Module:
@@ -634,8 +621,3 @@ def _part(module: nn.Module, name: str) -> nn.Module:
     if not isinstance(part, nn.Module):
         raise TypeError(f"expected a submodule named {name!r}")
     return part
-
-
-def build(options: OrchestraOptions, context: MethodContext) -> Orchestra:
-    """Registry factory."""
-    return Orchestra(options, context)

@@ -194,10 +194,68 @@ class ClientHooks(Protocol):
         ...
 
 
+HOOKS: tuple[str, ...] = ("local_modules", "begin_client", "after_step", "end_client")
+"""The members of :class:`ClientHooks`: a method defines all of them or none."""
+
+SERVER_STATE: tuple[str, ...] = ("state_dict", "load_state_dict")
+"""The members of :class:`HasServerState`: a method defines both or neither."""
+
+
+def check_capabilities(method: object) -> None:
+    """Check that ``method`` has ``local_loss`` and each capability it starts to define in full.
+
+    The round loop detects a capability with ``isinstance`` on its protocol, so a partial one
+    (say ``begin_client``, ``after_step`` and ``end_client`` without ``local_modules``) would be
+    silently skipped; this check names the missing members instead.
+
+    Raises:
+        TypeError: ``local_loss`` is missing, a capability is partly defined, or
+            ``local_modules`` is not a frozenset of names.
+    """
+    kind = type(method).__name__
+    if not callable(getattr(method, "local_loss", None)):
+        raise TypeError(f"method {kind} has no local_loss.")
+    for capability, members in (("ClientHooks", HOOKS), ("HasServerState", SERVER_STATE)):
+        present = [name for name in members if hasattr(method, name)]
+        missing = [name for name in members if not hasattr(method, name)]
+        if present and missing:
+            raise TypeError(
+                f"method {kind} defines {', '.join(present)} of {capability} but not "
+                f"{', '.join(missing)}; define all of {', '.join(members)} or none."
+            )
+    callables = ("aggregate", "extra_modules", *HOOKS[1:], *SERVER_STATE)
+    for name in callables:
+        if hasattr(method, name) and not callable(getattr(method, name)):
+            raise TypeError(f"method {kind}'s {name} is not callable.")
+    local: object = getattr(method, "local_modules", frozenset())
+    if not isinstance(local, frozenset) or not all(isinstance(n, str) for n in local):
+        raise TypeError(f"method {kind}'s local_modules must be a frozenset of module names.")
+
+
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
-    """A registry entry: the method's option dataclass, its factory and a one-line summary."""
+    """A registry entry: the method's class, its option dataclass and a one-line summary.
 
+    Attributes:
+        method: The class, built as ``method(options, context)``.
+        options: The frozen dataclass of its options.
+        summary: One line for ``fedssd methods``.
+    """
+
+    method: Callable[[Any, MethodContext], Method]
     options: type
-    build: Callable[[Any, MethodContext], Method]
     summary: str
+
+    def __post_init__(self) -> None:
+        if not dataclasses.is_dataclass(self.options):
+            raise TypeError(f"the options of a method must be a dataclass, not {self.options}.")
+
+    def build(self, options: Any, context: MethodContext) -> Method:
+        """The method built from resolved ``options``, its capabilities checked.
+
+        Raises:
+            TypeError: The method defines a capability only in part (:func:`check_capabilities`).
+        """
+        method = self.method(options, context)
+        check_capabilities(method)
+        return method

@@ -190,9 +190,7 @@ class SSD:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The scaling sets (when DSR is on), saved so that a run can be inspected or resumed."""
-        if self.sets is None:
-            return {}
-        return {"dsr_dims": self.sets.dims.clone(), "dsr_basis": self.sets.basis.clone()}
+        return sets_state(self.sets, "dsr")
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Check that saved scaling sets are the ones this run draws from its seed.
@@ -200,14 +198,30 @@ class SSD:
         Raises:
             ConfigError: The saved sets differ (the checkpoint belongs to another run).
         """
-        require_same_state(
-            self.state_dict(),
-            state,
-            "the checkpoint's SSD scaling sets differ from this run's (another seed, number "
-            "of clients or embedding size); resume only the run that wrote it.",
-        )
+        check_saved_sets(self.sets, state, prefix="dsr", what="SSD scaling sets")
 
 
-def build(options: SSDOptions, context: MethodContext) -> SSD:
-    """Registry factory."""
-    return SSD(options, context)
+def sets_state(sets: ScalingSets | None, prefix: str) -> dict[str, torch.Tensor]:
+    """Copies of the sets under ``<prefix>_dims`` and ``<prefix>_basis`` (empty without sets)."""
+    if sets is None:
+        return {}
+    return {f"{prefix}_dims": sets.dims.clone(), f"{prefix}_basis": sets.basis.clone()}
+
+
+def check_saved_sets(
+    sets: ScalingSets | None, saved: Mapping[str, torch.Tensor], *, prefix: str, what: str
+) -> None:
+    """Check that ``saved`` holds exactly the sets this run drew (:func:`sets_state`).
+
+    SSD and HSD redraw their sets from the run seed, so a resumed run only compares them.
+
+    Raises:
+        ConfigError: The saved sets differ (the checkpoint belongs to another run), naming
+            ``what`` was compared.
+    """
+    require_same_state(
+        sets_state(sets, prefix),
+        saved,
+        f"the checkpoint's {what} differ from this run's (another seed, number of clients or "
+        "embedding size); resume only the run that wrote it.",
+    )
