@@ -87,8 +87,9 @@ def fedavg(
 ) -> dict[str, torch.Tensor]:
     """Weighted average of client state dicts (FedAvg, McMahan et al. 2017).
 
-    Every entry is averaged, BatchNorm running statistics included (SSD.md section 1). Integer
-    entries (BatchNorm's ``num_batches_tracked``) are averaged and rounded back to integers.
+    Every entry is averaged, BatchNorm running statistics included (as in the SSD paper's released
+    code). Integer entries (BatchNorm's ``num_batches_tracked``) are averaged and rounded back to
+    integers.
 
     Args:
         states: One state dict per client, all with the same keys and shapes.

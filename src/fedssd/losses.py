@@ -1,4 +1,4 @@
-"""Loss terms as pure functions of tensors (SSD.md sections 1-4).
+"""Loss terms as pure functions of tensors (Fang et al., ICCV 2025; docs/methods.md).
 
 Shapes: ``z`` and ``z_raw`` are ``(batch, embed_dim)``; ``h`` is ``(batch, feature_dim)``. Functions
 that take ``z`` expect unit-norm rows (see :func:`normalize`). The SSD terms also take a stack of
@@ -69,7 +69,7 @@ def dsr_paper(z: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def dsr_released(z: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """DSR as the authors' released code computes it (SSD.md section 2).
+    """DSR as the authors' released code computes it (docs/methods.md, "The two DSR forms").
 
     The target scales the client's directions in a rotated basis and is put back on the sphere:
     ``P = normalize(stopgrad(z Q diag(scale) Q^T))``, and the penalty is the Frobenius norm of the
@@ -94,7 +94,8 @@ def projector_distillation_kl(
     """Projector distillation ``KL(softmax(z_raw / T) || softmax(h / T))``, batch mean.
 
     Softmax is over the feature dimension of the raw (un-normalised) vectors. No stop-gradient:
-    as in the released code, gradients reach both the encoder and the projector (SSD.md section 3).
+    as in the released code, gradients reach both the encoder and the projector (docs/methods.md,
+    ``ssd``).
 
     Args:
         h: ``(batch, dim)`` raw encoder output, or a stack ``(views, batch, dim)``.
@@ -116,7 +117,7 @@ def projector_distillation_mse(h: torch.Tensor, z_raw: torch.Tensor) -> torch.Te
 
 
 def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent (SimCLR; BASELINES.md section 1.4) of N positive pairs ``(a_i, b_i)``.
+    """NT-Xent (SimCLR, Chen et al., ICML 2020) of N positive pairs ``(a_i, b_i)``.
 
     The rows of ``V = [a; b]`` are normalised inside; with ``s_ij = V_i . V_j / tau`` each of the
     2N rows has the loss ``-s_{i,pi(i)} + log sum_{k != i} exp(s_ik)``, whose denominator leaves

@@ -1,7 +1,7 @@
 """Frozen-encoder feature extraction for evaluation.
 
 The paper evaluates the last round's global encoder in eval mode on un-augmented images with
-inputs in [0, 1] and no mean/std normalisation (SSD.md section 5). Features are returned on the
+inputs in [0, 1] and no mean/std normalisation (docs/evaluation.md). Features are returned on the
 CPU as float32 so that they can be cached between evaluations whatever device produced them;
 the evaluation functions move them to the device they compute on.
 """

@@ -1,4 +1,4 @@
-"""Semi-supervised fine-tuning on a small labelled fraction (SSD.md section 5).
+"""Semi-supervised fine-tuning on a small labelled fraction (docs/evaluation.md).
 
 The paper's protocol: a stratified labelled subset of 1% or 10% of the training images; the
 pretrained encoder and a new linear head on its un-normalised output h are trained together with

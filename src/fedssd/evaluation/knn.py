@@ -1,7 +1,7 @@
 """Weighted k-nearest-neighbour monitor.
 
 The kNN monitor of instance discrimination (Wu et al., CVPR 2018) as used by SimCLR-style CIFAR
-experiments and by SSD (SSD.md section 5): features are L2-normalised, each query's k most
+experiments and by SSD (Fang et al., ICCV 2025): features are L2-normalised, each query's k most
 cosine-similar bank entries vote for their class with weight ``exp(similarity / temperature)``
 and the class with the largest summed weight is predicted (k = 200, temperature = 0.1).
 """

@@ -1,4 +1,4 @@
-"""Linear probe on frozen features (SSD.md section 5).
+"""Linear probe on frozen features (docs/evaluation.md).
 
 The paper trains ``Linear(dim, C)`` on the cached, un-normalised encoder features h of the whole
 labelled training set (no augmentation) with Adam, learning rate 3e-3, batch 512, 200 epochs and

@@ -1,9 +1,9 @@
 """Representation-quality metrics: uniformity, alignment and effective rank.
 
 Uniformity and alignment follow Wang & Isola (ICML 2020) with t = 2 and alpha = 2; effective rank
-follows Roy & Vetterli (EUSIPCO 2007). SSD (SSD.md section 5) reports ``-L_unif`` globally, within
-each client and between pairs of clients; :func:`representation_metrics` computes all of them on
-a bounded, seeded sample.
+follows Roy & Vetterli (EUSIPCO 2007). SSD (Fang et al., ICCV 2025) reports ``-L_unif`` globally,
+within each client and between pairs of clients; :func:`representation_metrics` computes all of
+them on a bounded, seeded sample.
 
 Pairwise sums are exact, not estimated: the squared-distance matrix is visited a tile of about
 ``chunk_size**2`` entries at a time and each tile is reduced by a log-sum-exp in float64, so
@@ -263,7 +263,7 @@ def representation_metrics(
     seed: int = 0,
     chunk_size: int = 2048,
 ) -> dict[str, Any]:
-    """Global, intra-client and inter-client uniformity and effective rank (SSD.md section 5).
+    """Global, intra-client and inter-client uniformity and effective rank (docs/evaluation.md).
 
     Two seeded random samples keep the cost bounded, each of at most ``max_samples`` rows:
 
@@ -276,7 +276,7 @@ def representation_metrics(
 
     Uniformity values are reported as ``-L_unif`` (higher is more uniform; at most about 4 for
     t = 2) and use L2-normalised rows. ``effective_rank`` is taken over the singular values of
-    the sampled rows as given (raw, un-normalised features), as SSD.md section 5 defines it, so
+    the sampled rows as given (raw, un-normalised features), as the SSD paper defines it, so
     rows of very different norms weigh accordingly.
 
     Args:

@@ -1,5 +1,6 @@
-"""Pieces shared by the BYOL family (FedBYOL, FedU, FedEMA) and FedSimSiam (BASELINES.md 6-8),
-some also by Orchestra (EMA step, target copy, ``target.*`` prefixes).
+"""Pieces shared by the BYOL family (FedBYOL, FedU, FedEMA) and FedSimSiam (Grill et al.
+2020; Zhuang et al. 2021, 2022), some also by Orchestra (EMA step, target copy, ``target.*``
+prefixes).
 
 - the predictor, attached to the model as ``extras.predictor`` (aggregated like the rest);
 - the EMA target network kept per client (:class:`TargetNetwork`), one reusable module whose
@@ -52,8 +53,8 @@ def ema_update(target: Sequence[torch.Tensor], online: Sequence[torch.Tensor], m
 def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     """Move ``target``'s parameters toward ``online``'s in place: ``t <- m t + (1 - m) o``.
 
-    Parameters only (BASELINES.md 6.3): the target's BatchNorm statistics are its own, updated by
-    its forward passes. Both modules must have the same structure.
+    Parameters only (as in BYOL, Grill et al., NeurIPS 2020): the target's BatchNorm statistics are
+    its own, updated by its forward passes. Both modules must have the same structure.
     """
     ema_update(*_parameter_lists(target, online), momentum)
 
@@ -218,7 +219,8 @@ def divergence_keys(model: nn.Module) -> list[str]:
 def divergence(
     a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: list[str]
 ) -> float:
-    """Mean per-layer L2 distance ``(1/|C|) sum_{l in C} ||a_l - b_l||_2`` (BASELINES.md 7.2).
+    """Mean per-layer L2 distance ``(1/|C|) sum_{l in C} ||a_l - b_l||_2`` (Zhuang et al.,
+    ICCV 2021; the EasyFL code).
 
     A mean of per-tensor Frobenius norms, not one global norm.
 

@@ -1,7 +1,8 @@
 """FedAlignUniform: the alignment and uniformity objective, federated with FedAvg.
 
 Wang & Isola, "Understanding Contrastive Representation Learning through Alignment and Uniformity
-on the Hypersphere", ICML 2020, run locally on each client; the base of SSD (SSD.md section 1).
+on the Hypersphere", ICML 2020, run locally on each client; the base of SSD (Fang et al., ICCV 2025;
+docs/methods.md, ``fedalignuniform``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ class AlignUniformOptions:
     """Options of FedAlignUniform.
 
     Attributes:
-        uniformity_weight: Weight beta of the uniformity term (1.0 in SSD.md).
-        uniformity_t: Temperature t of the uniformity term (2 in SSD.md).
+        uniformity_weight: Weight beta of the uniformity term (1.0, as in the SSD paper).
+        uniformity_t: Temperature t of the uniformity term (2, as in the SSD paper).
     """
 
     uniformity_weight: float = 1.0

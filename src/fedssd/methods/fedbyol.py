@@ -1,4 +1,4 @@
-"""FedBYOL: BYOL on each client with a per-client EMA target, FedAvg (BASELINES.md 6.3).
+"""FedBYOL: BYOL on each client with a per-client EMA target, FedAvg (Grill et al. 2020).
 
 BYOL: Grill et al., "Bootstrap Your Own Latent: A New Approach to Self-Supervised Learning",
 NeurIPS 2020, arXiv:2006.07733. Federated as in the FedU/FedEMA lineage (Zhuang et al., ICCV 2021,

@@ -1,4 +1,4 @@
-"""FedDecorr as an add-on to FedAlignUniform (BASELINES.md section 3).
+"""FedDecorr as an add-on to FedAlignUniform (Shi et al., ICLR 2023, arXiv:2210.00226).
 
 Shi, Liang, Zhang, Feng, Zhou, "Towards Understanding and Mitigating Dimensional Collapse in
 Heterogeneous Federated Learning", ICLR 2023, arXiv:2210.00226.
@@ -28,7 +28,7 @@ from fedssd.methods.protocol import MethodContext, require
 
 @dataclasses.dataclass(frozen=True)
 class FedDecorrOptions(AlignUniformOptions):
-    """Options of FedDecorr on FedAlignUniform (defaults: BASELINES.md section 3.3).
+    """Options of FedDecorr on FedAlignUniform (defaults: docs/methods.md, ``feddecorr``).
 
     Attributes:
         uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).

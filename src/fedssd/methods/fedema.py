@@ -1,4 +1,4 @@
-"""FedEMA: BYOL with a divergence-aware EMA of the local model (BASELINES.md 8).
+"""FedEMA: BYOL with a divergence-aware EMA of the local model (Zhuang et al., ICLR 2022).
 
 Zhuang, Wen, Zhang, "Divergence-aware Federated Self-Supervised Learning", ICLR 2022
 (openreview oVE1z8NlNe), arXiv:2204.04385.
@@ -14,9 +14,9 @@ distance of the encoder conv weights between the received global model and the c
 local model. ``lambda_k = tau / Div_k^first`` is calibrated once, at the first participation, so
 that a client whose divergence stays at that value gets ``mu = tau`` (tau = 0.7).
 
-Choices the papers and codes leave open are options (BASELINES.md 8.4, 10): the form of
-``Div^first`` (``scaler``), a cap on mu (FedU2's port uses 0.7), the BatchNorm buffers after the
-interpolation, and what a client does after missing rounds (``stale_policy``).
+Choices the papers and codes leave open are options (docs/methods.md, ``fedema`` and "Per-client
+state"): the form of ``Div^first`` (``scaler``), a cap on mu (FedU2's port uses 0.7), the BatchNorm
+buffers after the interpolation, and what a client does after missing rounds (``stale_policy``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""FedSimCLR: SimCLR's NT-Xent loss on each client, FedAvg on the server (BASELINES.md 6.1).
+"""FedSimCLR: SimCLR's NT-Xent loss on each client, FedAvg on the server (Chen et al. 2020).
 
 SimCLR: Chen, Kornblith, Norouzi, Hinton, "A Simple Framework for Contrastive Learning of Visual
 Representations", ICML 2020, arXiv:2002.05709. Federated as in the FedU/FedEMA lineage (Zhuang et

@@ -29,7 +29,7 @@ class SimSiamOptions:
 
     Attributes:
         predictor_hidden: Hidden width of the predictor ``d-h-BN-ReLU-d`` (2048, the project
-            default of BASELINES.md 6 [I]; SimSiam's own CIFAR predictor is a 512 bottleneck).
+            default [I]; SimSiam's own CIFAR predictor is a 512 bottleneck).
     """
 
     predictor_hidden: int = 2048

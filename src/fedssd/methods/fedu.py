@@ -1,4 +1,6 @@
-"""FedU: BYOL with the divergence-aware predictor update (DAPU) (BASELINES.md 7).
+"""FedU: BYOL with the divergence-aware predictor update (DAPU).
+
+Zhuang et al., ICCV 2021.
 
 Zhuang, Gan, Wen, Zhang, Yi, "Collaborative Unsupervised Visual Representation Learning from
 Decentralized Data", ICCV 2021, arXiv:2108.06492.

@@ -1,4 +1,6 @@
-"""FedU2 as an add-on to FedAlignUniform: FUR on the client, EUA on the server (BASELINES.md 4).
+"""FedU2 as an add-on to FedAlignUniform: FUR on the client, EUA on the server.
+
+Liao et al., CVPR 2024, arXiv:2403.16398 (docs/methods.md, ``fedu2``).
 
 Liao, Zhang, Liu, Wang, Zhang, "Rethinking the Representation in Federated Unsupervised Learning
 with Non-IID Data", CVPR 2024, arXiv:2403.16398. The min-norm solver is that of Sener & Koltun,
@@ -46,7 +48,8 @@ _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 @dataclasses.dataclass(frozen=True)
 class FedU2Options(AlignUniformOptions):
-    """Options of FedU2 on FedAlignUniform (defaults: BASELINES.md sections 4.5 and 11).
+    """Options of FedU2 on FedAlignUniform (defaults: the released ``main.py``;
+    docs/methods.md, ``fedu2``).
 
     Attributes:
         uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).
@@ -67,7 +70,8 @@ class FedU2Options(AlignUniformOptions):
         famo_decay: Weight decay gamma of FAMO's logits.
         two_client_rule: MGDA with exactly two accepted updates: ``released`` returns the data
             weights pi unchanged, as the released solver does for fewer than three objectives
-            (BASELINES.md 4.3 step 4); ``exact`` uses the two-vector min-norm closed form [I].
+            (the released ``min_norm_solvers.py``); ``exact`` uses the two-vector min-norm closed
+            form [I].
     """
 
     fur_weight: float = 0.01
@@ -180,7 +184,7 @@ def flexible_uniform_regularizer(
 
     ``FUR(Z) = (1 / normaliser) sum_m SW(Log_{b_m}(U), Log_{b_m}(Z); theta_m)`` with U as many
     uniform samples as rows of Z (drawn once per call), random unit base points b_m and, per base
-    point, ``projections`` Gaussian directions theta_m (BASELINES.md section 4.2).
+    point, ``projections`` Gaussian directions theta_m (the released ``sw_loss.py``).
 
     Args:
         z: ``(n, d)`` unit-norm embeddings; the gradient flows through the log maps.
@@ -232,9 +236,9 @@ def min_norm_weights(
     Two vectors: with ``two_client_rule="exact"`` the closed form
     ``c_1 = clip(<v_2 - v_1, v_2> / ||v_1 - v_2||^2, 0, 1)``; with ``"released"`` ``init``
     unchanged, as the released solver returns its starting point for fewer than three vectors
-    (BASELINES.md 4.3 step 4). More: projected gradient steps (step 1 / largest eigenvalue) from
-    ``init``, each followed by an exact line search on the segment, until the L1 change is below
-    ``tol`` (Sener & Koltun's solver without its unbounded loop).
+    (the released ``min_norm_solvers.py``). More: projected gradient steps (step 1 / largest
+    eigenvalue) from ``init``, each followed by an exact line search on the segment, until the L1
+    change is below ``tol`` (Sener & Koltun's solver without its unbounded loop).
 
     Args:
         gram: ``(k, k)`` Gram matrix ``<v_i, v_j>`` (float64 recommended).
@@ -352,7 +356,8 @@ def eua_famo(
     decay: float,
     parameter_keys: Collection[str],
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
-    """The FAMO-style EUA reconstruction (BASELINES.md section 4.4, clean form) [I].
+    """The FAMO-style EUA reconstruction (FAMO, Liu et al., NeurIPS 2023, as
+    the released repository's unused variant, in a clean form) [I].
 
     Objectives ``l_k(theta) = ||theta - theta_k||^2``; ``zeta = softmax(xi)``;
     ``w_k = (zeta_k / l_k) / sum_j (zeta_j / l_j)``;

@@ -1,4 +1,4 @@
-"""FedX as an add-on to FedAlignUniform (BASELINES.md section 1).
+"""FedX as an add-on to FedAlignUniform (Han et al., ECCV 2022, arXiv:2207.09158).
 
 Han, Park, Wu, Kim, Wu, Cha, "FedX: Unsupervised Federated Learning with Cross Knowledge
 Distillation", ECCV 2022, arXiv:2207.09158.
@@ -8,7 +8,7 @@ of other local images (relational loss). Globally, the frozen global model recei
 a teacher: a prediction head q on the local embedding must pick out the teacher's embedding of the
 other view among negatives (contrastive) and reproduce the teacher's relations to the random batch
 (relational). As an add-on, the base objective takes the place of FedX's local contrastive term:
-``L = L_AU + L_rel^local + L_con^global + L_rel^global`` (BASELINES.md section 11). The head q is
+``L = L_AU + L_rel^local + L_con^global + L_rel^global`` (docs/methods.md, ``fedx``). The head q is
 part of the global model (aggregated with FedAvg); the teacher is one frozen module kept inside the
 method and loaded from the global weights at the start of every client's round.
 """
@@ -39,7 +39,8 @@ HEAD = "fedx_q"
 
 @dataclasses.dataclass(frozen=True)
 class FedXOptions(AlignUniformOptions):
-    """Options of FedX on FedAlignUniform (defaults: BASELINES.md sections 1.6 and 11).
+    """Options of FedX on FedAlignUniform (defaults: the released ``main.py``;
+    docs/methods.md, ``fedx``).
 
     Attributes:
         uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).

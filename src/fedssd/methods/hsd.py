@@ -1,4 +1,4 @@
-"""HSD: hard separation, the ablation of SSD (BASELINES.md section 5).
+"""HSD: hard separation, the ablation of SSD (docs/methods.md, ``hsd``).
 
 Fang, Lin, King, Zhang, "Soft Separation and Distillation: Toward Global Uniformity in Federated
 Unsupervised Learning", ICCV 2025, arXiv:2508.01251 (project page: "constrain each client to a
@@ -36,7 +36,7 @@ from fedssd.methods.ssd import check_saved_sets, draw_scaling_sets, sets_state
 
 @dataclasses.dataclass(frozen=True)
 class HSDOptions(AlignUniformOptions):
-    """Options of HSD (defaults: BASELINES.md section 5).
+    """Options of HSD (docs/methods.md, ``hsd``).
 
     Attributes:
         uniformity_weight: Weight beta of the uniformity term (inherited).

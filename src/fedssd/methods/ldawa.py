@@ -1,4 +1,5 @@
-"""L-DAWA as an add-on to FedAlignUniform (BASELINES.md section 2).
+"""L-DAWA as an add-on to FedAlignUniform (Rehman et al., ICCV 2023, arXiv:2307.07393;
+docs/methods.md, ``ldawa``).
 
 Rehman, Gao, Li, Chen, Chen, "L-DAWA: Layer-wise Divergence Aware Weight Aggregation in Federated
 Self-Supervised Visual Representation Learning", ICCV 2023, arXiv:2307.07393.
@@ -32,7 +33,7 @@ _RUNNING_STATS = ("running_mean", "running_var")
 
 @dataclasses.dataclass(frozen=True)
 class LDAWAOptions(AlignUniformOptions):
-    """Options of L-DAWA on FedAlignUniform (defaults: BASELINES.md section 2.5 and 11).
+    """Options of L-DAWA on FedAlignUniform (defaults: docs/methods.md, ``ldawa``).
 
     Attributes:
         uniformity_weight: Weight beta of the uniformity term of the base objective (inherited).

@@ -1,7 +1,7 @@
 """Orchestra: unsupervised federated learning via globally consistent clustering.
 
 Lubana, Tang, Kawsar, Dick, Mathur, "Orchestra: Unsupervised Federated Learning via Globally
-Consistent Clustering", ICML 2022, arXiv:2205.11506 (BASELINES.md section 9).
+Consistent Clustering", ICML 2022, arXiv:2205.11506 (docs/methods.md, ``orchestra``).
 
 Each client clusters its recent target projections into a few equal-size local centroids
 (Sinkhorn-Knopp balanced assignments); the server FedAvgs the weights and clusters all received
@@ -9,7 +9,7 @@ local centroids into the global centroids; clients train the online network to p
 view, the global-cluster assignment that an EMA target network gives the other view, plus a
 rotation-prediction term that rules out degenerate solutions.
 
-What lives where (BASELINES.md sections 9.2 and 10):
+What lives where (the released code's ``models.py``; docs/methods.md, "Per-client state"):
 
 - ``extras.centroids``: the global centroids ``(global_centroids, embed_dim)``, a buffer. Listed in
   ``local_modules`` so that clients do not upload them (they never change them); the server's
@@ -17,11 +17,11 @@ What lives where (BASELINES.md sections 9.2 and 10):
   global weights.
 - ``extras.rotation_head``: the degeneracy head ``Linear(embed_dim, 4)``, trained and FedAvg'd.
 - The EMA target (encoder + projector): one reusable module inside the method, never a model
-  parameter (SGD never sees it). ``target_mode="global"`` (default, the released code, BASELINES.md
-  9.4 step 1): clients keep nothing; each client starts from the global target, sends its target
-  beside the weights (payload ``target.*``), and the server FedAvgs the targets with the weights'
-  FedAvg weights into the global target, kept in the method's server state (checkpointed; the
-  Flower server sends it to the clients with the method state). ``target_mode="client"`` (the
+  parameter (SGD never sees it). ``target_mode="global"`` (default, the released code's
+  ``myfedavg.py``): clients keep nothing; each client starts from the global target, sends its
+  target beside the weights (payload ``target.*``), and the server FedAvgs the targets with the
+  weights' FedAvg weights into the global target, kept in the method's server state (checkpointed;
+  the Flower server sends it to the clients with the method state). ``target_mode="client"`` (the
   spec's "stateful client" option [I]): each client's target is kept in its
   :class:`~fedssd.methods.protocol.ClientState`. Either way, while there is no target yet (the
   first round, or a client's first participation) it starts as a copy of the received global
@@ -66,7 +66,7 @@ PAYLOAD_KEY = "local_centroids"
 
 @dataclasses.dataclass(frozen=True)
 class OrchestraOptions:
-    """Options of Orchestra (defaults: BASELINES.md section 9.5, the released ``config.py``).
+    """Options of Orchestra (defaults: the released ``config.py`` and ``examples.sh``).
 
     Attributes:
         global_centroids: Number N_G of global centroids (128).
@@ -91,7 +91,7 @@ class OrchestraOptions:
             trains from round 0 against the random initial centroids.
         cap_global_centroids: Use ``min(global_centroids, num_clients * local_centroids)``
             global centroids [I]: with fewer local centroids in the whole federation than global
-            ones, the surplus global centroids could never own a point (BASELINES.md 9.6).
+            ones, the surplus global centroids could never own a point.
         rotation_view: Which of the two augmented views is rotated for the degeneracy term [I]:
             the method sees two views per step where the released code draws a third; ``view1``
             (default) is the one the online network does not otherwise see (only the target
@@ -127,7 +127,7 @@ class OrchestraOptions:
         require(self.local_centroids >= 1, "method.local_centroids must be >= 1")
         require(
             self.memory_size >= self.local_centroids,
-            "method.memory_size must be at least method.local_centroids (BASELINES.md 9.6)",
+            "method.memory_size must be at least method.local_centroids",
         )
         require(self.temperature > 0, "method.temperature must be > 0")
         require(0 <= self.target_momentum <= 1, "method.target_momentum must be in [0, 1]")
@@ -172,7 +172,7 @@ def sinkhorn_knopp(
 
     ``P = softmax(sharpness * scores)`` row-wise, then alternately rescaled so that every cluster
     holds mass ``1/k`` and every sample ``1/n``; returned times ``n`` so that each row is a
-    probability vector and each column sums to ``n / k`` (BASELINES.md section 9.3). Stops early
+    probability vector and each column sums to ``n / k`` (Lubana et al., ICML 2022). Stops early
     when the summed relative change of the sample scalings, checked every ``check_every``
     iterations, is below ``tolerance``. The last rescaling is the samples', so rows sum to 1
     exactly and columns to ``n / k`` up to the convergence reached.
@@ -213,7 +213,8 @@ def cluster_assignment_loss(
 
     ``-(1/B) sum_i sum_j q_ij log p_ij`` with ``q_i = softmax_j(target_i . c_j / T)`` (no
     gradient, plain softmax: the client targets are not Sinkhorn-balanced) and
-    ``log p_i = log_softmax_j(online_i . c_j / T)``; one direction only (BASELINES.md 9.3).
+    ``log p_i = log_softmax_j(online_i . c_j / T)``; one direction only (the released
+    ``models.py``).
 
     Args:
         online: ``(batch, dim)`` unit-norm online projections of view 2.
@@ -261,7 +262,7 @@ def local_clustering(
     sinkhorn_iterations: int = 10,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Equal-size clustering of a client's memory into local centroids (BASELINES.md 9.3).
+    """Equal-size clustering of a client's memory into local centroids (Lubana et al., ICML 2022).
 
     Starts from distinct random memory rows; each iteration assigns every row to the argmax of
     its Sinkhorn-Knopp balanced assignment and moves each centroid to the normalised mean of its
@@ -317,7 +318,8 @@ def global_clustering(
     sinkhorn_iterations: int = 100,
     sinkhorn_tolerance: float = 1e-2,
 ) -> torch.Tensor:
-    """The server's clustering of the clients' local centroids (BASELINES.md section 9.4).
+    """The server's clustering of the clients' local centroids (Lubana et al., ICML 2022;
+    the released ``models.py``, ``global_clustering``).
 
     From the current global centroids ``C``, ``steps`` SGD steps (a fresh optimizer each call)
     on ``-(1/n) sum_i cos(Q_i, P_i)`` with ``Q = SK(Z C^T)`` (no gradient) and
@@ -513,7 +515,7 @@ class Orchestra:
         """EMA of the target's parameters toward the online encoder and projector.
 
         The released code updates the target before each step's target forward; updating after
-        each optimizer step gives the same sequence shifted by one (BASELINES.md 9.3, step 1).
+        each optimizer step gives the same sequence shifted by one.
         """
         if self._init_pass or self.target.module is None:
             return

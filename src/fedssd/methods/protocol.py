@@ -1,7 +1,9 @@
-"""What a method is: a local loss plus optional capabilities (DESIGN.md).
+"""What a method is: a local loss plus optional capabilities (docs/methods.md,
+"Adding a method").
 
 Only :class:`Method` (``local_loss``) is required. The round loop detects the rest with
-``isinstance``: :class:`Aggregates` (a server rule other than FedAvg), :class:`HasServerState`,
+``isinstance``, once :func:`check_capabilities` has made sure none is defined in part:
+:class:`Aggregates` (a server rule other than FedAvg), :class:`HasServerState`,
 :class:`ExtendsModel` and :class:`ClientHooks`; :mod:`fedssd.methods.server` supplies the defaults.
 """
 
@@ -75,7 +77,8 @@ class ClientUpdate:
 
 @dataclasses.dataclass
 class ClientState:
-    """What one client keeps between the rounds it takes part in (BASELINES.md section 10).
+    """What one client keeps between the rounds it takes part in (docs/methods.md, "Per-client
+    state").
 
     Attributes:
         tensors: Named tensors on the CPU (a target network, a predictor, the last local model).

@@ -1,6 +1,6 @@
 """SSD: Soft Separation and Distillation (Fang, Lin, King, Zhang, ICCV 2025, arXiv:2508.01251).
 
-FedAlignUniform plus two local terms (SSD.md sections 2-4):
+FedAlignUniform plus two local terms (Fang et al., ICCV 2025; docs/methods.md, ``ssd``):
 
 - Dimension-Scaled Regularization (DSR, soft separation): each client gets its own disjoint set of
   embedding dimensions, drawn once from the run seed, and its embeddings are pulled a little toward
@@ -121,7 +121,7 @@ def draw_scaling_sets(*, embed_dim: int, num_clients: int, seed: int) -> Scaling
 
 class SSD:
     """Soft separation (DSR) and projector distillation (PD) on top of FedAlignUniform; FedAvg
-    on the server (SSD adds no server-side step, SSD.md section 4)."""
+    on the server (SSD adds no server-side step)."""
 
     def __init__(self, options: SSDOptions, context: MethodContext) -> None:
         if options.pd and context.feature_dim != context.embed_dim:
@@ -168,7 +168,7 @@ class SSD:
         )
         if opts.dsr:
             scale = self._scales[client_id if opts.dsr_keying == "client_id" else position]
-            # Both views in one call (a stack), each view's term as in SSD.md, then their mean.
+            # Both views in one call (a stack), each view's term as in the paper, then their mean.
             z = torch.stack(out.z)
             dsr = (
                 losses.dsr_paper(z, scale)

@@ -23,7 +23,7 @@ ENCODERS: dict[str, Callable[..., nn.Module]] = {
 
 
 class SSLModel(nn.Module):
-    """Encoder ``f`` and projector ``g``: ``h = f(x)``, ``z_raw = g(h)`` (SSD.md section 1).
+    """Encoder ``f`` and projector ``g``: ``h = f(x)``, ``z_raw = g(h)`` (Fang et al., ICCV 2025).
 
     Federated averaging covers both parts, so they live in one module whose ``state_dict`` is
     what the server aggregates.

@@ -49,7 +49,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18Cifar(nn.Module):
-    """ResNet-18 for 32x32 images (SSD.md section 1), without the classifier.
+    """ResNet-18 for 32x32 images (as in the SSD paper, Fang et al., ICCV 2025), without the
+    classifier.
 
     A 3x3 stride-1 stem convolution with no max-pool keeps the full resolution for small images;
     four stages of two basic blocks with widths ``w, 2w, 4w, 8w`` and strides ``1, 2, 2, 2``;

@@ -6,7 +6,7 @@ from torch import nn
 
 
 def mlp_projector(in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 512) -> nn.Sequential:
-    """The SSD projector ``Linear -> BatchNorm1d -> ReLU -> Linear`` (SSD.md section 1).
+    """The SSD projector ``Linear -> BatchNorm1d -> ReLU -> Linear`` (Fang et al., ICCV 2025).
 
     Maps ``(batch, in_dim)`` features to ``(batch, out_dim)`` un-normalised embeddings.
 
@@ -27,7 +27,7 @@ def mlp_projector(in_dim: int, *, hidden_dim: int = 2048, out_dim: int = 512) ->
 
 
 def mlp_predictor(dim: int, *, hidden_dim: int = 2048) -> nn.Sequential:
-    """The BYOL/SimSiam predictor ``Linear -> BatchNorm1d -> ReLU -> Linear`` (BASELINES.md 6).
+    """The BYOL/SimSiam predictor ``Linear -> BatchNorm1d -> ReLU -> Linear`` (Grill et al. 2020).
 
     Maps ``(batch, dim)`` projector outputs to ``(batch, dim)`` predictions; the same shape of
     MLP as the projector, with the embedding width on both ends.
