@@ -29,10 +29,10 @@ data: $(STAMP)  ## make Fashion-MNIST available (Debian package, else download w
 	  $(PY) -m fedssd.cli data fashion_mnist --download; }
 
 demo: data  ## train SSD and FedAlignUniform on Fashion-MNIST and compare them (<10 min on 2 CPU cores)
-	$(PY) -m fedssd.cli compare --config configs/demo.toml --methods ssd fedalignuniform --out runs/demo --overwrite
+	$(PY) -m fedssd.cli compare --config demo --methods ssd fedalignuniform --out runs/demo --overwrite
 
 smoke: $(STAMP)  ## a run that takes seconds
-	$(PY) -m fedssd.cli train --config configs/smoke.toml --out runs/smoke --overwrite
+	$(PY) -m fedssd.cli train --config smoke --out runs/smoke --overwrite
 
 test: data  ## run the whole test suite
 	$(PY) -m pytest -q

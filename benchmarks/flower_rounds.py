@@ -6,7 +6,8 @@ Usage::
     python -m benchmarks.flower_rounds --mode shared --rounds 5 --work /tmp/flower-bench
     python -m benchmarks.flower_rounds --mode sites --rounds 5 --work /tmp/flower-bench
 
-The job is ``flower_app/fedssd.toml`` (SSD, small CNN width 8, 1,000 Fashion-MNIST images,
+The job is the Flower App's ``fedssd.toml`` (``src/fedssd/configs/flower_app/``; SSD, small CNN
+width 8, 1,000 Fashion-MNIST images,
 3 clients, 1 local epoch) with ``evaluation.every=0 evaluation.linear_epochs=2``.
 
 - ``shared``: every node reads the whole of Fashion-MNIST and derives its part from the run seed
@@ -38,6 +39,7 @@ import numpy as np
 from fedssd.api import load_config, prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
+FLOWER_APP = REPO / "src" / "fedssd" / "configs" / "flower_app"
 BIN = Path(sys.executable).parent
 OVERRIDES = "evaluation.every=0 evaluation.linear_epochs=2"
 
@@ -51,7 +53,10 @@ def _free_port() -> int:
 def _write_sites(work: Path) -> list[Path]:
     """The 3 clients of the App's default experiment, one labelled .npz per site, and the
     server's evaluation set (the experiment's test images)."""
-    data = prepare_data(load_config(REPO / "flower_app" / "fedssd.toml"), log=lambda _m: None)
+    data = prepare_data(
+        load_config(FLOWER_APP / "fedssd.toml"),
+        log=lambda _m: None,
+    )
     images, labels = data.dataset.x_train, data.dataset.y_train
     sites = []
     for k, part in enumerate(data.client_indices):
@@ -138,7 +143,7 @@ def run(mode: str, rounds: int, work: Path) -> dict[str, object]:
         )
         started = time.perf_counter()
         done = subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "bench", "--stream",
+            [str(BIN / "flwr"), "run", str(FLOWER_APP), "bench", "--stream",
              "--run-config", run_config],
             env=env,
             capture_output=True,
@@ -199,7 +204,7 @@ def node_startup(mode: str, work: Path, repeats: int) -> dict[str, float]:
     samples = []
     for _ in range(repeats):
         done = subprocess.run(
-            [sys.executable, "-c", _STARTUP, mode, str(REPO / "flower_app" / "fedssd.toml"),
+            [sys.executable, "-c", _STARTUP, mode, str(FLOWER_APP / "fedssd.toml"),
              str(site)],
             env=env, capture_output=True, text=True, check=True, timeout=300,
         )  # fmt: skip

@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 REPO = Path(__file__).resolve().parents[1]
+FLOWER_APP = REPO / "src" / "fedssd" / "configs" / "flower_app"
+"""The Flower App of the repository (what `fedssd flower-app DIR` writes)."""
 BIN = Path(sys.executable).parent
 
 

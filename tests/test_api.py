@@ -17,7 +17,7 @@ from fedssd.errors import ConfigError, DataError
 from fedssd.federation.evaluate import evaluate_model
 from fedssd.outputs import check_run_dir, prepare_run_dir
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 
 
 def dataset(height: int, width: int, n: int = 12) -> ImageDataset:

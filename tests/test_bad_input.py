@@ -26,7 +26,7 @@ from fedssd.config import Config, read_toml
 from fedssd.methods import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.toml"
+SMOKE = ROOT / "src" / "fedssd" / "configs" / "smoke.toml"
 BASE: dict[str, Any] = read_toml(SMOKE)
 
 

@@ -486,7 +486,7 @@ def _train(
 ) -> Path:
     out = tmp_path / f"{name}_{clients}"
     code = main([
-        "train", "--config", "configs/smoke.toml", "--set", f"method.name={name}",
+        "train", "--config", "src/fedssd/configs/smoke.toml", "--set", f"method.name={name}",
         "--set", "data.name=npz", "--set", f"data.path={npz}",
         "--set", f"federation.num_clients={clients}", "--set", f"federation.fraction={fraction}",
         "--set", f"federation.rounds={rounds}", *FAST, *extra, "--out", str(out), "--quiet",
@@ -549,7 +549,7 @@ def test_paper_protocol_configs(name: str, setting: str, clients: int, fraction:
     from fedssd.api import load_config
     from fedssd.methods import resolve_options
 
-    config = load_config(f"configs/{name}_{setting}.toml")
+    config = load_config(f"{name}-{setting}")
     assert config.method.name == name and config.model.encoder == "resnet18"
     assert (config.federation.num_clients, config.federation.fraction) == (clients, fraction)
     defaults = resolve_options(name, {})

@@ -36,7 +36,7 @@ from fedssd.models import SSLModel, build_model
 from fedssd.models.heads import mlp_predictor
 
 NAMES = ("fedsimclr", "fedsimsiam", "fedbyol", "fedu", "fedema")
-SMOKE = "configs/smoke.toml"
+SMOKE = "src/fedssd/configs/smoke.toml"
 
 
 def context(num_clients: int = 4, embed_dim: int = 16) -> MethodContext:

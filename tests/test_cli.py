@@ -13,7 +13,7 @@ import pytest
 
 from fedssd.cli import build_parser, format_table, main
 
-SMOKE = str(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
+SMOKE = str(Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml")
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

@@ -10,7 +10,7 @@ from fedssd import config
 from fedssd.api import load_config
 from fedssd.errors import ConfigError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs"
 
 
 def test_defaults_are_the_papers_protocol() -> None:
@@ -181,13 +181,13 @@ def test_threads_and_probe_off_are_accepted_and_checked() -> None:
 
 
 def test_every_method_has_its_paper_protocol_configs() -> None:
-    """The README's promise: configs/<name>_silo.toml and configs/<name>_device.toml."""
+    """The README's promise: the presets <name>-silo and <name>-device."""
     from fedssd.api import check_setup
     from fedssd.methods import METHODS
 
     for name in METHODS:
         for setting, clients, fraction in (("silo", 10, 1.0), ("device", 50, 0.2)):
-            cfg = load_config(CONFIGS / f"{name}_{setting}.toml")
+            cfg = load_config(CONFIGS / f"{name}-{setting}.toml")
             check_setup(cfg)
             assert cfg.method.name == name and cfg.data.name == "cifar10"
             assert (cfg.federation.num_clients, cfg.federation.fraction) == (clients, fraction)

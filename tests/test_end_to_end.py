@@ -14,7 +14,7 @@ from fedssd.api import final_evaluation, load_config, make_model, prepare_data, 
 from fedssd.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = ROOT / "configs" / "smoke.toml"
+SMOKE = ROOT / "src" / "fedssd" / "configs" / "smoke.toml"
 
 SUMMARY_KEYS = {
     "linear_probe_acc",

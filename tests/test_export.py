@@ -13,7 +13,7 @@ from fedssd.cli import main
 from fedssd.encoders import export_encoder
 from fedssd.protocols import load_run
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [
     "data.train_subset=300",
     "data.test_subset=100",

@@ -39,7 +39,7 @@ from fedssd.flower.client_app import client_id_of
 from fedssd.methods.protocol import ClientState
 from flower_testing import (
     BIN,
-    REPO,
+    FLOWER_APP,
     Processes,
     flower_env,
     flwr_home,
@@ -273,7 +273,7 @@ def test_deployment_with_tls_and_supernode_authentication(
     out = tmp_path / "run"
     run_config = f'config="{experiment}" out="{out}" overrides="method.name=ssd"'
     done = subprocess.run(
-        [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "test", "--stream",
+        [str(BIN / "flwr"), "run", str(FLOWER_APP), "test", "--stream",
          "--run-config", run_config],
         env=env,
         capture_output=True,

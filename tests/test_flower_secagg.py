@@ -33,6 +33,7 @@ from fedssd.flower import secagg
 from fedssd.seeding import CLIENT, generator
 from flower_testing import (  # the deployment helpers (pytest puts tests/ on sys.path)
     BIN,
+    FLOWER_APP,
     REPO,
     Processes,
     flower_env,
@@ -79,11 +80,11 @@ _DROPOUT_APP = textwrap.dedent(
 def _flower_app(folder: Path) -> Path:
     """The repository's Flower App with the dropout ClientApp above."""
     folder.mkdir()
-    text = (REPO / "flower_app" / "pyproject.toml").read_text()
+    text = (FLOWER_APP / "pyproject.toml").read_text()
     text = text.replace('clientapp = "fedssd.flower.client_app:app"', 'clientapp = "dropout:app"')
     assert 'clientapp = "dropout:app"' in text
     (folder / "pyproject.toml").write_text(text + "test-drop-client = -1\n")
-    (folder / "fedssd.toml").write_text((REPO / "flower_app" / "fedssd.toml").read_text())
+    (folder / "fedssd.toml").write_text((FLOWER_APP / "fedssd.toml").read_text())
     (folder / "dropout.py").write_text(_DROPOUT_APP)
     return folder
 

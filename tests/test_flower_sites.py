@@ -48,7 +48,7 @@ from fedssd.data.datasets import load_dataset
 from fedssd.flower.node_state import load_client_state
 from flower_testing import (
     BIN,
-    REPO,
+    FLOWER_APP,
     Processes,
     flower_env,
     flwr_home,
@@ -365,7 +365,7 @@ def test_sites_deployment_with_failures_and_resume(
     def flwr_run(out: Path, extra: str, *, stream: bool) -> subprocess.CompletedProcess[str]:
         run_config = f'config="{world["config"]}" out="{out}" round-timeout=60.0 {extra}'
         return subprocess.run(
-            [str(BIN / "flwr"), "run", str(REPO / "flower_app"), "test",
+            [str(BIN / "flwr"), "run", str(FLOWER_APP), "test",
              *(["--stream"] if stream else []), "--run-config", run_config],
             env=env("cli"),
             capture_output=True,

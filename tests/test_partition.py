@@ -23,7 +23,7 @@ from fedssd.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
 # The SSD paper's own splits (CIFAR-10/100, K = 10 and 50, 50000 train indices).
-SPLITS = REPO / "splits"
+SPLITS = REPO / "src" / "fedssd" / "configs" / "splits"
 
 
 def assert_exact_cover(parts: list[np.ndarray], num_samples: int) -> None:

@@ -29,7 +29,7 @@ from fedssd.federation.privacy import (
 from fedssd.methods import ClientUpdate
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.toml")
+SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
 TINY = [
     "data.train_subset=600",
     "data.test_subset=200",

@@ -21,7 +21,7 @@ from fedssd.evaluation import extract_features, knn_accuracy
 from fedssd.evaluation.finetune import stratified_fraction
 from fedssd.protocols import add_eval_parser, evaluate_run, load_run, result_name, run_eval
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 
 
 def _write_npz(path: Path, *, side: int, train: int = 60, test: int = 30, seed: int = 0) -> Path:

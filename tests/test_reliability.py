@@ -35,7 +35,7 @@ from fedssd.methods.protocol import ClientState
 from fedssd.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = str(ROOT / "configs" / "smoke.toml")
+SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
 # A run of a few seconds with a checkpoint after every round and a kNN record every round.
 TINY = [
     "data.train_subset=600",

@@ -18,7 +18,7 @@ from fedssd.errors import DataError
 
 pytest.importorskip("matplotlib")
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [
     "data.train_subset=300",
     "data.test_subset=150",

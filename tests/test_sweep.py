@@ -21,8 +21,8 @@ from fedssd import config as config_module
 from fedssd import sweep
 from fedssd.errors import ConfigError
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
-GRIDS = Path(__file__).resolve().parents[1] / "configs" / "grids"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
+GRIDS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "grids"
 
 # Small enough that a real run takes a few seconds on one core.
 TINY = [
@@ -44,7 +44,7 @@ def write_grid(
     extra: str = "",
     overrides: Sequence[str] = TINY,
 ) -> Path:
-    """A grid file over configs/smoke.toml (base given as a path relative to the grid)."""
+    """A grid file over the smoke preset (base given as a path relative to the grid)."""
     if rows is None:
         rows = (
             '[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n\n'
@@ -299,13 +299,32 @@ def test_rows_get_their_method_and_keep_shared_base_options(tmp_path: Path) -> N
 
 def test_shipped_grids_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _no_training(monkeypatch)
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # split files are read from the root
-    fmnist = sweep.plan(sweep.load_grid(GRIDS / "fmnist_ablation.toml"), tmp_path / "f")
+    monkeypatch.chdir(tmp_path)  # packaged grids, their bases and split files from any folder
+    fmnist = sweep.plan(sweep.load_grid("fmnist-ablation"), tmp_path / "f")
     assert len(fmnist) == 50
     assert {r.config.data.name for r in fmnist} == {"fashion_mnist"}
-    for name in ("paper_main.toml", "paper_ablation.toml", "paper_transfer.toml"):
-        grid = sweep.load_grid(GRIDS / name)
-        assert sweep.plan(grid, tmp_path / name)
+    for name in ("paper-main", "paper-ablation", "paper-transfer"):
+        grid = sweep.load_grid(name)
+        assert grid.path == GRIDS / f"{name}.toml"
+        runs = sweep.plan(grid, tmp_path / name)
+        assert runs
+        splits = {r.config.data.split_file for r in runs} - {None}
+        assert splits, name
+        for split in splits:
+            assert split is not None
+            assert Path(split).parent == GRIDS.parent / "splits" and Path(split).is_file()
+
+
+def test_grid_names_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A grid on disk wins over a packaged grid's name; an unknown name says where names are."""
+    monkeypatch.chdir(tmp_path)
+    assert sweep.load_grid("grids/paper-main").path == GRIDS / "paper-main.toml"
+    (tmp_path / "paper-main").write_text(
+        f'base = "{SMOKE}"\nseeds = [1]\n[[rows]]\nname = "a"\nmethod = "ssd"\n'
+    )
+    assert sweep.load_grid("paper-main").path == Path("paper-main")
+    with pytest.raises(ConfigError, match="fedssd configs"):
+        sweep.load_grid("no-such-grid")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -482,7 +501,7 @@ def _untimed(jsonl: str) -> list[dict[str, Any]]:
 def test_a_dry_run_reads_no_data(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    """`sweep configs/grids/paper_main.toml --dry-run` must not look for (or download) CIFAR."""
+    """`sweep paper-main --dry-run` must not look for (or download) CIFAR."""
     import fedssd.protocols  # imported first, so that it keeps the real functions it imports
 
     def no_data(*_args: Any, **_kwargs: Any) -> None:
@@ -492,7 +511,7 @@ def test_a_dry_run_reads_no_data(
         monkeypatch.setattr(fedssd.api, name, no_data)
     _no_training(monkeypatch)
     monkeypatch.chdir(GRIDS.parents[1])  # the paper grids' split files are read from the root
-    args = _parse(["sweep", str(GRIDS / "paper_main.toml"), "--out", str(tmp_path), "--dry-run"])
+    args = _parse(["sweep", str(GRIDS / "paper-main.toml"), "--out", str(tmp_path), "--dry-run"])
     assert sweep.run_sweep(args) == 0
     out = capsys.readouterr().out
     assert "72 runs checked" in out and "reads no data" in out

@@ -17,7 +17,7 @@ from fedssd import tracking
 from fedssd.cli import main
 from fedssd.errors import ConfigError
 
-SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [
     "data.train_subset=400",
     "data.test_subset=200",

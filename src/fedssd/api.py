@@ -5,7 +5,7 @@ files. The CLI is a thin layer over it.
 
 Example:
     >>> import fedssd
-    >>> result = fedssd.train("configs/smoke.toml", overrides=["federation.rounds=2"], out="runs/x")
+    >>> result = fedssd.train("smoke", overrides=["federation.rounds=2"], out="runs/x")
     >>> result.summary["knn_acc"]  # doctest: +SKIP
 """
 
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fedssd import config as config_module
+from fedssd import presets
 from fedssd.checkpoint import (
     Checkpoint,
     check_model_state,
@@ -172,7 +173,9 @@ def resolve(config: Config) -> Config:
         data,
         path=_absolute(data.path),
         root=_absolute(data.root),
-        split_file=_absolute(data.split_file),
+        split_file=_absolute(
+            None if data.split_file is None else presets.split_path(data.split_file)
+        ),
         clients=tuple(str(_absolute(site)) for site in data.clients),
     )
     evaluation = config.evaluation
@@ -204,14 +207,17 @@ def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -
     """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides.
 
     Args:
-        config: A :class:`~fedssd.config.Config` or the path of a TOML file.
+        config: A :class:`~fedssd.config.Config`, the path of a TOML file, or a preset's name
+            (``demo``, ``paper/cifar10-silo-ssd``; ``fedssd configs`` lists them).
         overrides: ``dotted.key=value`` strings applied on top (e.g. ``"federation.rounds=5"``).
 
     Raises:
         fedssd.errors.ConfigError: The file is missing or a key is unknown, mistyped or out of
             range, in one sentence.
     """
-    source = config_module.to_dict(config) if isinstance(config, Config) else Path(config)
+    source = (
+        config_module.to_dict(config) if isinstance(config, Config) else presets.config_path(config)
+    )
     return resolve(config_module.load(source, overrides))
 
 

@@ -61,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedssd",
         description=(
             "Federated unsupervised representation learning: SSD (Soft Separation and "
-            "Distillation, ICCV 2025) and its baselines, simulated in one process."
+            "Distillation, ICCV 2025) and its baselines, simulated in one process. "
+            "Start with `fedssd configs` (the shipped presets) and "
+            "`fedssd train --config demo`."
         ),
     )
     parser.add_argument("--version", action="version", version=f"fedssd {__version__}")
@@ -73,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
             required=config_required,
             type=Path,
             metavar="FILE",
-            help="TOML experiment file (see configs/); keys left out take their defaults",
+            help="TOML experiment file, or a preset's name (demo, ssd-silo, "
+            "paper/cifar10-silo-ssd; `fedssd configs` lists them); keys left out take their "
+            "defaults",
         )
         sub.add_argument(
             "--set",
@@ -176,6 +180,27 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "methods", help="list the registered methods", description="List the registered methods."
     )
+    configs = commands.add_parser(
+        "configs",
+        help="list the shipped presets, grids and split files, or print one",
+        description=(
+            "List the presets (for --config), sweep grids (for `fedssd sweep`) and the paper's "
+            "split files (for data.split_file) shipped with fedssd, one line each; with NAME, "
+            "print that file, to copy and edit it. A path on disk always wins over a name."
+        ),
+    )
+    configs.add_argument("name", nargs="?", help="a preset, grid (grids/NAME) or split file")
+    app = commands.add_parser(
+        "flower-app",
+        help="write the Flower App (pyproject.toml, fedssd.toml) into a folder",
+        description=(
+            "Write fedssd's Flower App into DIR, for `flwr run DIR` (docs/flower.md): "
+            "pyproject.toml names the ServerApp and ClientApp of the installed package, "
+            "fedssd.toml is the experiment."
+        ),
+    )
+    app.add_argument("folder", type=Path, metavar="DIR", help="the folder to write")
+    app.add_argument("--overwrite", action="store_true", help="replace the files already there")
     from fedssd.encoders import add_export_parser
     from fedssd.protocols import add_eval_parser
     from fedssd.report import add_report_parser
@@ -294,7 +319,49 @@ def _dispatch(args: argparse.Namespace) -> int:
         from fedssd.report import run_report
 
         return run_report(args)
+    if args.command == "configs":
+        return _configs(args.name)
+    if args.command == "flower-app":
+        return _flower_app(args.folder, overwrite=args.overwrite)
     return _methods()
+
+
+def _configs(name: str | None) -> int:
+    """List the packaged files, one line each, or print the one called ``name``."""
+    from fedssd import presets
+
+    entries = presets.entries()
+    if name is None:
+        width = max(len(e.name) for e in entries)
+        titles = {"preset": "Presets", "grid": "Grids", "split": "Split files"}
+        hints = {
+            "preset": "fedssd train --config NAME",
+            "grid": "fedssd sweep NAME",
+            "split": "--set data.partition=file --set data.split_file=NAME",
+        }
+        for kind, title in titles.items():
+            print(f"{title} ({hints[kind]}):")
+            for entry in (e for e in entries if e.kind == kind):
+                print(f"  {entry.name.ljust(width)}  {entry.description}".rstrip())
+        return 0
+    lookup = {e.name: e for e in entries}
+    lookup.update({f"grids/{e.name}": e for e in entries if e.kind == "grid"})
+    chosen = lookup.get(name.removesuffix(".toml"), lookup.get(name))
+    if chosen is None:
+        raise ConfigError(
+            f"{name!r} is not a shipped preset, grid or split file; see `fedssd configs`."
+        )
+    sys.stdout.write(chosen.path.read_text(encoding="utf-8"))
+    return 0
+
+
+def _flower_app(folder: Path, *, overwrite: bool) -> int:
+    from fedssd import presets
+
+    for path in presets.write_flower_app(folder, overwrite=overwrite):
+        print(path)
+    print(f"run it with: flwr run {folder} (docs/flower.md)")
+    return 0
 
 
 def resume_hint(run_dir: Path) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from fedssd import config as config_module
+from fedssd import presets
 from fedssd.config import Config
 from fedssd.errors import ConfigError, FedSSDError
 
@@ -170,6 +171,14 @@ class Paired:
 # ----------------------------------------------------------------------------- grid parsing
 
 
+def _base_path(grid: Path, base: str) -> Path:
+    """A grid's base config: a path relative to the grid file, else a preset's name."""
+    path = grid.parent / base
+    if path.is_file():
+        return path
+    return presets.packaged(base) or path
+
+
 def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     """Read and check a grid file's structure (the configs are checked by :func:`plan`).
 
@@ -180,7 +189,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     Raises:
         ConfigError: The file is missing or malformed, in one sentence.
     """
-    path = Path(path)
+    path = presets.grid_path(path)
     raw = config_module.read_toml(path)
     where = f"grid {path.name}"
     _no_unknown(raw, GRID_KEYS, where)
@@ -221,7 +230,7 @@ def load_grid(path: str | Path, overrides: Sequence[str] = ()) -> Grid:
     columns = tuple(parse_column(s) for s in dict.fromkeys([*ALWAYS_COLUMNS, *specs]))
     return Grid(
         path=path,
-        base=(path.parent / base),
+        base=_base_path(path, base),
         title=title,
         seeds=tuple(seeds),
         overrides=common,
@@ -966,7 +975,12 @@ def add_sweep_parser(commands: Any) -> argparse.ArgumentParser:
             "Every config is checked before the first run starts. Format: docs/sweeps.md."
         ),
     )
-    sweep.add_argument("grid", type=Path, metavar="GRID.toml", help="the grid file")
+    sweep.add_argument(
+        "grid",
+        type=Path,
+        metavar="GRID",
+        help="the grid file, or a packaged grid's name (paper-main; `fedssd configs` lists them)",
+    )
     sweep.add_argument(
         "--out", type=Path, metavar="DIR", help="sweep folder (default: runs/<grid name>)"
     )
