@@ -54,16 +54,6 @@ def count_batches(num_samples: int, *, batch_size: int, epochs: int) -> int:
     return epochs * (full + (1 if rest >= 2 else 0))
 
 
-@pytest.mark.parametrize(
-    ("n", "batch", "epochs", "expected"),
-    [(256, 128, 1, 2), (257, 128, 1, 2), (258, 128, 2, 6), (1, 128, 3, 0), (100, 128, 1, 1)],
-)
-def test_batch_count_skips_single_sample_batches(
-    n: int, batch: int, epochs: int, expected: int
-) -> None:
-    assert count_batches(n, batch_size=batch, epochs=epochs) == expected
-
-
 def test_sampling_cross_silo_and_cross_device() -> None:
     assert sample_clients(num_clients=10, fraction=1.0, round_index=3, seed=0) == list(range(10))
     assert clients_per_round(num_clients=50, fraction=0.2) == 10
