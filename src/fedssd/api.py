@@ -541,7 +541,18 @@ def select_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA for ``auto``; full precision on the CPU."""
+    """bf16 autocast on CUDA for ``auto``; full precision on the CPU; float16 (CUDA only).
+
+    Raises:
+        ConfigError: ``fp16`` on a device other than CUDA.
+    """
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"precision = 'fp16' needs a CUDA device, not {device.type}; use 'bf16' or "
+                "'fp32' there."
+            )
+        return torch.float16
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -665,6 +676,7 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             weight_decay=fed.weight_decay,
             augment=augment,
             autocast_dtype=autocast_dtype(config.precision, device),
+            drop_last=fed.drop_last,
         ),
         guards=Guards(
             faults=config.faults, validation=config.validation, privacy=make_aggregator(config)

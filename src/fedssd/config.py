@@ -37,7 +37,7 @@ T = TypeVar("T", bound="DataclassInstance")
 
 Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "fp32", "bf16"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,6 +132,10 @@ class FederationConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         lr_schedule: ``constant`` (the paper) or ``cosine`` over rounds.
+        drop_last: Skip each local epoch's last, incomplete batch (the released SSD code did so
+            for K <= 10). The FedAvg weight stays the number of batches trained, so only full
+            batches count; a client with fewer samples than ``batch_size`` trains no step and is
+            left out of the round's aggregation.
     """
 
     num_clients: int = 10
@@ -143,6 +147,7 @@ class FederationConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: LrSchedule = "constant"
+    drop_last: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +302,9 @@ class Config:
     Attributes:
         seed: The run seed; every random number of the run is derived from it.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
+            (float16 autocast with a gradient scaler, as the released SSD code trained; CUDA
+            only, refused on a CPU).
         threads: CPU threads of PyTorch's operators (``torch.set_num_threads``); 0 leaves
             PyTorch's own choice (one per physical core, or ``OMP_NUM_THREADS``). Results are
             bit-identical for the same CPU model and thread count; on a machine shared with
