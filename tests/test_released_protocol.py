@@ -321,3 +321,63 @@ def test_paper_grids_keep_the_last_batch_for_k_50() -> None:
         for block in text.split("[[settings]]")[1:]:
             if "num_clients=50" in block:
                 assert "federation.drop_last=false" in block
+
+
+# ---- Dirichlet rule -------------------------------------------------------------------------
+
+
+def _released_by_hand(
+    labels: list[int], num_clients: int, alpha: float, seed: int
+) -> list[set[int]]:
+    """The released rule written out with plain Python loops on the same random stream."""
+    rng = np.random.default_rng(seed)
+    clients: list[set[int]] = [set() for _ in range(num_clients)]
+    for c in sorted(set(labels)):
+        members = [i for i, y in enumerate(labels) if y == c]
+        shares = rng.dirichlet([alpha] * num_clients)
+        exact = [float(s) * len(members) for s in shares]
+        counts = [int(x // 1) for x in exact]
+        by_remainder = sorted(range(num_clients), key=lambda k: (-(exact[k] - counts[k]), k))
+        for k in by_remainder[: len(members) - sum(counts)]:
+            counts[k] += 1
+        shuffled = [members[int(i)] for i in rng.permutation(len(members))]
+        start = 0
+        for k in range(num_clients):
+            clients[k].update(shuffled[start : start + counts[k]])
+            start += counts[k]
+    return clients
+
+
+@pytest.mark.parametrize(("alpha", "seed"), [(0.1, 0), (0.5, 3), (5.0, 9)])
+def test_released_dirichlet_rule_matches_a_hand_computation(alpha: float, seed: int) -> None:
+    from fedssd.data.partition import dirichlet_released
+
+    labels = [i % 4 for i in range(103)]
+    parts = dirichlet_released(
+        np.array(labels), num_clients=5, alpha=alpha, rng=np.random.default_rng(seed)
+    )
+    expected = _released_by_hand(labels, 5, alpha, seed)
+    assert [set(p.tolist()) for p in parts] == expected
+    assert sorted(i for p in parts for i in p.tolist()) == list(range(103))
+
+
+def test_dirichlet_rule_switch_changes_the_split_and_defaults_to_redraw() -> None:
+    from fedssd.data.partition import make_partition
+
+    labels = np.arange(600) % 10
+    kwargs: dict[str, Any] = {"scheme": "dirichlet", "num_clients": 10, "seed": 17, "alpha": 0.1}
+    redraw = make_partition(labels, **kwargs)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(
+            redraw, make_partition(labels, **kwargs, dirichlet_rule="redraw"), strict=True
+        )
+    )
+    released = make_partition(labels, **kwargs, dirichlet_rule="released")
+    assert any(not np.array_equal(a, b) for a, b in zip(redraw, released, strict=True))
+    assert config_module.load(None).data.dirichlet_rule == "redraw"
+    assert (
+        config_module.load(None, ["data.dirichlet_rule=released"]).data.dirichlet_rule == "released"
+    )
+    with pytest.raises(ConfigError):
+        config_module.load(None, ["data.dirichlet_rule=other"])

@@ -326,6 +326,7 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
         classes_per_client=data.classes_per_client,
         split_file=data.split_file,
         min_size=data.min_client_size,
+        dirichlet_rule=data.dirichlet_rule,
     )
     client_indices = [pool[p] for p in parts]
     return FederatedData(

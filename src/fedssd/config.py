@@ -37,6 +37,7 @@ T = TypeVar("T", bound="DataclassInstance")
 
 Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
+DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
@@ -57,7 +58,12 @@ class DataConfig:
         alpha: Dirichlet concentration; smaller is more skewed (the paper uses 0.1).
         classes_per_client: Classes per client for the pathological split.
         split_file: JSON list of per-client index lists, for ``partition = "file"``.
-        min_client_size: Dirichlet splits are redrawn until every client has this many samples.
+        min_client_size: Dirichlet splits are redrawn until every client has this many samples
+            (the ``redraw`` rule).
+        dirichlet_rule: ``redraw`` (cut each class's shuffled indices at the floored cumulative
+            shares; redraw the whole split until every client has ``min_client_size``) or
+            ``released`` (the SSD authors' splitter: floor each client's count, hand the
+            leftovers out by largest remainder, no redraw).
         train_subset: Use a stratified random subset of this many training images (0 = all).
         test_subset: Evaluate on a stratified random subset of this many test images (0 = all).
         pad_to_32: Zero-pad 28x28 images to 32x32, as the CIFAR code path expects.
@@ -78,6 +84,7 @@ class DataConfig:
     classes_per_client: int = 2
     split_file: str | None = None
     min_client_size: int = 10
+    dirichlet_rule: DirichletRule = "redraw"
     train_subset: int = 0
     test_subset: int = 0
     pad_to_32: bool = True
