@@ -45,10 +45,11 @@ class SSDOptions(AlignUniformOptions):
         dsr_weight: Weight gamma of DSR.
         dsr_form: ``released`` (the authors' code, whose numbers are in the paper's tables:
             rotated basis, re-normalised target, Frobenius norm / batch size) or ``paper`` (the
-            formula as printed: mean squared distance to ``stopgrad(z * d_k)``). The released form's
-            gradient has norm exactly 1 / N per view whatever the input; at the paper's sizes
-            (d = 512, K = 10, batch 128) the paper form's is about 64 times larger; at the paper's weight gamma = 1 it
-            drives each client's embeddings into its own few dimensions (docs/methods.md).
+            formula as printed: mean squared distance to ``stopgrad(z * d_k)``). The released
+            form's gradient has norm exactly 1 / N per view whatever the input; at the paper's
+            sizes (d = 512, K = 10, batch 128) the paper form's is about 64 times larger, and at
+            the paper's weight gamma = 1 it drives each client's embeddings into its own few
+            dimensions (docs/methods.md).
         dsr_alpha: Scaling factor alpha on a client's own dimensions.
         dsr_keying: ``client_id`` (each client keeps its set for the whole run) or ``position``
             (the set of the client's position in the round's sample, as the released code does;
