@@ -332,6 +332,7 @@ def prepare_data(config: Config, *, log: Log) -> FederatedData:
         classes_per_client=data.classes_per_client,
         split_file=data.split_file,
         min_size=data.min_client_size,
+        dirichlet_rule=data.dirichlet_rule,
     )
     client_indices = [pool[p] for p in parts]
     return FederatedData(
@@ -547,7 +548,18 @@ def select_device(name: str) -> torch.device:
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA for ``auto``; full precision on the CPU."""
+    """bf16 autocast on CUDA for ``auto``; full precision on the CPU; float16 (CUDA only).
+
+    Raises:
+        ConfigError: ``fp16`` on a device other than CUDA.
+    """
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"precision = 'fp16' needs a CUDA device, not {device.type}; use 'bf16' or "
+                "'fp32' there."
+            )
+        return torch.float16
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
         return torch.bfloat16
     return None
@@ -671,6 +683,7 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             weight_decay=fed.weight_decay,
             augment=augment,
             autocast_dtype=autocast_dtype(config.precision, device),
+            drop_last=fed.drop_last,
         ),
         guards=Guards(
             faults=config.faults, validation=config.validation, privacy=make_aggregator(config)

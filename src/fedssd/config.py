@@ -37,7 +37,8 @@ T = TypeVar("T", bound="DataclassInstance")
 
 Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
-Precision = Literal["auto", "fp32", "bf16"]
+DirichletRule = Literal["redraw", "released"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +58,12 @@ class DataConfig:
         alpha: Dirichlet concentration; smaller is more skewed (the paper uses 0.1).
         classes_per_client: Classes per client for the pathological split.
         split_file: JSON list of per-client index lists, for ``partition = "file"``.
-        min_client_size: Dirichlet splits are redrawn until every client has this many samples.
+        min_client_size: Dirichlet splits are redrawn until every client has this many samples
+            (the ``redraw`` rule).
+        dirichlet_rule: ``redraw`` (cut each class's shuffled indices at the floored cumulative
+            shares; redraw the whole split until every client has ``min_client_size``) or
+            ``released`` (the SSD authors' splitter: floor each client's count, hand the
+            leftovers out by largest remainder, no redraw).
         train_subset: Use a stratified random subset of this many training images (0 = all).
         test_subset: Evaluate on a stratified random subset of this many test images (0 = all).
         pad_to_32: Zero-pad 28x28 images to 32x32, as the CIFAR code path expects.
@@ -78,6 +84,7 @@ class DataConfig:
     classes_per_client: int = 2
     split_file: str | None = None
     min_client_size: int = 10
+    dirichlet_rule: DirichletRule = "redraw"
     train_subset: int = 0
     test_subset: int = 0
     pad_to_32: bool = True
@@ -132,6 +139,10 @@ class FederationConfig:
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         lr_schedule: ``constant`` (the paper) or ``cosine`` over rounds.
+        drop_last: Skip each local epoch's last, incomplete batch (the released SSD code did so
+            for K <= 10). The FedAvg weight stays the number of batches trained, so only full
+            batches count; a client with fewer samples than ``batch_size`` trains no step and is
+            left out of the round's aggregation.
     """
 
     num_clients: int = 10
@@ -143,6 +154,7 @@ class FederationConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     lr_schedule: LrSchedule = "constant"
+    drop_last: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +309,9 @@ class Config:
     Attributes:
         seed: The run seed; every random number of the run is derived from it.
         device: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16``.
+        precision: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``
+            (float16 autocast with a gradient scaler, as the released SSD code trained; CUDA
+            only, refused on a CPU).
         threads: CPU threads of PyTorch's operators (``torch.set_num_threads``); 0 leaves
             PyTorch's own choice (one per physical core, or ``OMP_NUM_THREADS``). Results are
             bit-identical for the same CPU model and thread count; on a machine shared with

@@ -20,6 +20,7 @@ FAULTS = 6
 EXTRAS_INIT = 7
 PARTITION = 0x50415254  # "PART"
 SCALING_SETS = 0x55D
+SAMPLE_ORDER = 8
 
 
 def derive_seed(seed: int, *key: int) -> int:

@@ -19,6 +19,7 @@ from fedssd.seeding import PARTITION, numpy_rng
 __all__ = [
     "PARTITION_SCHEMES",
     "dirichlet",
+    "dirichlet_released",
     "iid",
     "label_histogram",
     "load_split_file",
@@ -128,6 +129,45 @@ def dirichlet(
         f"{min_size} samples in {max_tries} draws; lower federation.num_clients or raise "
         "data.alpha."
     )
+
+
+def dirichlet_released(
+    labels: np.ndarray, *, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """The Dirichlet label-skew split by the rule of the SSD authors' released splitter.
+
+    For every class the shares are drawn from ``Dir(alpha, ..., alpha)``; each client gets the
+    floor of its share times the class size, the samples left over go one each to the clients
+    with the largest remainders (ties to the lower client id), and the class's shuffled indices
+    are cut at those counts. There is no redraw: a client may end up small or empty.
+
+    Args:
+        labels: Training labels ``(n,)``.
+        num_clients: Number of clients.
+        alpha: Dirichlet concentration (> 0).
+        rng: Source of randomness.
+
+    Returns:
+        One sorted int64 index array per client.
+
+    Raises:
+        ConfigError: ``alpha <= 0`` or more clients than samples.
+    """
+    labels = _as_labels(labels)
+    _check_clients(num_clients, labels.shape[0])
+    if not alpha > 0:
+        raise ConfigError(f"data.alpha is {alpha}; the Dirichlet concentration must be > 0.")
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        exact = rng.dirichlet(np.full(num_clients, alpha)) * members.shape[0]
+        counts = np.floor(exact).astype(np.int64)
+        leftover = int(members.shape[0] - counts.sum())
+        counts[np.argsort(counts - exact, kind="stable")[:leftover]] += 1
+        pieces = np.split(rng.permutation(members), np.cumsum(counts)[:-1])
+        for client, piece in enumerate(pieces):
+            parts[client].append(piece)
+    return _sorted_parts([np.concatenate(pieces) for pieces in parts])
 
 
 def pathological(
@@ -318,6 +358,7 @@ def make_partition(
     classes_per_client: int = 2,
     split_file: str | Path | None = None,
     min_size: int = 10,
+    dirichlet_rule: str = "redraw",
 ) -> list[np.ndarray]:
     """Split a training set over clients by the named scheme, reproducibly from ``seed``.
 
@@ -329,7 +370,9 @@ def make_partition(
         alpha: Dirichlet concentration (``"dirichlet"``).
         classes_per_client: Classes per client (``"pathological"``).
         split_file: JSON split file (``"file"``).
-        min_size: Smallest client (``"dirichlet"``).
+        min_size: Smallest client (``"dirichlet"`` with the ``redraw`` rule).
+        dirichlet_rule: ``redraw`` (:func:`dirichlet`) or ``released``
+            (:func:`dirichlet_released`, which ignores ``min_size``).
 
     Returns:
         One sorted int64 index array per client.
@@ -339,6 +382,8 @@ def make_partition(
     rng = numpy_rng(seed, PARTITION)
     if scheme == "iid":
         return iid(labels, num_clients=num_clients, rng=rng)
+    if scheme == "dirichlet" and dirichlet_rule == "released":
+        return dirichlet_released(labels, num_clients=num_clients, alpha=alpha, rng=rng)
     if scheme == "dirichlet":
         return dirichlet(labels, num_clients=num_clients, alpha=alpha, rng=rng, min_size=min_size)
     if scheme == "pathological":

@@ -22,11 +22,18 @@ class LocalSettings:
     Attributes:
         epochs: Local epochs.
         batch_size: Mini-batch size; a last batch of one sample is skipped (BatchNorm).
+        drop_last: Skip each epoch's last batch when it is smaller than ``batch_size`` (the
+            released SSD loaders did so for K <= 10). A client with fewer samples than a batch
+            then trains no step and is left out of the round's aggregation.
         lr: Learning rate of this round.
         momentum: SGD momentum.
         weight_decay: SGD weight decay.
         augment: The two-view augmentation.
-        autocast_dtype: Mixed-precision dtype, or None for full precision.
+        autocast_dtype: Mixed-precision dtype, or None for full precision. float16 trains with
+            a gradient scaler (``torch.amp.GradScaler``), fresh each round like the optimizer,
+            so it holds nothing a checkpoint must keep; a step whose scaled gradients overflow
+            is skipped by the scaler (the weights stay as they were) but still counts as a
+            batch.
     """
 
     epochs: int
@@ -36,6 +43,7 @@ class LocalSettings:
     weight_decay: float
     augment: AugmentConfig
     autocast_dtype: torch.dtype | None = None
+    drop_last: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +52,8 @@ class LocalResult:
 
     Attributes:
         client_id: The client's id.
-        num_batches: Mini-batches trained on (the FedAvg weight).
+        num_batches: Mini-batches trained on (the FedAvg weight; with ``drop_last`` only the full
+            batches count).
         num_samples: Samples the client holds.
         loss: Mean loss over its steps.
         parts: Mean of each named loss part over its steps.
@@ -124,15 +133,17 @@ def local_train(
         if settings.autocast_dtype is not None
         else nullcontext()
     )
+    scaler = torch.amp.GradScaler(device_type) if settings.autocast_dtype == torch.float16 else None
     total = torch.zeros((), device=images.device)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
+    smallest = settings.batch_size if settings.drop_last else 2
     for _ in range(settings.epochs):
         order = indices[
             torch.randperm(indices.numel(), generator=generator, device=generator.device)
         ]
         for batch in order.split(settings.batch_size):
-            if batch.numel() < 2:
+            if batch.numel() < smallest:
                 continue
             view1, view2 = two_views(images[batch], settings.augment, generator=generator)
             with autocast:
@@ -140,8 +151,13 @@ def local_train(
                     model, view1, view2, client_id=client_id, position=position
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)  # skipped when the scaled gradients are not finite
+                scaler.update()
             if after_step is not None:
                 after_step(model)
             total += loss.detach().float()

@@ -22,7 +22,7 @@ from fedssd.errors import TrainingDiverged
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
 from fedssd.federation.faults import draw_fault
 from fedssd.federation.privacy import PrivateAggregator
-from fedssd.federation.sampling import sample_clients
+from fedssd.federation.sampling import sample_clients, shuffled_order
 from fedssd.federation.store import ClientStore, stamp_participation
 from fedssd.federation.validate import check_update, norm_outliers, update_distance
 from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
@@ -179,6 +179,7 @@ def run_round(
         fraction=schedule.fraction,
         round_index=round_index,
         seed=schedule.seed,
+        shuffle=shuffled_order(method),
     )
     lr = round_lr(schedule, round_index)
     round_settings = dataclasses.replace(settings, lr=lr)

@@ -79,7 +79,7 @@ from safetensors.torch import save as save_bytes
 from fedssd.config import Config
 from fedssd.errors import ConfigError, TrainingDiverged
 from fedssd.federation.client import LocalResult
-from fedssd.federation.sampling import clients_per_round, sample_clients
+from fedssd.federation.sampling import clients_per_round, sample_clients, shuffled_order
 from fedssd.federation.simulator import conclude_round, local_keys, round_lr, run_callbacks
 from fedssd.flower import records
 from fedssd.flower.strategy import MethodStrategy
@@ -171,6 +171,7 @@ class SecAggStrategy(LegacyStrategy):
             fraction=inner.schedule.fraction,
             round_index=round_index,
             seed=inner.schedule.seed,
+            shuffle=shuffled_order(inner.method),
         )
         client_manager.wait_for(len(inner.nodes), timeout=600)
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}

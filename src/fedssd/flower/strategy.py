@@ -25,7 +25,7 @@ from torch import nn
 from fedssd.errors import FedSSDError
 from fedssd.federation.client import LocalResult
 from fedssd.federation.faults import Fault, draw_fault
-from fedssd.federation.sampling import sample_clients
+from fedssd.federation.sampling import sample_clients, shuffled_order
 from fedssd.federation.simulator import (
     Callback,
     Guards,
@@ -136,6 +136,7 @@ class MethodStrategy(Strategy):
             fraction=self.schedule.fraction,
             round_index=round_index,
             seed=self.schedule.seed,
+            shuffle=shuffled_order(self.method),
         )
         lr = round_lr(self.schedule, round_index)
         global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}

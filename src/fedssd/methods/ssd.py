@@ -45,12 +45,18 @@ class SSDOptions(AlignUniformOptions):
         dsr_weight: Weight gamma of DSR.
         dsr_form: ``released`` (the authors' code, whose numbers are in the paper's tables:
             rotated basis, re-normalised target, Frobenius norm / batch size) or ``paper`` (the
-            formula as printed: mean squared distance to ``stopgrad(z * d_k)``). At batch 128 the
-            paper form's gradient is about 20 times stronger; at the paper's weight gamma = 1 it
-            drives each client's embeddings into its own few dimensions (docs/methods.md).
+            formula as printed: mean squared distance to ``stopgrad(z * d_k)``). The released
+            form's gradient has norm exactly 1 / N per view whatever the input; at the paper's
+            sizes (d = 512, K = 10, batch 128) the paper form's is about 64 times larger, and at
+            the paper's weight gamma = 1 it drives each client's embeddings into its own few
+            dimensions (docs/methods.md).
         dsr_alpha: Scaling factor alpha on a client's own dimensions.
         dsr_keying: ``client_id`` (each client keeps its set for the whole run) or ``position``
-            (the set of the client's position in the round's sample, as the released code does).
+            (the set of the client's position in the round's sample, as the released code does;
+            the sample then comes in a random order each round, drawn from the run seed, so a
+            client gets a different set each round and only the first sets are used).
+        dsr_dims: Dimensions per client m (0 = floor(d / K)); the released runs used both 10 and
+            51 at K = 10. Needs m * K <= d, as the sets are disjoint.
         pd: Use projector distillation.
         pd_weight: Weight delta of PD.
         pd_form: ``kl`` (KL(softmax(z_raw/T) || softmax(h/T)), the paper's) or ``mse``.
@@ -62,6 +68,7 @@ class SSDOptions(AlignUniformOptions):
     dsr_form: Literal["paper", "released"] = "released"
     dsr_alpha: float = 10.0
     dsr_keying: Literal["client_id", "position"] = "client_id"
+    dsr_dims: int = 0
     pd: bool = True
     pd_weight: float = 0.1
     pd_form: Literal["kl", "mse"] = "kl"
@@ -71,6 +78,7 @@ class SSDOptions(AlignUniformOptions):
         super().__post_init__()
         require(self.dsr_weight >= 0, "method.dsr_weight must be >= 0")
         require(self.dsr_alpha > 0, "method.dsr_alpha must be > 0")
+        require(self.dsr_dims >= 0, "method.dsr_dims must be >= 0 (0 = floor(d / K))")
         require(self.pd_weight >= 0, "method.pd_weight must be >= 0")
         require(self.pd_temperature > 0, "method.pd_temperature must be > 0")
 
@@ -94,22 +102,31 @@ class ScalingSets:
         return vector
 
 
-def draw_scaling_sets(*, embed_dim: int, num_clients: int, seed: int) -> ScalingSets:
+def draw_scaling_sets(
+    *, embed_dim: int, num_clients: int, seed: int, dims_per_client: int = 0
+) -> ScalingSets:
     """Disjoint per-client dimension sets from one random permutation, and a random basis.
 
     Args:
         embed_dim: The embedding width d.
-        num_clients: Number of clients K; each set has m = floor(d / K) dimensions.
+        num_clients: Number of clients K.
         seed: The run seed.
+        dims_per_client: Dimensions per set m; 0 = floor(d / K).
 
     Raises:
-        ConfigError: There are more clients than embedding dimensions.
+        ConfigError: There are more clients than embedding dimensions, or m * K > d.
     """
-    m = embed_dim // num_clients
+    m = dims_per_client or embed_dim // num_clients
     if m < 1:
         raise ConfigError(
             f"SSD needs at least one embedding dimension per client, but the embedding has "
             f"{embed_dim} dimensions for {num_clients} clients; raise model.projector_out."
+        )
+    if m * num_clients > embed_dim:
+        raise ConfigError(
+            f"method.dsr_dims = {m} gives {num_clients} disjoint sets of {m * num_clients} "
+            f"dimensions in all, more than the embedding's {embed_dim}; use at most "
+            f"{embed_dim // num_clients}."
         )
     rng = numpy_rng(seed, SCALING_SETS)
     perm = rng.permutation(embed_dim)
@@ -131,10 +148,15 @@ class SSD:
                 "or method.pd = false."
             )
         self.options = options
+        # Position keying uses the released code's random order of each round's sample.
+        self.random_sample_order = options.dsr and options.dsr_keying == "position"
         # Drawn only when DSR is on, so that the +PD ablation runs with any number of clients.
         self.sets = (
             draw_scaling_sets(
-                embed_dim=context.embed_dim, num_clients=context.num_clients, seed=context.seed
+                embed_dim=context.embed_dim,
+                num_clients=context.num_clients,
+                seed=context.seed,
+                dims_per_client=options.dsr_dims,
             )
             if options.dsr
             else None
