@@ -3,7 +3,6 @@ drop_last, dsr_dims, fp16 and the paper presets."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from fedssd import config as config_module
+from fedssd import presets
 from fedssd.api import autocast_dtype
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError
@@ -21,8 +21,6 @@ from fedssd.methods import MethodContext, build_method
 from fedssd.methods.ssd import draw_scaling_sets
 from fedssd.models import build_model
 from fedssd.seeding import CLIENT, SAMPLE_ORDER, generator
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _context(dim: int, num_clients: int) -> MethodContext:
@@ -297,27 +295,27 @@ def test_fp16_trains_two_steps_on_cuda() -> None:
 # ---- presets --------------------------------------------------------------------------------
 
 PRESETS = [
-    ("cifar10_silo_ssd.toml", "cifar10_dir_client10_alpha0.1.json", True),
-    ("cifar10_device_ssd.toml", "cifar10_dir_client50_alpha0.1.json", False),
-    ("cifar100_silo_ssd.toml", "cifar100_dir_client10_alpha0.1.json", True),
-    ("cifar100_device_ssd.toml", "cifar100_dir_client50_alpha0.1.json", False),
+    ("paper/cifar10-silo-ssd", "cifar10_dir_client10_alpha0.1.json", True),
+    ("paper/cifar10-device-ssd", "cifar10_dir_client50_alpha0.1.json", False),
+    ("paper/cifar100-silo-ssd", "cifar100_dir_client10_alpha0.1.json", True),
+    ("paper/cifar100-device-ssd", "cifar100_dir_client50_alpha0.1.json", False),
 ]
 
 
 @pytest.mark.parametrize(("name", "split", "drop_last"), PRESETS)
 def test_paper_presets_use_the_released_protocol(name: str, split: str, drop_last: bool) -> None:
-    cfg = config_module.load(ROOT / "configs" / name)
+    cfg = config_module.load(presets.config_path(name))
     assert cfg.data.partition == "file"
     assert cfg.data.split_file == f"splits/{split}"
-    assert (ROOT / "splits" / split).is_file()
+    assert (presets.ROOT / "splits" / split).is_file()
     assert cfg.federation.drop_last is drop_last
     assert cfg.validation.max_norm_ratio == 0
     assert cfg.federation.drop_last is (cfg.federation.num_clients <= 10)
 
 
 def test_paper_grids_keep_the_last_batch_for_k_50() -> None:
-    for grid in ("paper_main.toml",):
-        text = (ROOT / "configs" / "grids" / grid).read_text()
+    for grid in ("paper-main",):
+        text = presets.grid_path(grid).read_text()
         for block in text.split("[[settings]]")[1:]:
             if "num_clients=50" in block:
                 assert "federation.drop_last=false" in block
