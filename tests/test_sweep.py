@@ -85,11 +85,45 @@ def test_paired_difference_by_seed() -> None:
     std = math.sqrt(((0.1 - mean) ** 2 + (0.5 - mean) ** 2 + (-0.1 - mean) ** 2) / 2)
     assert paired.stat.mean == pytest.approx(mean)
     assert paired.stat.std == pytest.approx(std)
-    assert paired.within_spread  # 0.167 <= 0.306
+    # t(0.975, 2) = 4.302652729911275 (two-sided 95%, 2 degrees of freedom; tables).
+    half = 4.302652729911275 * std / math.sqrt(3)
+    assert (paired.low, paired.high) == pytest.approx((mean - half, mean + half))
+    assert not paired.significant  # the interval holds 0
     clear = sweep.paired_difference({1: 2.0, 2: 2.1, 3: 1.9}, {1: 1.0, 2: 1.0, 3: 1.0})
     assert clear.stat.mean == pytest.approx(1.0) and clear.stat.std == pytest.approx(0.1)
-    assert not clear.within_spread
-    assert not sweep.paired_difference({1: 2.0}, {1: 1.0}).within_spread  # no spread from one
+    assert clear.significant
+    one = sweep.paired_difference({1: 2.0}, {1: 1.0})  # no interval from one seed
+    assert not one.significant and math.isnan(one.low) and math.isnan(one.p_value)
+
+
+def _t3_cdf(t: float) -> float:
+    """Student t CDF with 3 degrees of freedom, closed form."""
+    x = t / math.sqrt(3)
+    return 0.5 + (x / (1 + x * x) + math.atan(x)) / math.pi
+
+
+def test_paired_interval_and_p_value_by_hand() -> None:
+    # Differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3) = 1.29099, t(0.975, 3) = 3.182446.
+    paired = sweep.paired_difference(
+        {s: float(s) for s in (1, 2, 3, 4)}, dict.fromkeys(range(1, 5), 0.0)
+    )
+    sd = math.sqrt(5 / 3)
+    assert paired.stat.std == pytest.approx(sd)
+    assert _t3_cdf(3.182446305) == pytest.approx(0.975, abs=1e-9)
+    assert paired.low == pytest.approx(2.5 - 3.182446305 * sd / 2, abs=1e-8)
+    assert paired.high == pytest.approx(2.5 + 3.182446305 * sd / 2, abs=1e-8)
+    assert (round(paired.low, 3), round(paired.high, 3)) == (0.446, 4.554)
+    t_stat = 2.5 / (sd / 2)  # 3.873
+    assert paired.p_value == pytest.approx(2 * (1 - _t3_cdf(t_stat)))
+    assert round(paired.p_value, 4) == 0.0305
+    assert paired.significant
+
+
+def test_paired_zero_spread() -> None:
+    same = sweep.paired_difference({1: 2.0, 2: 3.0}, {1: 1.0, 2: 2.0})  # differences 1, 1
+    assert (same.low, same.high, same.p_value) == (1.0, 1.0, 0.0) and same.significant
+    none = sweep.paired_difference({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0})
+    assert (none.low, none.high, none.p_value) == (0.0, 0.0, 1.0) and not none.significant
 
 
 def _records(values: dict[tuple[str, str], Sequence[float]]) -> list[dict[str, Any]]:
@@ -129,9 +163,11 @@ def test_table_cells_match_hand_computation(tmp_path: Path) -> None:
     assert base[:3] == ["base", "fedalignuniform", "82.00 ± 2.00"]
     assert plus[:3] == ["+PD", "ssd", "**83.00 ± 2.00**"]
     assert base[3] == "41.00 ± 1.00" and plus[3] == "**41.50 ± 1.00**"
-    # Paired: differences +1, +3, -1 points: mean 1, std 2, within the seed spread.
+    # Paired: differences +1, +3, -1 points: mean 1, std 2; t(0.975, 2) = 4.3027 gives the
+    # half-width 4.3027 * 2 / sqrt(3) = 4.97; t = 1 / (2 / sqrt(3)) = 0.866 on 2 degrees of
+    # freedom: p = 1 - t / sqrt(2 + t^2) = 0.48.
     paired_section = table.split("## Paired differences")[1]
-    assert _cells(paired_section, "+PD")[1] == "+1.00 ± 2.00 (within seed spread)"
+    assert _cells(paired_section, "+PD")[1] == "+1.00 [-3.97, +5.97], p = 0.48, n = 3"
     detail = next(line for line in paired_section.splitlines() if line.startswith("| silo | LP |"))
     assert [c.strip() for c in detail.strip("|").split("|")][3:6] == ["+1.00", "+3.00", "-1.00"]
 

@@ -159,12 +159,23 @@ class Paired:
     Attributes:
         differences: Seed -> difference, in seed order.
         stat: Mean and sample std of the differences.
-        within_spread: ``|mean| <= std`` (False when the std is undefined).
+        low: Lower end of the mean difference's 95% confidence interval (Student t with
+            ``n - 1`` degrees of freedom); NaN for fewer than two seeds.
+        high: Upper end of that interval; NaN for fewer than two seeds.
+        p_value: Two-sided p-value of the paired t-test of a zero mean difference; NaN for
+            fewer than two seeds.
     """
 
     differences: dict[int, float]
     stat: Stat
-    within_spread: bool
+    low: float
+    high: float
+    p_value: float
+
+    @property
+    def significant(self) -> bool:
+        """The 95% interval excludes 0 (False when there is no interval)."""
+        return self.stat.n >= 2 and (self.low > 0.0 or self.high < 0.0)
 
 
 # ----------------------------------------------------------------------------- grid parsing
@@ -795,11 +806,13 @@ def summarize(values: Iterable[float]) -> Stat:
 
 
 def paired_difference(row: Mapping[int, float], baseline: Mapping[int, float]) -> Paired:
-    """Per-seed differences ``row[s] - baseline[s]`` over the seeds both have, with their mean
-    and sample std; ``within_spread`` when ``|mean| <= std``.
+    """Per-seed differences ``row[s] - baseline[s]`` over the seeds both have, with their mean,
+    sample std, 95% confidence interval and paired t-test p-value.
 
     The same seed gives both runs the same data, split, initial weights and augmentations, so the
-    difference removes what the seeds share.
+    difference removes what the seeds share. The interval is ``mean ± t(0.975, n - 1) * std /
+    sqrt(n)``; with ``n < 2`` there is none (NaN). Identical differences (std 0) give the
+    interval ``[mean, mean]`` and p = 0 for a non-zero mean, p = 1 for a zero one.
     """
     differences = {
         seed: float(row[seed]) - float(baseline[seed])
@@ -807,8 +820,31 @@ def paired_difference(row: Mapping[int, float], baseline: Mapping[int, float]) -
         if _finite(row[seed]) and _finite(baseline[seed])
     }
     stat = summarize(differences.values())
-    within = stat.n >= 2 and abs(stat.mean) <= stat.std
-    return Paired(differences=differences, stat=stat, within_spread=within)
+    low, high, p_value = t_interval(stat)
+    return Paired(differences=differences, stat=stat, low=low, high=high, p_value=p_value)
+
+
+def t_interval(stat: Stat, level: float = 0.95) -> tuple[float, float, float]:
+    """Student-t confidence interval of a mean and the two-sided p-value of ``mean = 0``.
+
+    Args:
+        stat: Mean, sample std (ddof = 1) and count of the values.
+        level: Coverage of the interval.
+
+    Returns:
+        ``(low, high, p_value)``; all NaN when ``stat.n < 2``.
+    """
+    if stat.n < 2:
+        return math.nan, math.nan, math.nan
+    from scipy import stats as scipy_stats
+
+    dof = stat.n - 1
+    error = stat.std / math.sqrt(stat.n)
+    if error == 0.0:
+        return stat.mean, stat.mean, 1.0 if stat.mean == 0.0 else 0.0
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, dof)) * error
+    p_value = float(2.0 * scipy_stats.t.sf(abs(stat.mean) / error, dof))
+    return stat.mean - half, stat.mean + half, p_value
 
 
 def _finite(value: object) -> TypeGuard[int | float]:
@@ -905,9 +941,11 @@ def render_paired(grid: Grid, records: Sequence[Mapping[str, Any]]) -> list[str]
         f"## Paired differences versus `{base}`",
         "",
         f"Per seed, row minus `{base}` on the same seed (same data, split, initial weights and "
-        "augmentations); mean ± sample standard deviation (ddof = 1) of those differences, in "
-        'the table\'s units (percentage points for accuracies). "within seed spread" marks '
-        "|mean| <= std: the difference is not distinguishable from seed noise.",
+        "augmentations); the mean of those differences in the table's units (percentage points "
+        "for accuracies), its 95% confidence interval [low, high] (Student t with n - 1 degrees "
+        "of freedom: mean ± t * std / sqrt(n)), the two-sided p-value of the paired t-test and "
+        "the number of seeds n. A difference is marked **significant** only when its interval "
+        "excludes 0; one seed gives no interval (n/a).",
         "",
     ]
     others = [r for r in grid.rows if r.name != base]
@@ -932,17 +970,31 @@ def render_paired(grid: Grid, records: Sequence[Mapping[str, Any]]) -> list[str]
     lines += _markdown(header, body)
     lines += ["", "Per-seed differences:", ""]
     seed_header = ["setting", "evaluation", "row", *(f"seed {s}" for s in grid.seeds)]
-    lines += _markdown([*seed_header, "mean ± std"], detail)
+    lines += _markdown([*seed_header, "mean [95% CI], p, n"], detail)
     return lines
 
 
 def _paired_text(paired: Paired, decimals: int) -> str:
-    text = format_stat(paired.stat, decimals, signed=True)
-    if paired.within_spread:
-        text += " (within seed spread)"
-    elif paired.stat.n == 1:
-        text += " (one seed: no spread)"
+    """``+1.00 [-3.97, +5.97], p = 0.48, n = 3`` (``significant`` appended when the interval
+    excludes 0; ``n/a`` in place of the interval for one seed)."""
+    stat = paired.stat
+    if stat.n == 0:
+        return "n/a"
+    text = f"{stat.mean:+.{decimals}f}"
+    if stat.n < 2:
+        return f"{text} [n/a], n = 1"
+    text += f" [{paired.low:+.{decimals}f}, {paired.high:+.{decimals}f}]"
+    text += f", p = {_p_text(paired.p_value)}, n = {stat.n}"
+    if paired.significant:
+        text += " **significant**"
     return text
+
+
+def _p_text(p_value: float) -> str:
+    """Two significant digits; ``< 0.001`` below that."""
+    if p_value < 0.001:
+        return "< 0.001"
+    return f"{p_value:.2g}" if p_value < 0.1 else f"{p_value:.2f}"
 
 
 def _markdown(header: Sequence[str], body: Sequence[Sequence[str]]) -> list[str]:
