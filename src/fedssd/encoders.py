@@ -118,7 +118,7 @@ def export_encoder(
         DataError: The run folder does not hold a finished run, or the exported file does not
             reproduce the run's features.
     """
-    from fedssd.protocols import load_run
+    from fedssd.experiments.evaluate import load_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -157,7 +157,7 @@ def export_encoder(
     else:
         _export_onnx(module, example, target, projector=projector)
         card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
-    from fedssd.outputs import write_json
+    from fedssd.experiments.outputs import write_json
 
     write_json(card_path, card)
     return target, card_path
