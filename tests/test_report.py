@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from fedssd import cli
 from fedssd.api import train
 from fedssd.errors import DataError
 from fedssd.experiments import execute as execution
@@ -110,9 +111,9 @@ def test_report_of_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     run = tmp_path / "run"
     train(SMOKE, overrides=TINY, out=run, log=None)
     parser = argparse.ArgumentParser(prog="fedssd")
-    report.add_report_parser(parser.add_subparsers(dest="command"))
+    cli.add_report_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(run), "--samples", "200", "--quiet"])
-    assert report.run_report(args) == 0
+    assert cli.run_report(args) == 0
     assert "report.md" in capsys.readouterr().out
     text = _check_figures(
         run,
