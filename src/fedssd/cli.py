@@ -169,8 +169,6 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "methods", help="list the registered methods", description="List the registered methods."
     )
-    from fedssd.encoders import add_export_parser
-
     add_eval_parser(commands)
     add_export_parser(commands)
     add_sweep_parser(commands)
@@ -273,8 +271,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "sweep":
         return run_sweep(args)
     if args.command == "export":
-        from fedssd.encoders import run_export
-
         return run_export(args)
     if args.command == "report":
         return run_report(args)
@@ -789,6 +785,47 @@ def run_report(args: argparse.Namespace) -> int:
         log=None if args.quiet else stderr_log,
     )
     print(f"report written to {report}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fedssd export
+
+
+def add_export_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd export`` to the CLI's sub-command action."""
+    from fedssd.encoders import FORMATS
+
+    export: argparse.ArgumentParser = commands.add_parser(
+        "export",
+        help="write a run's trained encoder as safetensors, TorchScript or ONNX",
+        description=(
+            "Write the trained encoder of a finished run (with --projector, encoder and "
+            "projector) as safetensors, TorchScript or ONNX, with a JSON card next to it "
+            "(input size, channels, value range, feature width, method, data, the run's "
+            "summary). TorchScript and ONNX files are checked to give the run's features. "
+            "docs/export.md shows how to use them."
+        ),
+    )
+    export.add_argument("run", type=Path, metavar="RUN", help="a finished run folder")
+    export.add_argument(
+        "--format", dest="fmt", choices=FORMATS, default="safetensors", help="file format"
+    )
+    export.add_argument("--projector", action="store_true", help="include the projector")
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="model file (default: RUN/export/encoder.<suffix>); the card is FILE with .json",
+    )
+    return export
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``fedssd export``: returns the exit code (user errors raise FedSSDError)."""
+    from fedssd.encoders import export_encoder
+
+    target, card = export_encoder(args.run, args.fmt, projector=args.projector, out=args.out)
+    print(f"{args.fmt} written to {target}; card {card}")
     return 0
 
 
