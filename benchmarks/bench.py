@@ -49,13 +49,13 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedssd.data.augment import SSL_AUGMENT, two_views
+from fedssd.experiments.outputs import append_jsonl
 from fedssd.federation import simulator
 from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import Method
 from fedssd.models import SSLModel, build_model
-from fedssd.outputs import append_jsonl
 from fedssd.runtime import DESCRIPTION, tune_malloc
 
 # Each run writes here (relative to the folder it runs in; runs/ is not tracked by git) ...

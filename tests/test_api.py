@@ -14,8 +14,8 @@ from fedssd.config import EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.datasets import ImageDataset
 from fedssd.errors import ConfigError, DataError
+from fedssd.experiments.outputs import check_run_dir, prepare_run_dir
 from fedssd.federation.evaluate import evaluate_model
-from fedssd.outputs import check_run_dir, prepare_run_dir
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 
@@ -138,7 +138,7 @@ def test_load_config_overrides_are_keyword_only_like_train() -> None:
 
 def test_load_run_is_public(tmp_path: Path) -> None:
     import fedssd
-    from fedssd.protocols import load_run
+    from fedssd.experiments.evaluate import load_run
 
     assert fedssd.load_run is load_run
     result = fedssd.train(SMOKE, overrides=TINY, out=tmp_path / "run", log=None)
@@ -184,7 +184,7 @@ def test_the_linear_probe_can_be_switched_off(tmp_path: Path) -> None:
     import json
 
     import fedssd
-    from fedssd.cli import format_table
+    from fedssd.experiments.tables import format_table
 
     result = fedssd.train(
         SMOKE, overrides=[*TINY, "evaluation.linear_epochs=0"], out=tmp_path / "run", log=None

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fedssd.cli import build_parser, format_table, main
+from fedssd.cli import build_parser, main
+from fedssd.experiments.tables import format_table
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml")
 

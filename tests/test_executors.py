@@ -12,8 +12,11 @@ from typing import Any
 import pytest
 
 import fedssd.api
-from fedssd import executors, sweep
+from fedssd import cli, executors
 from fedssd.errors import ConfigError
+from fedssd.experiments import execute as execution
+from fedssd.experiments import grid as grids
+from fedssd.experiments import plan as planning
 from test_sweep import FakeTrain, write_grid
 
 
@@ -40,12 +43,12 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(
         fake(config, **kwargs)
 
     monkeypatch.setattr(fedssd.api, "train", flaky)
-    grid = sweep.load_grid(write_grid(tmp_path))
+    grid = grids.load_grid(write_grid(tmp_path))
     out = tmp_path / "sweep"
     lines: list[str] = []
-    records = sweep.execute(grid, out, sweep.plan(grid, out), log=lines.append, run_log=None)
+    records = execution.execute(grid, out, planning.plan(grid, out), log=lines.append, run_log=None)
     assert len(records) == 3 and len(fake.calls) == 3
-    failed = json.loads((out / sweep.FAILED_FILE).read_text())
+    failed = json.loads((out / grids.FAILED_FILE).read_text())
     assert [(f["row"], f["seed"]) for f in failed] == [("base", 2)]
     assert failed[0]["error"] == "RuntimeError: CUDA out of memory"
     error_file = out / "silo" / "base" / "seed-2" / executors.ERROR_FILE
@@ -54,9 +57,9 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(
     # Run again: only the failed run is retried, and once it succeeds its record is cleared.
     monkeypatch.setattr(fedssd.api, "train", fake)
     fake.calls.clear()
-    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None)
+    execution.execute(grid, out, planning.plan(grid, out), log=None, run_log=None)
     assert [c[0] for c in fake.calls] == [out / "silo" / "base" / "seed-2"]
-    assert not (out / sweep.FAILED_FILE).exists() and not error_file.exists()
+    assert not (out / grids.FAILED_FILE).exists() and not error_file.exists()
 
 
 def test_threads_and_devices() -> None:
@@ -76,8 +79,8 @@ def test_threads_and_devices() -> None:
     )
 
 
-def _real_grid(tmp_path: Path) -> tuple[sweep.Grid, Path]:
-    grid = sweep.load_grid(write_grid(tmp_path, seeds=(1,)))
+def _real_grid(tmp_path: Path) -> tuple[grids.Grid, Path]:
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1,)))
     return grid, tmp_path / "sweep"
 
 
@@ -86,7 +89,7 @@ def serial_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict
     """The tiny grid run one after another in this process (one thread, as the workers)."""
     folder = tmp_path_factory.mktemp("serial")
     grid, out = _real_grid(folder)
-    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None)
+    execution.execute(grid, out, planning.plan(grid, out), log=None, run_log=None)
     return _summaries(out)
 
 
@@ -103,15 +106,15 @@ def test_two_local_processes_give_the_serial_results(
 ) -> None:
     grid, out = _real_grid(tmp_path)
     lines: list[str] = []
-    runs = sweep.plan(grid, out)
+    runs = planning.plan(grid, out)
     executor = executors.ProcessExecutor(2, threads=1)
-    sweep.execute(grid, out, runs, log=lines.append, run_log=None, executor=executor)
+    execution.execute(grid, out, runs, log=lines.append, run_log=None, executor=executor)
     _same_results(_summaries(out), serial_reference)
     assert _rows(out) == [("base", "1"), ("+PD", "1")]
     assert sum("of this sweep done" in line for line in lines) == 2
     # Resumable as before: finished by a worker, skipped here.
     lines.clear()
-    sweep.execute(grid, out, sweep.plan(grid, out), log=lines.append, run_log=None)
+    execution.execute(grid, out, planning.plan(grid, out), log=lines.append, run_log=None)
     assert sum("finished earlier, skipped" in line for line in lines) == 2
 
 
@@ -123,7 +126,9 @@ def test_submitit_local_executor(
     executor = executors.SubmititExecutor(
         tmp_path / "jobs", cluster="local", jobs=2, threads=1, poll=0.5
     )
-    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None, executor=executor)
+    execution.execute(
+        grid, out, planning.plan(grid, out), log=None, run_log=None, executor=executor
+    )
     _same_results(_summaries(out), serial_reference)
     assert list((tmp_path / "jobs").glob("*_result.pkl"))  # submitit ran the jobs
 
@@ -135,7 +140,9 @@ def test_ray_local_instance(tmp_path: Path, serial_reference: dict[str, dict[str
     try:
         grid, out = _real_grid(tmp_path)
         executor = executors.RayExecutor(threads=1)
-        sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None, executor=executor)
+        execution.execute(
+            grid, out, planning.plan(grid, out), log=None, run_log=None, executor=executor
+        )
     finally:
         ray.shutdown()
     _same_results(_summaries(out), serial_reference)
@@ -151,9 +158,9 @@ def test_sweep_cli_limit_and_tracking_grouped(
     grid_path = write_grid(tmp_path)
     out = tmp_path / "sweep"
     parser = __import__("argparse").ArgumentParser()
-    sweep.add_sweep_parser(parser.add_subparsers(dest="command"))
+    cli.add_sweep_parser(parser.add_subparsers(dest="command"))
     argv = ["sweep", str(grid_path), "--out", str(out), "--quiet", "--limit", "3"]
-    assert sweep.run_sweep(parser.parse_args([*argv, "--track", "mlflow,wandb"])) == 0
+    assert cli.run_sweep(parser.parse_args([*argv, "--track", "mlflow,wandb"])) == 0
     assert len(fake.calls) == 3
     configs = [fedssd.load_config(path / "config.toml") for path, _ in fake.calls]
     assert {c.tracking.group for c in configs} == {"sweep"}
@@ -168,5 +175,5 @@ def test_sweep_cli_limit_and_tracking_grouped(
     assert client.get_run(parents.pop()).info.run_name == grid_path.stem
     # Tracking is not part of a run's identity: the same sweep without --track reuses the runs.
     fake.calls.clear()
-    assert sweep.run_sweep(parser.parse_args(argv)) == 0
+    assert cli.run_sweep(parser.parse_args(argv)) == 0
     assert fake.calls == []

@@ -31,8 +31,8 @@ from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
 from fedssd.api import build_experiment, load_config, train
-from fedssd.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.errors import ConfigError
+from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.federation.client import LocalResult
 from fedssd.flower import records
 from fedssd.flower.client_app import client_id_of

@@ -15,11 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import fedssd
 from fedssd.api import final_evaluation, prepare_data
+from fedssd.cli import add_eval_parser, run_eval
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation import extract_features, knn_accuracy
 from fedssd.evaluation.finetune import stratified_fraction
-from fedssd.protocols import add_eval_parser, evaluate_run, load_run, result_name, run_eval
+from fedssd.experiments.evaluate import evaluate_run, load_run, result_name
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 

@@ -20,11 +20,16 @@ from torch import nn
 
 import fedssd
 from fedssd.aggregate import fedavg
-from fedssd.checkpoint import Checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
 from fedssd.cli import main
 from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError, DataError, TrainingDiverged
+from fedssd.experiments.checkpoint import (
+    Checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+)
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.faults import draw_fault
 from fedssd.federation.simulator import Guards, Schedule, run_rounds
@@ -261,7 +266,7 @@ def test_checkpoint_write_is_atomic_and_rotated(
     assert restored is not None and restored.scalars == {"lam": 0.5}
     assert restored.participations == 2 and torch.equal(restored.tensors["t"], torch.arange(4.0))
 
-    import fedssd.checkpoint as module
+    import fedssd.experiments.checkpoint as module
 
     calls = {"n": 0}
     real = module.save_model

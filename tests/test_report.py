@@ -12,9 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fedssd import report, sweep
+from fedssd import cli
 from fedssd.api import train
 from fedssd.errors import DataError
+from fedssd.experiments import execute as execution
+from fedssd.experiments import grid as grids
+from fedssd.experiments import plan as planning
+from fedssd.experiments import report
 
 pytest.importorskip("matplotlib")
 
@@ -107,9 +111,9 @@ def test_report_of_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     run = tmp_path / "run"
     train(SMOKE, overrides=TINY, out=run, log=None)
     parser = argparse.ArgumentParser(prog="fedssd")
-    report.add_report_parser(parser.add_subparsers(dest="command"))
+    cli.add_report_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["report", str(run), "--samples", "200", "--quiet"])
-    assert report.run_report(args) == 0
+    assert cli.run_report(args) == 0
     assert "report.md" in capsys.readouterr().out
     text = _check_figures(
         run,
@@ -131,9 +135,9 @@ def test_report_of_a_tiny_sweep(tmp_path: Path) -> None:
         + '[[rows]]\nname = "SSD"\nmethod = "ssd"\n',
         encoding="utf-8",
     )
-    grid = sweep.load_grid(grid_path)
+    grid = grids.load_grid(grid_path)
     out = tmp_path / "sweep"
-    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None)
+    execution.execute(grid, out, planning.plan(grid, out), log=None, run_log=None)
     path = report.build_report(out, embedding_samples=150)
     text = _check_figures(
         out,

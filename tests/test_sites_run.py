@@ -134,7 +134,7 @@ def test_federated_evaluation_run(sites: dict[str, Path], tmp_path: Path) -> Non
     assert sum(partition["label_histogram"][0]) == 80
     assert result.summary["num_samples"] == 210
     # No labelled set in one place: re-evaluating needs one, said in one sentence.
-    from fedssd.protocols import evaluate_run
+    from fedssd.experiments.evaluate import evaluate_run
 
     with pytest.raises(fedssd.errors.ConfigError, match="--eval-data"):
         evaluate_run(out, "knn", log=None)

@@ -17,9 +17,14 @@ from typing import Any
 import pytest
 
 import fedssd.api
+import fedssd.experiments
+from fedssd import cli
 from fedssd import config as config_module
-from fedssd import sweep
 from fedssd.errors import ConfigError
+from fedssd.experiments import execute as execution
+from fedssd.experiments import grid as grids
+from fedssd.experiments import plan as planning
+from fedssd.experiments import tables
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 GRIDS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "grids"
@@ -64,32 +69,66 @@ def write_grid(
 
 
 def test_summarize_is_mean_and_sample_std() -> None:
-    stat = sweep.summarize([1.0, 2.0, 4.0])
+    stat = tables.summarize([1.0, 2.0, 4.0])
     # mean 7/3; squared deviations 16/9, 1/9, 25/9 sum to 42/9; / (n - 1) = 7/3.
     assert stat.n == 3
     assert stat.mean == pytest.approx(7 / 3)
     assert stat.std == pytest.approx(math.sqrt(7 / 3))
-    one = sweep.summarize([5.0])
+    one = tables.summarize([5.0])
     assert one.mean == 5.0 and one.n == 1 and math.isnan(one.std)
-    assert sweep.summarize([]).n == 0
-    assert sweep.summarize([1.0, math.nan, 3.0]) == sweep.Stat(2.0, math.sqrt(2.0), 2)
+    assert tables.summarize([]).n == 0
+    assert tables.summarize([1.0, math.nan, 3.0]) == tables.Stat(2.0, math.sqrt(2.0), 2)
 
 
 def test_paired_difference_by_seed() -> None:
     row = {1: 0.5, 2: 0.7, 3: 0.2, 4: 9.0}  # seed 4 has no baseline: left out
     base = {1: 0.4, 2: 0.2, 3: 0.3, 5: 1.0}
-    paired = sweep.paired_difference(row, base)
+    paired = tables.paired_difference(row, base)
     assert list(paired.differences) == [1, 2, 3]
     assert [round(d, 12) for d in paired.differences.values()] == [0.1, 0.5, -0.1]
     mean = (0.1 + 0.5 - 0.1) / 3
     std = math.sqrt(((0.1 - mean) ** 2 + (0.5 - mean) ** 2 + (-0.1 - mean) ** 2) / 2)
     assert paired.stat.mean == pytest.approx(mean)
     assert paired.stat.std == pytest.approx(std)
-    assert paired.within_spread  # 0.167 <= 0.306
-    clear = sweep.paired_difference({1: 2.0, 2: 2.1, 3: 1.9}, {1: 1.0, 2: 1.0, 3: 1.0})
+    # t(0.975, 2) = 4.302652729911275 (two-sided 95%, 2 degrees of freedom; tables).
+    half = 4.302652729911275 * std / math.sqrt(3)
+    assert (paired.low, paired.high) == pytest.approx((mean - half, mean + half))
+    assert not paired.significant  # the interval holds 0
+    clear = tables.paired_difference({1: 2.0, 2: 2.1, 3: 1.9}, {1: 1.0, 2: 1.0, 3: 1.0})
     assert clear.stat.mean == pytest.approx(1.0) and clear.stat.std == pytest.approx(0.1)
-    assert not clear.within_spread
-    assert not sweep.paired_difference({1: 2.0}, {1: 1.0}).within_spread  # no spread from one
+    assert clear.significant
+    one = tables.paired_difference({1: 2.0}, {1: 1.0})  # no interval from one seed
+    assert not one.significant and math.isnan(one.low) and math.isnan(one.p_value)
+
+
+def _t3_cdf(t: float) -> float:
+    """Student t CDF with 3 degrees of freedom, closed form."""
+    x = t / math.sqrt(3)
+    return 0.5 + (x / (1 + x * x) + math.atan(x)) / math.pi
+
+
+def test_paired_interval_and_p_value_by_hand() -> None:
+    # Differences 1, 2, 3, 4: mean 2.5, sd sqrt(5/3) = 1.29099, t(0.975, 3) = 3.182446.
+    paired = tables.paired_difference(
+        {s: float(s) for s in (1, 2, 3, 4)}, dict.fromkeys(range(1, 5), 0.0)
+    )
+    sd = math.sqrt(5 / 3)
+    assert paired.stat.std == pytest.approx(sd)
+    assert _t3_cdf(3.182446305) == pytest.approx(0.975, abs=1e-9)
+    assert paired.low == pytest.approx(2.5 - 3.182446305 * sd / 2, abs=1e-8)
+    assert paired.high == pytest.approx(2.5 + 3.182446305 * sd / 2, abs=1e-8)
+    assert (round(paired.low, 3), round(paired.high, 3)) == (0.446, 4.554)
+    t_stat = 2.5 / (sd / 2)  # 3.873
+    assert paired.p_value == pytest.approx(2 * (1 - _t3_cdf(t_stat)))
+    assert round(paired.p_value, 4) == 0.0305
+    assert paired.significant
+
+
+def test_paired_zero_spread() -> None:
+    same = tables.paired_difference({1: 2.0, 2: 3.0}, {1: 1.0, 2: 2.0})  # differences 1, 1
+    assert (same.low, same.high, same.p_value) == (1.0, 1.0, 0.0) and same.significant
+    none = tables.paired_difference({1: 1.0, 2: 2.0}, {1: 1.0, 2: 2.0})
+    assert (none.low, none.high, none.p_value) == (0.0, 0.0, 1.0) and not none.significant
 
 
 def _records(values: dict[tuple[str, str], Sequence[float]]) -> list[dict[str, Any]]:
@@ -116,30 +155,32 @@ def _cells(table: str, first: str) -> list[str]:
 
 
 def test_table_cells_match_hand_computation(tmp_path: Path) -> None:
-    grid = sweep.load_grid(write_grid(tmp_path, seeds=(1, 2, 3), extra='baseline = "base"'))
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1, 2, 3), extra='baseline = "base"'))
     records = _records(
         {
             ("silo", "base"): [0.80, 0.82, 0.84],  # mean 82, std 2 (in %)
             ("silo", "+PD"): [0.81, 0.85, 0.83],  # mean 83, std 2; diffs +1, +3, -1
         }
     )
-    table = sweep.render_table(grid, records)
+    table = tables.render_table(grid, records)
     assert "3 seeds (1, 2, 3)" in table
     base, plus = _cells(table, "base"), _cells(table, "+PD")
     assert base[:3] == ["base", "fedalignuniform", "82.00 ± 2.00"]
     assert plus[:3] == ["+PD", "ssd", "**83.00 ± 2.00**"]
     assert base[3] == "41.00 ± 1.00" and plus[3] == "**41.50 ± 1.00**"
-    # Paired: differences +1, +3, -1 points: mean 1, std 2, within the seed spread.
+    # Paired: differences +1, +3, -1 points: mean 1, std 2; t(0.975, 2) = 4.3027 gives the
+    # half-width 4.3027 * 2 / sqrt(3) = 4.97; t = 1 / (2 / sqrt(3)) = 0.866 on 2 degrees of
+    # freedom: p = 1 - t / sqrt(2 + t^2) = 0.48.
     paired_section = table.split("## Paired differences")[1]
-    assert _cells(paired_section, "+PD")[1] == "+1.00 ± 2.00 (within seed spread)"
+    assert _cells(paired_section, "+PD")[1] == "+1.00 [-3.97, +5.97], p = 0.48, n = 3"
     detail = next(line for line in paired_section.splitlines() if line.startswith("| silo | LP |"))
     assert [c.strip() for c in detail.strip("|").split("|")][3:6] == ["+1.00", "+3.00", "-1.00"]
 
 
 def test_table_marks_partial_cells_and_ties(tmp_path: Path) -> None:
-    grid = sweep.load_grid(write_grid(tmp_path, seeds=(1, 2, 3)))
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1, 2, 3)))
     records = _records({("silo", "base"): [0.5, 0.7], ("silo", "+PD"): [0.6, 0.6, 0.6]})
-    table = sweep.render_table(grid, records)
+    table = tables.render_table(grid, records)
     assert "5 of 6 runs finished" in table
     assert _cells(table, "base")[2] == "**60.00 ± 14.14** (n = 2)"  # equal means: both bold
     assert _cells(table, "+PD")[2] == "**60.00 ± 0.00**"
@@ -147,20 +188,20 @@ def test_table_marks_partial_cells_and_ties(tmp_path: Path) -> None:
 
 
 def test_lower_is_better_and_unbolded_columns(tmp_path: Path) -> None:
-    grid = sweep.load_grid(
+    grid = grids.load_grid(
         write_grid(tmp_path, seeds=(1,), extra='columns = ["alignment", "train_seconds"]')
     )
     records = [
         {"setting": "silo", "row": "base", "seed": 1, "alignment": 0.5, "train_seconds": 10.0},
         {"setting": "silo", "row": "+PD", "seed": 1, "alignment": 0.4, "train_seconds": 5.0},
     ]
-    table = sweep.render_table(grid, records)
+    table = tables.render_table(grid, records)
     assert _cells(table, "+PD")[4:6] == ["**0.400**", "5"]
     assert _cells(table, "base")[4:6] == ["0.500", "10"]
 
 
 def test_results_csv_has_one_line_per_run_and_every_metric() -> None:
-    text = sweep.results_csv(
+    text = tables.results_csv(
         [
             {"setting": "a", "row": "r", "method": "m", "seed": 1, "knn_acc": 0.5},
             {"setting": "a", "row": "r", "method": "m", "seed": 2, "uniformity_global": 3.1},
@@ -173,18 +214,18 @@ def test_results_csv_has_one_line_per_run_and_every_metric() -> None:
 
 
 def test_columns_parse() -> None:
-    ft = sweep.parse_column("finetune:0.01")
+    ft = grids.parse_column("finetune:0.01")
     assert (ft.title, ft.protocol, ft.labels, ft.percent) == ("FT 1%", "finetune", 0.01, True)
-    lp = sweep.parse_column("linear-on:cifar10")
+    lp = grids.parse_column("linear-on:cifar10")
     assert (lp.title, lp.protocol, lp.eval_data) == ("LP on cifar10", "linear", "cifar10")
-    rank = sweep.parse_column("linear-on:cifar10@effective_rank")
+    rank = grids.parse_column("linear-on:cifar10@effective_rank")
     assert (rank.result_key, rank.percent, rank.title) == (
         "effective_rank",
         False,
         "eff. rank on cifar10",
     )
-    assert sweep.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}) == 0.7
-    assert sweep.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}, "x") is None
+    assert tables.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}) == 0.7
+    assert tables.headline({"finetune_best_acc": 0.7, "finetune_last_acc": 0.6}, "x") is None
 
 
 # ----------------------------------------------------------------------------- validation
@@ -221,7 +262,7 @@ def test_grid_errors_are_one_sentence(
 ) -> None:
     _no_training(monkeypatch)
     with pytest.raises(ConfigError) as caught:
-        sweep.plan(sweep.load_grid(write_grid(tmp_path, **kwargs)), tmp_path / "out")
+        planning.plan(grids.load_grid(write_grid(tmp_path, **kwargs)), tmp_path / "out")
     message = str(caught.value)
     assert fragment in message
     assert "\n" not in message and message.endswith(".")
@@ -246,9 +287,9 @@ def test_every_config_is_checked_before_any_run(
     rows: str, fragment: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_training(monkeypatch)
-    grid = sweep.load_grid(write_grid(tmp_path, rows=rows))
+    grid = grids.load_grid(write_grid(tmp_path, rows=rows))
     with pytest.raises(ConfigError) as caught:
-        sweep.plan(grid, tmp_path / "out")
+        planning.plan(grid, tmp_path / "out")
     assert fragment in str(caught.value)
     assert "\n" not in str(caught.value) and str(caught.value).endswith(".")
     assert not (tmp_path / "out").exists()
@@ -257,13 +298,13 @@ def test_every_config_is_checked_before_any_run(
 def test_setting_errors_name_the_setting_and_split_files_are_checked(tmp_path: Path) -> None:
     bad = '[[settings]]\nname = "x"\noverrides = ["federation.fraction=3"]\n'
     with pytest.raises(ConfigError, match=r"setting 'x'.*fraction"):
-        sweep.plan(sweep.load_grid(write_grid(tmp_path, settings=bad)), tmp_path / "o")
+        planning.plan(grids.load_grid(write_grid(tmp_path, settings=bad)), tmp_path / "o")
     missing = (
         '[[settings]]\nname = "x"\noverrides = ["data.partition=\\"file\\"", '
         '"data.split_file=\\"absent.json\\"", "data.train_subset=0"]\n'
     )
     with pytest.raises(ConfigError, match=r"split file .*absent\.json does not exist"):
-        sweep.plan(sweep.load_grid(write_grid(tmp_path, settings=missing)), tmp_path / "o")
+        planning.plan(grids.load_grid(write_grid(tmp_path, settings=missing)), tmp_path / "o")
 
 
 def test_a_split_that_cannot_be_made_stops_the_sweep_before_any_run(
@@ -274,10 +315,10 @@ def test_a_split_that_cannot_be_made_stops_the_sweep_before_any_run(
         '[[settings]]\nname = "crowded"\noverrides = ["federation.num_clients=30", '
         '"data.min_client_size=12"]\n'
     )
-    grid = sweep.load_grid(write_grid(tmp_path, settings=impossible, seeds=(3,)))
-    runs = sweep.plan(grid, tmp_path / "out")
+    grid = grids.load_grid(write_grid(tmp_path, settings=impossible, seeds=(3,)))
+    runs = planning.plan(grid, tmp_path / "out")
     with pytest.raises(ConfigError, match=r"setting 'crowded', seed 3: No Dirichlet split"):
-        sweep.check_partitions(runs, "grid grid.toml")
+        planning.check_partitions(runs, "grid grid.toml")
     assert not (tmp_path / "out").exists()
 
 
@@ -287,7 +328,7 @@ def test_rows_get_their_method_and_keep_shared_base_options(tmp_path: Path) -> N
         settings='[[settings]]\nname = "device"\noverrides = '
         '["federation.num_clients=6", "federation.fraction=0.5"]\n',
     )
-    runs = sweep.plan(sweep.load_grid(path), tmp_path / "out")
+    runs = planning.plan(grids.load_grid(path), tmp_path / "out")
     assert [(r.row, r.seed) for r in runs] == [("base", 1), ("base", 2), ("+PD", 1), ("+PD", 2)]
     first, pd_only = runs[0], runs[2]
     assert first.config.method.name == "fedalignuniform" and first.config.seed == 1
@@ -300,13 +341,13 @@ def test_rows_get_their_method_and_keep_shared_base_options(tmp_path: Path) -> N
 def test_shipped_grids_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     _no_training(monkeypatch)
     monkeypatch.chdir(tmp_path)  # packaged grids, their bases and split files from any folder
-    fmnist = sweep.plan(sweep.load_grid("fmnist-ablation"), tmp_path / "f")
+    fmnist = planning.plan(grids.load_grid("fmnist-ablation"), tmp_path / "f")
     assert len(fmnist) == 50
     assert {r.config.data.name for r in fmnist} == {"fashion_mnist"}
     for name in ("paper-main", "paper-ablation", "paper-transfer"):
-        grid = sweep.load_grid(name)
+        grid = grids.load_grid(name)
         assert grid.path == GRIDS / f"{name}.toml"
-        runs = sweep.plan(grid, tmp_path / name)
+        runs = planning.plan(grid, tmp_path / name)
         assert runs
         splits = {r.config.data.split_file for r in runs} - {None}
         assert splits, name
@@ -318,13 +359,13 @@ def test_shipped_grids_validate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 def test_grid_names_and_paths(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """A grid on disk wins over a packaged grid's name; an unknown name says where names are."""
     monkeypatch.chdir(tmp_path)
-    assert sweep.load_grid("grids/paper-main").path == GRIDS / "paper-main.toml"
+    assert grids.load_grid("grids/paper-main").path == GRIDS / "paper-main.toml"
     (tmp_path / "paper-main").write_text(
         f'base = "{SMOKE}"\nseeds = [1]\n[[rows]]\nname = "a"\nmethod = "ssd"\n'
     )
-    assert sweep.load_grid("paper-main").path == Path("paper-main")
+    assert grids.load_grid("paper-main").path == Path("paper-main")
     with pytest.raises(ConfigError, match="fedssd configs"):
-        sweep.load_grid("no-such-grid")
+        grids.load_grid("no-such-grid")
 
 
 # ----------------------------------------------------------------------------- resume
@@ -347,18 +388,18 @@ class FakeTrain:
 
 
 def fake_protocols(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str, Any]]:
-    """A stand-in fedssd.protocols whose evaluate_run records its calls."""
+    """A stand-in fedssd.experiments.evaluate whose evaluate_run records its calls."""
     calls: list[tuple[Path, str, Any]] = []
 
     def evaluate_run(run_dir: Path, protocol: str, **kwargs: Any) -> dict[str, Any]:
         calls.append((Path(run_dir), protocol, kwargs.get("labels")))
         return {"finetune_best_acc": 0.6, "finetune_last_acc": 0.55}
 
-    module = types.ModuleType("fedssd.protocols")
+    module = types.ModuleType("fedssd.experiments.evaluate")
     module.evaluate_run = evaluate_run  # type: ignore[attr-defined]
     module.LABEL_FRACTIONS = (0.01, 0.1)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fedssd.protocols", module)
-    monkeypatch.setattr(fedssd, "protocols", module, raising=False)
+    monkeypatch.setitem(sys.modules, "fedssd.experiments.evaluate", module)
+    monkeypatch.setattr(fedssd.experiments, "evaluate", module, raising=False)
     return calls
 
 
@@ -370,11 +411,11 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
     monkeypatch.setattr(fedssd.api, "train", fake)
     # Two columns of one evaluation: it runs once per run, each column shows its own key.
     columns = 'columns = ["finetune:0.1", "finetune:0.1@finetune_last_acc"]'
-    grid = sweep.load_grid(write_grid(tmp_path, extra=columns))
+    grid = grids.load_grid(write_grid(tmp_path, extra=columns))
     out = tmp_path / "sweep"
     lines: list[str] = []
-    runs = sweep.plan(grid, out)
-    sweep.execute(grid, out, runs, log=lines.append, run_log=None)
+    runs = planning.plan(grid, out)
+    execution.execute(grid, out, runs, log=lines.append, run_log=None)
     assert len(fake.calls) == 4 and len(evaluations) == 4
     assert "run 4/4" in "\n".join(lines) and "left" in "\n".join(lines)
 
@@ -383,18 +424,18 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
     (interrupted / "summary.json").unlink()
     (interrupted / "metrics.jsonl").write_text('{"round": 1}\n', encoding="utf-8")
     unevaluated = out / "silo" / "base" / "seed-1"
-    (unevaluated / sweep.COLUMNS_FILE).unlink()
+    (unevaluated / grids.COLUMNS_FILE).unlink()
     fake.calls.clear()
     evaluations.clear()
     lines.clear()
-    runs = sweep.plan(grid, out)
-    assert [sweep.run_status(r, grid.columns) for r in runs] == [
+    runs = planning.plan(grid, out)
+    assert [planning.run_status(r, grid.columns) for r in runs] == [
         "evaluate",
         "done",
         "done",
         "restart",
     ]
-    records = sweep.execute(grid, out, runs, log=lines.append, run_log=None)
+    records = execution.execute(grid, out, runs, log=lines.append, run_log=None)
     assert fake.calls == [(interrupted, True)]
     assert sorted(e[0] for e in evaluations) == sorted([unevaluated, interrupted])
     assert sum("skipped" in line for line in lines) == 2
@@ -404,22 +445,22 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
 
     # Everything done: nothing runs; a changed grid refuses to reuse the runs.
     fake.calls.clear()
-    sweep.execute(grid, out, sweep.plan(grid, out), log=None, run_log=None)
+    execution.execute(grid, out, planning.plan(grid, out), log=None, run_log=None)
     assert fake.calls == []
-    changed = sweep.load_grid(grid.path, ["federation.lr=0.01"])
+    changed = grids.load_grid(grid.path, ["federation.lr=0.01"])
     with pytest.raises(ConfigError, match="different config"):
-        sweep.plan(changed, out)
+        planning.plan(changed, out)
 
 
 def test_missing_protocols_module_is_refused_before_running(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _no_training(monkeypatch)
-    monkeypatch.setitem(sys.modules, "fedssd.protocols", None)
-    monkeypatch.delattr(fedssd, "protocols", raising=False)
-    grid = sweep.load_grid(write_grid(tmp_path, extra='columns = ["finetune:0.01"]'))
-    with pytest.raises(ConfigError, match=r"needs fedssd\.protocols"):
-        sweep.plan(grid, tmp_path / "out")
+    monkeypatch.setitem(sys.modules, "fedssd.experiments.evaluate", None)
+    monkeypatch.delattr(fedssd.experiments, "evaluate", raising=False)
+    grid = grids.load_grid(write_grid(tmp_path, extra='columns = ["finetune:0.01"]'))
+    with pytest.raises(ConfigError, match=r"needs fedssd\.experiments\.evaluate"):
+        planning.plan(grid, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -427,7 +468,7 @@ def test_missing_protocols_module_is_refused_before_running(
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedssd")
-    sweep.add_sweep_parser(parser.add_subparsers(dest="command"))
+    cli.add_sweep_parser(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 
@@ -444,7 +485,7 @@ def test_real_tiny_sweep_end_to_end(
     monkeypatch.setattr(fedssd.api, "train", counting_train)
     grid_path = write_grid(tmp_path, extra='baseline = "base"')
     out = tmp_path / "sweep"
-    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
     assert len(calls) == 4
     printed = capsys.readouterr()
     assert "| row | method | silo LP | silo kNN |" in printed.out
@@ -479,7 +520,7 @@ def test_real_tiny_sweep_end_to_end(
     (victim / "summary.json").unlink()
     (victim / "metrics.jsonl").write_text(before + '{"round": 99}\n')
     calls.clear()
-    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
     assert calls == [victim]
     # Restarted cleanly: the metrics file holds one fresh line per round, and the same seed
     # gives the same results as the first time.
@@ -502,7 +543,8 @@ def test_a_dry_run_reads_no_data(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """`sweep paper-main --dry-run` must not look for (or download) CIFAR."""
-    import fedssd.protocols  # imported first, so that it keeps the real functions it imports
+    # imported first, so that it keeps the real functions it imports
+    import fedssd.experiments.evaluate
 
     def no_data(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("a dry run read data")
@@ -512,7 +554,7 @@ def test_a_dry_run_reads_no_data(
     _no_training(monkeypatch)
     monkeypatch.chdir(GRIDS.parents[1])  # the paper grids' split files are read from the root
     args = _parse(["sweep", str(GRIDS / "paper-main.toml"), "--out", str(tmp_path), "--dry-run"])
-    assert sweep.run_sweep(args) == 0
+    assert cli.run_sweep(args) == 0
     out = capsys.readouterr().out
     assert "72 runs checked" in out and "reads no data" in out
     for row in ("FedX", "L-DAWA", "FedDecorr", "FedU2", "FedAlignUniform", "SSD"):
@@ -529,7 +571,86 @@ def test_quiet_sweep_prints_no_lines_of_its_runs(
         extra='columns = ["finetune:0.1"]',
     )
     out = tmp_path / "sweep"
-    assert sweep.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
     err = capsys.readouterr().err
     assert err.strip(), "the sweep's own lines are still printed"
     assert all(line.startswith("[sweep]") for line in err.strip().splitlines()), err
+
+
+# ----------------------------------------------------------------------------- paper numbers
+
+PAPER_ROWS = (
+    '[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n'
+    "[rows.paper]\nsilo = { linear_probe_acc = 82.5, knn_acc = 40 }\n\n"
+    '[[rows]]\nname = "+PD"\nmethod = "ssd"\n'
+)
+
+
+def test_paper_numbers_parse_and_render(tmp_path: Path) -> None:
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1, 2, 3), rows=PAPER_ROWS))
+    base, plus = grid.rows
+    assert base.paper_value("silo", "linear_probe_acc") == 82.5
+    assert base.paper_value("silo", "knn_acc") == 40.0
+    assert base.paper_value("silo", "finetune:0.1") is None and plus.paper == ()
+    records = _records({("silo", "base"): [0.80, 0.82, 0.84], ("silo", "+PD"): [0.81, 0.85, 0.83]})
+    table = tables.render_table(grid, records)
+    # Measured LP mean 82.00 vs the paper's 82.50: -0.50; kNN 41.00 vs 40: +1.00.
+    cells = _cells(table, "base")
+    assert cells[2] == "82.00 ± 2.00 (paper 82.50, Δ -0.50)"
+    assert cells[3] == "41.00 ± 1.00 (paper 40.00, Δ +1.00)"
+    assert _cells(table, "+PD")[2] == "**83.00 ± 2.00**"  # no published number: none shown
+    assert "X is the number the paper publishes" in table
+    # A cell with no finished run shows the published number alone.
+    assert _cells(tables.render_table(grid, []), "base")[2] == "n/a (paper 82.50)"
+    # Grids without published numbers say nothing about them.
+    plain = grids.load_grid(write_grid(tmp_path / "plain", seeds=(1, 2, 3)))
+    assert "paper" not in tables.render_table(plain, records)
+
+
+@pytest.mark.parametrize(
+    ("paper", "message"),
+    [
+        ("cross = { linear_probe_acc = 80.0 }", r"paper names setting 'cross', which is not one"),
+        ("silo = { uniformity_global = 3.8 }", r"column 'uniformity_global', which is not one"),
+        ('silo = { linear_probe_acc = "80" }', r"paper\.silo\.linear_probe_acc must be a finite"),
+        ("silo = { linear_probe_acc = nan }", r"must be a finite number"),
+        ("silo = 80.0", r"paper\.silo must be a table of column -> number"),
+    ],
+)
+def test_paper_numbers_are_checked(tmp_path: Path, paper: str, message: str) -> None:
+    rows = f'[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n[rows.paper]\n{paper}\n'
+    with pytest.raises(ConfigError, match=message):
+        grids.load_grid(write_grid(tmp_path, rows=rows))
+
+
+def test_paper_grids_carry_the_published_numbers() -> None:
+    """Spot checks against the paper's tables (Fang et al., ICCV 2025: main, ablation, transfer)."""
+    main = grids.load_grid(GRIDS / "paper-main.toml")
+    rows = {r.name: r for r in main.rows}
+    assert rows["SSD"].paper_value("c10-silo", "linear_probe_acc") == 81.32
+    assert rows["SSD"].paper_value("c10-device", "finetune:0.01") == 57.77
+    assert rows["FedAlignUniform"].paper_value("c100-device", "finetune:0.1") == 36.64
+    assert rows["L-DAWA"].paper_value("c100-silo", "linear_probe_acc") == 56.90
+    assert rows["FedX"].paper_value("c10-device", "finetune:0.1") == 73.24
+    # Every row x setting has LP, FT 1% and FT 10%, and nothing for kNN.
+    for row in main.rows:
+        for setting in main.settings:
+            for spec in ("linear_probe_acc", "finetune:0.01", "finetune:0.1"):
+                assert row.paper_value(setting.name, spec) is not None, (row.name, setting.name)
+            assert row.paper_value(setting.name, "knn_acc") is None
+    ablation = {r.name: r for r in grids.load_grid(GRIDS / "paper-ablation.toml").rows}
+    assert ablation["+DSR"].paper_value("c10-silo", "uniformity_global") == 3.81
+    assert ablation["+PD"].paper_value("c10-silo", "finetune:0.1") == 80.71
+    transfer = {r.name: r for r in grids.load_grid(GRIDS / "paper-transfer.toml").rows}
+    assert transfer["SSD"].paper_value("tin-to-c10", "linear-on:cifar10@effective_rank") == 98.45
+    assert transfer["FedAlignUniform"].paper_value("c100-to-c10", "linear-on:cifar10") == 77.66
+
+    # The main table rendered from fake records: SSD's cross-silo CIFAR-10 LP measured at
+    # 80.00, 81.00, 82.00 % (mean 81.00, std 1.00) sits 0.32 points under the paper's 81.32.
+    records = [
+        {"setting": "c10-silo", "row": "SSD", "method": "ssd", "seed": seed, "linear_probe_acc": v}
+        for seed, v in zip(main.seeds, (0.80, 0.81, 0.82), strict=True)
+    ]
+    table = tables.render_table(main, records)
+    assert _cells(table, "SSD")[2] == "**81.00 ± 1.00** (paper 81.32, Δ -0.32)"
+    assert _cells(table, "FedX")[2] == "n/a (paper 78.40)"

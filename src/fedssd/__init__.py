@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from fedssd.api import RunResult, load_config, resume, train
     from fedssd.config import Config
     from fedssd.encoders import load_encoder
-    from fedssd.protocols import load_run
+    from fedssd.experiments.evaluate import load_run
 
 __all__ = [
     "Config",
@@ -45,7 +45,7 @@ _LAZY = {
     "train": "fedssd.api",
     "Config": "fedssd.config",
     "load_encoder": "fedssd.encoders",
-    "load_run": "fedssd.protocols",
+    "load_run": "fedssd.experiments.evaluate",
 }
 
 

@@ -25,7 +25,13 @@ from torch import nn
 
 from fedssd import config as config_module
 from fedssd import presets
-from fedssd.checkpoint import (
+from fedssd.config import Config, DataConfig
+from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
+from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, ImageDataset, load_dataset
+from fedssd.data.partition import label_histogram, make_partition, subset_indices
+from fedssd.data.sites import load_sites, site_dataset
+from fedssd.errors import ConfigError, DataError
+from fedssd.experiments.checkpoint import (
     Checkpoint,
     check_model_state,
     list_checkpoints,
@@ -34,12 +40,15 @@ from fedssd.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from fedssd.config import Config, DataConfig
-from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
-from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, ImageDataset, load_dataset
-from fedssd.data.partition import label_histogram, make_partition, subset_indices
-from fedssd.data.sites import load_sites, site_dataset
-from fedssd.errors import ConfigError, DataError
+from fedssd.experiments.outputs import (
+    append_jsonl,
+    check_run_dir,
+    jsonable,
+    prepare_run_dir,
+    save_model,
+    write_json,
+    write_text_atomic,
+)
 from fedssd.federation.client import LocalResult, LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
@@ -56,15 +65,6 @@ from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.methods.server import load_server_state, server_state
 from fedssd.models import SSLModel, build_model
-from fedssd.outputs import (
-    append_jsonl,
-    check_run_dir,
-    jsonable,
-    prepare_run_dir,
-    save_model,
-    write_json,
-    write_text_atomic,
-)
 from fedssd.runtime import busy_machine_hint, cpu_threads, tune_malloc
 from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, SUBSET, derive_seed, numpy_rng
 

@@ -10,6 +10,7 @@ import contextlib
 import csv
 import dataclasses
 import io
+import json
 import os
 import signal
 import sys
@@ -17,29 +18,21 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedssd import __version__
 from fedssd.errors import ConfigError, FedSSDError, TrainingDiverged
+from fedssd.experiments.tables import format_table
+
+if TYPE_CHECKING:
+    from fedssd.executors import Executor
+    from fedssd.experiments.grid import Log
+    from fedssd.experiments.plan import PlannedRun
 
 EXIT_USAGE = 2
 EXIT_FAILED = 1
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE.value
 """A reader that closed the pipe early (``fedssd methods | head -2``): the shell's SIGPIPE code."""
-
-# The columns of the comparison table: (summary key, header, scale, format).
-TABLE_COLUMNS: tuple[tuple[str, str, float, str], ...] = (
-    ("linear_probe_acc", "LP acc %", 100.0, "{:.2f}"),
-    ("knn_acc", "kNN acc %", 100.0, "{:.2f}"),
-    ("uniformity_global", "-L_unif global", 1.0, "{:.3f}"),
-    ("uniformity_inter_mean", "-L_unif inter", 1.0, "{:.3f}"),
-    ("uniformity_intra_mean", "-L_unif intra", 1.0, "{:.3f}"),
-    ("alignment", "L_align", 1.0, "{:.3f}"),
-    ("effective_rank", "eff. rank", 1.0, "{:.1f}"),
-    ("uniformity_global_z", "-L_unif global (z)", 1.0, "{:.3f}"),
-    ("train_seconds", "train s", 1.0, "{:.0f}"),
-)
-
 
 CONFIG_HELP = (
     "Config keys: seed, device, precision, threads, and the tables [data], [model], [method], "
@@ -201,11 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     app.add_argument("folder", type=Path, metavar="DIR", help="the folder to write")
     app.add_argument("--overwrite", action="store_true", help="replace the files already there")
-    from fedssd.encoders import add_export_parser
-    from fedssd.protocols import add_eval_parser
-    from fedssd.report import add_report_parser
-    from fedssd.sweep import add_sweep_parser
-
     add_eval_parser(commands)
     add_export_parser(commands)
     add_sweep_parser(commands)
@@ -304,20 +292,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
         return _data(args)
     if args.command == "eval":
-        from fedssd.protocols import run_eval
-
         return run_eval(args)
     if args.command == "sweep":
-        from fedssd.sweep import run_sweep
-
         return run_sweep(args)
     if args.command == "export":
-        from fedssd.encoders import run_export
-
         return run_export(args)
     if args.command == "report":
-        from fedssd.report import run_report
-
         return run_report(args)
     if args.command == "configs":
         return _configs(args.name)
@@ -366,7 +346,7 @@ def _flower_app(folder: Path, *, overwrite: bool) -> int:
 
 def resume_hint(run_dir: Path) -> str:
     """How to continue an interrupted run: the command and the checkpoint it will start from."""
-    from fedssd.checkpoint import list_checkpoints
+    from fedssd.experiments.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -424,8 +404,8 @@ def _train(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     from fedssd.api import load_config, resolve, stderr_log, train
     from fedssd.config import MethodConfig
+    from fedssd.experiments.outputs import check_run_dir
     from fedssd.methods import shared_options
-    from fedssd.outputs import check_run_dir
 
     args.overrides = _with_tracking(args)
     base = load_config(args.config, overrides=_with_threads(args))
@@ -478,7 +458,7 @@ def _with_threads(args: argparse.Namespace) -> list[str]:
 def write_compare_tables(out: Path, summaries: dict[str, dict[str, Any]]) -> None:
     """``table.md`` (the printed table) and ``results.csv`` (every scalar of each summary, one
     line per method) in a compare folder."""
-    from fedssd.outputs import write_text_atomic
+    from fedssd.experiments.outputs import write_text_atomic
 
     write_text_atomic(out / "table.md", format_table(summaries) + "\n")
     fields = ["method"]
@@ -528,20 +508,6 @@ def _methods() -> int:
     return 0
 
 
-def format_table(summaries: dict[str, dict[str, Any]]) -> str:
-    """A Markdown table with one row per method and one column per headline metric."""
-    columns = [c for c in TABLE_COLUMNS if any(c[0] in s for s in summaries.values())]
-    header = ["method", *(c[1] for c in columns)]
-    rows = [header, ["---"] * len(header)]
-    for name, summary in summaries.items():
-        cells = [name]
-        for key, _title, scale, fmt in columns:
-            value = summary.get(key)
-            cells.append("n/a" if value is None else fmt.format(value * scale))
-        rows.append(cells)
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-
-
 def _with_tracking(args: argparse.Namespace) -> list[str]:
     """The overrides with ``--track`` turned into ``tracking.backends``."""
     overrides = list(args.overrides)
@@ -557,6 +523,382 @@ def _default_out(config_path: Path, label: str) -> Path:
 def _sentence(error: BaseException) -> str:
     """The error's message as one line."""
     return " ".join(str(error).split()) or type(error).__name__
+
+
+# ----------------------------------------------------------------------------- fedssd eval
+
+
+def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add the ``eval`` sub-command to an argparse sub-parsers object and return its parser."""
+    from fedssd.data.datasets import DATASET_NAMES
+    from fedssd.experiments.evaluate import LABEL_FRACTIONS, PROTOCOLS
+
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "eval",
+        help="re-evaluate a finished run (kNN, linear probe, semi-supervised fine-tuning)",
+        description=(
+            "Load a run folder's config.toml and model.safetensors and evaluate the model with "
+            "one of the paper's protocols, on the run's data or (with --eval-data) on another "
+            "dataset. The result is written to "
+            "DIR/eval/<protocol>[-<labels>][-<N>ep][-on-<data>[-<npz file stem>]].json "
+            "(-<N>ep when --epochs is not the default; docs/evaluation.md)."
+        ),
+    )
+    parser.add_argument("--run", required=True, type=Path, metavar="DIR", help="a run folder")
+    parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="which evaluation")
+    parser.add_argument(
+        "--labels",
+        type=float,
+        choices=LABEL_FRACTIONS,
+        help="labelled fraction for finetune: 0.01 or 0.1 (the paper's 1%% and 10%%)",
+    )
+    parser.add_argument(
+        "--eval-data",
+        metavar="NAME",
+        help="evaluate on another dataset (transfer): " + ", ".join(DATASET_NAMES),
+    )
+    parser.add_argument(
+        "--eval-path", type=Path, metavar="PATH", help="file or folder holding --eval-data"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        metavar="N",
+        help="linear-probe or fine-tuning epochs (default: the run's probe epochs; 200)",
+    )
+    parser.add_argument(
+        "--device", metavar="NAME", help="auto, cpu, cuda or cuda:N (default: the run's device)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=_threads_arg,
+        metavar="N",
+        help="CPU threads (default: the run's threads setting; 0 = PyTorch's default)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    return parser
+
+
+def _threads_arg(text: str) -> int:
+    """``--threads``: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"--threads must be a non-negative integer, not {text!r}")
+    return value
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from fedssd.api import stderr_log
+    from fedssd.experiments.evaluate import evaluate_run, format_result
+
+    """Run ``fedssd eval``: print the headline numbers and where the result went.
+
+    Raises:
+        fedssd.errors.FedSSDError: As :func:`evaluate_run`; the CLI prints it and exits 2.
+    """
+    result = evaluate_run(
+        args.run,
+        args.protocol,
+        labels=args.labels,
+        eval_data=args.eval_data,
+        eval_path=None if args.eval_path is None else str(args.eval_path),
+        epochs=args.epochs,
+        device=args.device,
+        threads=args.threads,
+        log=None if args.quiet else stderr_log,
+    )
+    print(format_result(result))
+    # The progress line saying where the result went is on standard error; this is the one on
+    # standard output (with --quiet, the only one).
+    if args.quiet:
+        print(f"\nresult written to {Path(args.run) / 'eval' / result['file']}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fedssd sweep
+
+
+def add_sweep_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd sweep`` to the CLI's sub-command action."""
+    sweep: argparse.ArgumentParser = commands.add_parser(
+        "sweep",
+        help="run a grid of settings x methods x seeds and tabulate it",
+        description=(
+            "Run every (setting, row, seed) of a grid file one after another into "
+            "DIR/<setting>/<row>/seed-<s>/, skipping finished runs and restarting interrupted "
+            "ones, then write DIR/results.csv (one line per run) and DIR/table.md (mean ± std "
+            "over seeds, best per column in bold, paired differences versus the baseline row). "
+            "Every config is checked before the first run starts. Format: docs/sweeps.md."
+        ),
+    )
+    sweep.add_argument(
+        "grid",
+        type=Path,
+        metavar="GRID",
+        help="the grid file, or a packaged grid's name (paper-main; `fedssd configs` lists them)",
+    )
+    sweep.add_argument(
+        "--out", type=Path, metavar="DIR", help="sweep folder (default: runs/<grid name>)"
+    )
+    sweep.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key in every run, e.g. --set device=cuda (repeatable)",
+    )
+    add_threads_option(sweep)
+    sweep.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the grid and its configs and list its runs; run nothing and read no data "
+        "(so splits are not checked and nothing is downloaded)",
+    )
+    sweep.add_argument(
+        "--tables-only",
+        action="store_true",
+        help="rewrite results.csv and table.md from the finished runs; run nothing",
+    )
+    sweep.add_argument(
+        "--quiet", action="store_true", help="print only the sweep's lines, not each run's"
+    )
+    add_execution_options(sweep)
+    return sweep
+
+
+def add_execution_options(sweep: argparse.ArgumentParser) -> None:
+    """The options saying where and how many runs execute at once (docs/sweeps.md)."""
+    group = sweep.add_argument_group("execution (docs/sweeps.md)")
+    group.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="runs at once: N local worker processes, each with cores // N torch threads "
+        "(default 1: one after another in this process)",
+    )
+    group.add_argument(
+        "--devices",
+        metavar="cuda:0,cuda:1",
+        help="GPUs for the local workers, one each (with device = auto or cuda in the config)",
+    )
+    group.add_argument(
+        "--executor",
+        default="local",
+        choices=("local", "submitit", "ray"),
+        help="local processes (default), Slurm through submitit, or Ray",
+    )
+    group.add_argument(
+        "--cluster",
+        default=None,
+        metavar="NAME",
+        help="submitit's cluster: slurm, or local (runs the jobs as local processes)",
+    )
+    group.add_argument(
+        "--executor-param",
+        dest="executor_params",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a submitit parameter, e.g. timeout_min=600, slurm_partition=gpu, gpus_per_node=1",
+    )
+    group.add_argument(
+        "--ray-address", metavar="ADDRESS", help="Ray cluster to join (default: a local one)"
+    )
+    group.add_argument(
+        "--limit",
+        type=int,
+        metavar="N",
+        help="only the grid's first N runs (in the order setting, row, seed)",
+    )
+    group.add_argument(
+        "--track",
+        metavar="BACKENDS",
+        help="log every run to tensorboard, wandb and/or mlflow (comma-separated; "
+        "docs/tracking.md); the runs are grouped under the sweep",
+    )
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """``fedssd sweep``: returns the exit code (user errors raise ConfigError)."""
+    from fedssd.api import stderr_log
+    from fedssd.experiments.execute import execute
+    from fedssd.experiments.grid import FAILED_FILE, load_grid
+    from fedssd.experiments.plan import check_partitions, plan, run_status
+    from fedssd.experiments.tables import write_outputs
+
+    overrides = list(args.overrides)
+    if args.threads is not None:
+        overrides.append(f"threads={args.threads}")
+    if getattr(args, "track", None):
+        overrides.append(f"tracking.backends={args.track!r}")
+    grid = load_grid(args.grid, overrides)
+    out: Path = args.out or Path("runs") / grid.path.stem
+    runs = plan(grid, out)
+    limit = getattr(args, "limit", None)
+    if limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, not {limit}.")
+        runs = runs[:limit]
+    if args.dry_run:
+        for index, run in enumerate(runs, start=1):
+            status = run_status(run, grid.columns)
+            print(f"{index:>4}/{len(runs)}  {status:<8}  {run.run_dir}")
+        todo = sum(1 for run in runs if run_status(run, grid.columns) != "done")
+        print(
+            f"{len(runs)} runs checked; {todo} to do. A dry run reads no data: the data and its "
+            "splits are checked when the sweep starts."
+        )
+        return 0
+    if not args.tables_only:
+        check_partitions(runs, f"grid {grid.path.name}")
+    if args.tables_only:
+        if not out.is_dir():
+            raise ConfigError(f"sweep folder {out} does not exist; run the sweep first.")
+        write_outputs(grid, out, runs)
+    else:
+        continue_with(
+            f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; the "
+            "interrupted run starts again)"
+        )
+        run_log = None if args.quiet else stderr_log
+        executor = _executor(args, out, runs, run_log)
+        execute(grid, out, runs, log=stderr_log, run_log=run_log, executor=executor)
+    sys.stdout.write((out / "table.md").read_text(encoding="utf-8"))
+    print(f"\nresults.csv and table.md written to {out}/")
+    if (out / FAILED_FILE).is_file() and not args.tables_only:
+        failed = json.loads((out / FAILED_FILE).read_text(encoding="utf-8"))
+        print(
+            f"fedssd: {len(failed)} runs failed, the others finished; see {out}/{FAILED_FILE}.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def _executor(
+    args: argparse.Namespace, out: Path, runs: Sequence[PlannedRun], run_log: Log | None
+) -> Executor:
+    """The executor the command line asks for (checked before any run starts)."""
+    from fedssd import config as config_module
+    from fedssd.executors import make_executor, parse_devices
+
+    devices = parse_devices(getattr(args, "devices", None))
+    if devices:
+        pinned = sorted({r.config.device for r in runs} - {"auto", "cuda"})
+        if pinned:
+            raise ConfigError(
+                f"--devices spreads runs over GPUs, but the config sets device = {pinned[0]!r}; "
+                "set device = auto (or cuda) so that each worker uses its own GPU."
+            )
+    parameters: dict[str, Any] = {}
+    for item in getattr(args, "executor_params", []):
+        key, value = config_module.parse_override(item)
+        parameters[key] = value
+    return make_executor(
+        getattr(args, "executor", "local"),
+        jobs=getattr(args, "jobs", 1),
+        devices=devices,
+        run_log=run_log,
+        folder=out / ".submitit",
+        cluster=getattr(args, "cluster", None),
+        parameters=parameters,
+        address=getattr(args, "ray_address", None),
+    )
+
+
+# ----------------------------------------------------------------------------- fedssd report
+
+
+def add_report_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd report`` to the CLI's sub-command action."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "report",
+        help="draw the figures of a run or a sweep and write report.md",
+        description=(
+            "Write PNG figures into DIR/figures/ and DIR/report.md embedding them: per-round "
+            "curves with a band over seeds, each setting's client label histogram, the "
+            "inter-client uniformity heatmaps and a map of the embeddings on the sphere "
+            "coloured by client and by class. Needs matplotlib (pip install 'fedssd[report]')."
+        ),
+    )
+    parser.add_argument("folder", type=Path, metavar="DIR", help="a run folder or a sweep folder")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=2000,
+        metavar="N",
+        help="training images embedded for each sphere map (default 2000)",
+    )
+    parser.add_argument(
+        "--no-embeddings",
+        action="store_true",
+        help="skip the sphere maps (they load each model and its data)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    return parser
+
+
+def run_report(args: argparse.Namespace) -> int:
+    """``fedssd report``: returns the exit code (user errors raise FedSSDError)."""
+    from fedssd.api import stderr_log
+    from fedssd.experiments.report import build_report
+
+    if args.samples < 3:
+        raise ConfigError(f"--samples must be at least 3, not {args.samples}.")
+    report = build_report(
+        args.folder,
+        embedding_samples=args.samples,
+        embeddings=not args.no_embeddings,
+        log=None if args.quiet else stderr_log,
+    )
+    print(f"report written to {report}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fedssd export
+
+
+def add_export_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd export`` to the CLI's sub-command action."""
+    from fedssd.encoders import FORMATS
+
+    export: argparse.ArgumentParser = commands.add_parser(
+        "export",
+        help="write a run's trained encoder as safetensors, TorchScript or ONNX",
+        description=(
+            "Write the trained encoder of a finished run (with --projector, encoder and "
+            "projector) as safetensors, TorchScript or ONNX, with a JSON card next to it "
+            "(input size, channels, value range, feature width, method, data, the run's "
+            "summary). TorchScript and ONNX files are checked to give the run's features. "
+            "docs/export.md shows how to use them."
+        ),
+    )
+    export.add_argument("run", type=Path, metavar="RUN", help="a finished run folder")
+    export.add_argument(
+        "--format", dest="fmt", choices=FORMATS, default="safetensors", help="file format"
+    )
+    export.add_argument("--projector", action="store_true", help="include the projector")
+    export.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="model file (default: RUN/export/encoder.<suffix>); the card is FILE with .json",
+    )
+    return export
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``fedssd export``: returns the exit code (user errors raise FedSSDError)."""
+    from fedssd.encoders import export_encoder
+
+    target, card = export_encoder(args.run, args.fmt, projector=args.projector, out=args.out)
+    print(f"{args.fmt} written to {target}; card {card}")
+    return 0
 
 
 if __name__ == "__main__":

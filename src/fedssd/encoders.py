@@ -11,7 +11,6 @@ Models are only ever read from safetensors (never pickles), so loading one canno
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from collections.abc import Mapping
@@ -118,7 +117,7 @@ def export_encoder(
         DataError: The run folder does not hold a finished run, or the exported file does not
             reproduce the run's features.
     """
-    from fedssd.protocols import load_run
+    from fedssd.experiments.evaluate import load_run
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -157,7 +156,7 @@ def export_encoder(
     else:
         _export_onnx(module, example, target, projector=projector)
         card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
-    from fedssd.outputs import write_json
+    from fedssd.experiments.outputs import write_json
 
     write_json(card_path, card)
     return target, card_path
@@ -395,43 +394,6 @@ def warm_start(model: nn.Module, config: Config, *, log: Any = None) -> None:
     if log is not None:
         which = "encoder and projector" if config.model.init_projector else "encoder"
         log(f"starting from the trained {which} of {source}")
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_export_parser(commands: Any) -> argparse.ArgumentParser:
-    """Add ``fedssd export`` to the CLI's sub-command action."""
-    export: argparse.ArgumentParser = commands.add_parser(
-        "export",
-        help="write a run's trained encoder as safetensors, TorchScript or ONNX",
-        description=(
-            "Write the trained encoder of a finished run (with --projector, encoder and "
-            "projector) as safetensors, TorchScript or ONNX, with a JSON card next to it "
-            "(input size, channels, value range, feature width, method, data, the run's "
-            "summary). TorchScript and ONNX files are checked to give the run's features. "
-            "docs/export.md shows how to use them."
-        ),
-    )
-    export.add_argument("run", type=Path, metavar="RUN", help="a finished run folder")
-    export.add_argument(
-        "--format", dest="fmt", choices=FORMATS, default="safetensors", help="file format"
-    )
-    export.add_argument("--projector", action="store_true", help="include the projector")
-    export.add_argument(
-        "--out",
-        type=Path,
-        metavar="FILE",
-        help="model file (default: RUN/export/encoder.<suffix>); the card is FILE with .json",
-    )
-    return export
-
-
-def run_export(args: argparse.Namespace) -> int:
-    """``fedssd export``: returns the exit code (user errors raise FedSSDError)."""
-    target, card = export_encoder(args.run, args.fmt, projector=args.projector, out=args.out)
-    print(f"{args.fmt} written to {target}; card {card}")
-    return 0
 
 
 __all__ = [

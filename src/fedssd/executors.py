@@ -1,7 +1,7 @@
 """Where a grid's runs execute: in this process one after another, in local worker processes,
 on a Slurm cluster through submitit, or on a Ray cluster.
 
-:mod:`fedssd.sweep` plans the runs and writes the tables; it hands each run still to do to an
+:mod:`fedssd.experiments` plans the runs and writes the tables; it hands each run still to do to an
 :class:`Executor` as a :class:`RunTask` (plain, picklable data) and gets a :class:`TaskOutcome`
 back as each finishes, in whatever order they finish. The work of one task is
 :func:`run_task`: train the run (unless it only lacks extra evaluations), then its extra
@@ -40,7 +40,8 @@ class RunTask:
         config: The run's resolved config.
         run_dir: Its folder.
         train: Train it (False: it is trained, only extra evaluations are missing).
-        columns: The grid's columns (:class:`fedssd.sweep.Column`); extra evaluations run.
+        columns: The grid's columns (:class:`fedssd.experiments.grid.Column`); extra
+            evaluations run.
         threads: Torch CPU threads for the run (None: leave the process's setting).
         verbose: The worker prints the run's own progress lines (prefixed) on standard error.
     """
@@ -92,7 +93,8 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
     import torch
 
     from fedssd import api
-    from fedssd.sweep import COLUMNS_FILE, _evaluate_columns
+    from fedssd.experiments.execute import _evaluate_columns
+    from fedssd.experiments.grid import COLUMNS_FILE
 
     if task.threads is not None:
         torch.set_num_threads(task.threads)

@@ -32,8 +32,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from fedssd.config import Config
+    from fedssd.experiments.plan import PlannedRun
     from fedssd.federation.simulator import Callback
-    from fedssd.sweep import PlannedRun
 
 Log = Callable[[str], None]
 
@@ -473,7 +473,7 @@ def _read_state(out_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(out_dir: Path, trackers: Sequence[Tracker]) -> None:
-    from fedssd.outputs import write_json
+    from fedssd.experiments.outputs import write_json
 
     state: dict[str, Any] = {}
     for tracker in trackers:
@@ -519,7 +519,7 @@ def sweep_tracking(title: str, out: Path, runs: Sequence[PlannedRun]) -> list[Co
             dataclasses.replace(run.config, tracking=dataclasses.replace(tracking, **changes))
         )
     if parents:
-        from fedssd.outputs import write_json
+        from fedssd.experiments.outputs import write_json
 
         state["mlflow_parents"] = parents
         write_json(out / STATE_FILE, state)

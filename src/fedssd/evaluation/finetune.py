@@ -8,7 +8,7 @@ ratio 1)`` and a horizontal flip. The test set is evaluated every 50 epochs and 
 reports the best of those evaluations; this module returns both that best and the last one.
 
 Everything here works on tensors and returns values; reading runs and writing results is done
-by :mod:`fedssd.protocols`.
+by :mod:`fedssd.experiments.evaluate`.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ each round it trained in to::
 
     <state-dir>/<run key>/client-<K>/checkpoints/round-NNNNNN/
 
-in the format of the run checkpoints (:mod:`fedssd.checkpoint`: safetensors and JSON, written
-under a temporary name, fsynced and renamed, every file's SHA-256 checked on reading, nothing
-unpickled). ``NNNNNN`` is the number of rounds done when it was written (the round index + 1).
+in the format of the run checkpoints (:mod:`fedssd.experiments.checkpoint`: safetensors and
+JSON, written under a temporary name, fsynced and renamed, every file's SHA-256 checked on
+reading, nothing unpickled). ``NNNNNN`` is the number of rounds done when it was written (the
+round index + 1).
 
 Before training in round ``t``, the node loads the newest version written before round ``t``
 (``rounds done <= t``), not simply the newest: when the server resumes from a checkpoint older
@@ -29,14 +30,14 @@ import re
 import shutil
 from pathlib import Path
 
-from fedssd.checkpoint import (
+from fedssd.errors import ConfigError
+from fedssd.experiments.checkpoint import (
     FOLDER,
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from fedssd.errors import ConfigError
 from fedssd.federation.store import ClientStore
 from fedssd.methods.protocol import ClientState
 

@@ -57,18 +57,18 @@ from fedssd.api import (
 from fedssd.config import Config
 from fedssd.data.datasets import ImageDataset
 from fedssd.errors import ConfigError, DataError
-from fedssd.federation.evaluate import combine_client_evaluations
-from fedssd.federation.store import ClientStore
-from fedssd.flower import records, secagg
-from fedssd.flower.records import SITES
-from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
-from fedssd.outputs import (
+from fedssd.experiments.outputs import (
     FLOWER_FILE,
     check_run_dir,
     prepare_run_dir,
     write_json,
     write_text_atomic,
 )
+from fedssd.federation.evaluate import combine_client_evaluations
+from fedssd.federation.store import ClientStore
+from fedssd.flower import records, secagg
+from fedssd.flower.records import SITES
+from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
 from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
 Log = Callable[[str], None]

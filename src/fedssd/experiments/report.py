@@ -13,7 +13,6 @@ matplotlib (the ``report`` extra) is imported on first use, with the Agg backend
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
@@ -668,7 +667,7 @@ def embed_sample(
     """
     from fedssd.api import prepare_data
     from fedssd.evaluation.features import extract_features
-    from fedssd.protocols import load_run
+    from fedssd.experiments.evaluate import load_run
 
     config, model = load_run(run_dir)
     key = (config.seed, config.data, config.federation.num_clients)
@@ -830,7 +829,7 @@ def build_report(
         sections.append((setting, figures))
     text = render_markdown(folder, kind, runs, sections)
     report = folder / "report.md"
-    from fedssd.outputs import write_text_atomic
+    from fedssd.experiments.outputs import write_text_atomic
 
     write_text_atomic(report, text)
     return report
@@ -876,7 +875,7 @@ def render_markdown(
         lines += [f"# Report: {run.method} run `{folder.name}` (seed {run.seed})", ""]
         summary = _json(folder / "summary.json")
         if summary is not None:
-            from fedssd.cli import format_table
+            from fedssd.experiments.tables import format_table
 
             lines += ["## Final evaluation", "", format_table({run.method: summary}), ""]
         else:
@@ -900,51 +899,3 @@ def render_markdown(
 def _slug(name: str) -> str:
     name = name.replace("+", "plus")
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def add_report_parser(commands: Any) -> argparse.ArgumentParser:
-    """Add ``fedssd report`` to the CLI's sub-command action."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "report",
-        help="draw the figures of a run or a sweep and write report.md",
-        description=(
-            "Write PNG figures into DIR/figures/ and DIR/report.md embedding them: per-round "
-            "curves with a band over seeds, each setting's client label histogram, the "
-            "inter-client uniformity heatmaps and a map of the embeddings on the sphere "
-            "coloured by client and by class. Needs matplotlib (pip install 'fedssd[report]')."
-        ),
-    )
-    parser.add_argument("folder", type=Path, metavar="DIR", help="a run folder or a sweep folder")
-    parser.add_argument(
-        "--samples",
-        type=int,
-        default=2000,
-        metavar="N",
-        help="training images embedded for each sphere map (default 2000)",
-    )
-    parser.add_argument(
-        "--no-embeddings",
-        action="store_true",
-        help="skip the sphere maps (they load each model and its data)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
-    return parser
-
-
-def run_report(args: argparse.Namespace) -> int:
-    """``fedssd report``: returns the exit code (user errors raise FedSSDError)."""
-    from fedssd.api import stderr_log
-
-    if args.samples < 3:
-        raise ConfigError(f"--samples must be at least 3, not {args.samples}.")
-    report = build_report(
-        args.folder,
-        embedding_samples=args.samples,
-        embeddings=not args.no_embeddings,
-        log=None if args.quiet else stderr_log,
-    )
-    print(f"report written to {report}")
-    return 0

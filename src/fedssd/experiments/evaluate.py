@@ -20,7 +20,6 @@ evaluations themselves are pure functions in :mod:`fedssd.evaluation`.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import time
@@ -51,9 +50,9 @@ from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fr
 from fedssd.evaluation.knn import knn_accuracy
 from fedssd.evaluation.linear_probe import linear_probe
 from fedssd.evaluation.metrics import representation_metrics
+from fedssd.experiments.outputs import write_json
 from fedssd.federation.evaluate import label_warning
 from fedssd.models import SSLModel
-from fedssd.outputs import write_json
 from fedssd.runtime import cpu_threads
 from fedssd.seeding import EVALUATION, derive_seed, numpy_rng
 
@@ -532,93 +531,6 @@ def _finetune(
         "labels": labels,
         "labelled_images": int(chosen.shape[0]),
     }
-
-
-# ------------------------------------------------------------------------------------- CLI
-
-
-def add_eval_parser(commands: Any) -> argparse.ArgumentParser:
-    """Add the ``eval`` sub-command to an argparse sub-parsers object and return its parser."""
-    parser: argparse.ArgumentParser = commands.add_parser(
-        "eval",
-        help="re-evaluate a finished run (kNN, linear probe, semi-supervised fine-tuning)",
-        description=(
-            "Load a run folder's config.toml and model.safetensors and evaluate the model with "
-            "one of the paper's protocols, on the run's data or (with --eval-data) on another "
-            "dataset. The result is written to "
-            "DIR/eval/<protocol>[-<labels>][-<N>ep][-on-<data>[-<npz file stem>]].json "
-            "(-<N>ep when --epochs is not the default; docs/evaluation.md)."
-        ),
-    )
-    parser.add_argument("--run", required=True, type=Path, metavar="DIR", help="a run folder")
-    parser.add_argument("--protocol", required=True, choices=PROTOCOLS, help="which evaluation")
-    parser.add_argument(
-        "--labels",
-        type=float,
-        choices=LABEL_FRACTIONS,
-        help="labelled fraction for finetune: 0.01 or 0.1 (the paper's 1%% and 10%%)",
-    )
-    parser.add_argument(
-        "--eval-data",
-        metavar="NAME",
-        help="evaluate on another dataset (transfer): " + ", ".join(DATASET_NAMES),
-    )
-    parser.add_argument(
-        "--eval-path", type=Path, metavar="PATH", help="file or folder holding --eval-data"
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        metavar="N",
-        help="linear-probe or fine-tuning epochs (default: the run's probe epochs; 200)",
-    )
-    parser.add_argument(
-        "--device", metavar="NAME", help="auto, cpu, cuda or cuda:N (default: the run's device)"
-    )
-    parser.add_argument(
-        "--threads",
-        type=_threads_arg,
-        metavar="N",
-        help="CPU threads (default: the run's threads setting; 0 = PyTorch's default)",
-    )
-    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
-    return parser
-
-
-def _threads_arg(text: str) -> int:
-    """``--threads``: a non-negative integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"--threads must be a non-negative integer, not {text!r}")
-    return value
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    """Run ``fedssd eval``: print the headline numbers and where the result went.
-
-    Raises:
-        fedssd.errors.FedSSDError: As :func:`evaluate_run`; the CLI prints it and exits 2.
-    """
-    result = evaluate_run(
-        args.run,
-        args.protocol,
-        labels=args.labels,
-        eval_data=args.eval_data,
-        eval_path=None if args.eval_path is None else str(args.eval_path),
-        epochs=args.epochs,
-        device=args.device,
-        threads=args.threads,
-        log=None if args.quiet else stderr_log,
-    )
-    print(format_result(result))
-    # The progress line saying where the result went is on standard error; this is the one on
-    # standard output (with --quiet, the only one).
-    if args.quiet:
-        print(f"\nresult written to {Path(args.run) / 'eval' / result['file']}")
-    return 0
 
 
 def format_result(result: dict[str, Any]) -> str:

@@ -1,0 +1,166 @@
+"""Planning a sweep: one checked config and run folder per (setting, row, seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fedssd import config as config_module
+from fedssd.config import Config
+from fedssd.errors import ConfigError, FedSSDError
+
+if TYPE_CHECKING:
+    pass
+
+
+from fedssd.experiments.grid import COLUMNS_FILE, Column, Grid, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One run of a grid, with its fully resolved config and folder."""
+
+    setting: str
+    row: str
+    method: str
+    seed: int
+    config: Config
+    run_dir: Path
+
+
+def plan(grid: Grid, out: Path) -> list[PlannedRun]:
+    """Every run of the grid with its resolved config, checked before anything runs.
+
+    Order: setting, then row, then seed (so that a partial sweep fills whole table cells).
+
+    Raises:
+        ConfigError: A run's config is invalid, a split file is missing, an extra evaluation is
+            not available, or a finished run in ``out`` was made with a different config.
+    """
+    import fedssd.api as api
+    from fedssd.config import MethodConfig
+    from fedssd.methods import shared_options
+
+    where = f"grid {grid.path.name}"
+    extra = [c for c in grid.columns if c.protocol is not None]
+    if extra:
+        try:
+            protocols = importlib.import_module("fedssd.experiments.evaluate")
+        except ImportError:
+            raise ConfigError(
+                f"{where}: column {extra[0].spec!r} needs fedssd.experiments.evaluate "
+                "(evaluate_run), which this installation lacks; remove the column or update fedssd."
+            ) from None
+        fractions = getattr(protocols, "LABEL_FRACTIONS", None)
+        for column in extra:
+            if column.labels is not None and fractions and column.labels not in fractions:
+                allowed = ", ".join(f"finetune:{f:g}" for f in fractions)
+                raise ConfigError(f"{where}: column {column.spec!r} is not one of {allowed}.")
+    runs: list[PlannedRun] = []
+    for setting in grid.settings:
+        here = f"{where}, setting {setting.name!r}"
+        try:
+            base = api.load_config(grid.base, overrides=[*grid.overrides, *setting.overrides])
+        except ConfigError as error:
+            raise ConfigError(f"{here}: {error}") from None
+        for row in grid.rows:
+            here = f"{where}, setting {setting.name!r}, row {row.name!r}"
+            try:
+                method = MethodConfig(
+                    name=row.method, options=shared_options(row.method, base.method.options)
+                )
+                first = api.load_config(
+                    dataclasses.replace(base, method=method),
+                    overrides=[*row.overrides, f"seed={grid.seeds[0]}"],
+                )
+                api.check_setup(first)
+            except ConfigError as error:
+                raise ConfigError(f"{here}: {error}") from None
+            split = first.data.split_file
+            if first.data.partition == "file" and split is not None and not Path(split).is_file():
+                raise ConfigError(
+                    f"{here}: split file {split} does not exist (relative paths are read from "
+                    "the folder fedssd runs in)."
+                )
+            for seed in grid.seeds:
+                config = dataclasses.replace(first, seed=seed)
+                run_dir = out / setting.name / row.name / f"seed-{seed}"
+                runs.append(PlannedRun(setting.name, row.name, row.method, seed, config, run_dir))
+    for run in runs:
+        _check_same_config(run)
+    return runs
+
+
+def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
+    """Load the data and split it for every distinct (data, clients, seed) of the runs still to
+    do, so that a split that cannot be made (e.g. a Dirichlet draw leaving a client below
+    ``data.min_client_size``) stops the sweep before its first run, not in the middle.
+
+    Raises:
+        ConfigError: A run's data cannot be read or split, naming the setting and seed.
+    """
+    import fedssd.api as api
+
+    seen: set[str] = set()
+    for run in runs:
+        if (run.run_dir / "summary.json").is_file():
+            continue
+        cfg = run.config
+        key = repr((cfg.data, cfg.federation.num_clients, cfg.seed))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            api.prepare_data(cfg, log=lambda _message: None)
+        except FedSSDError as error:
+            raise ConfigError(
+                f"{where}, setting {run.setting!r}, seed {run.seed}: {error}"
+            ) from None
+
+
+def _check_same_config(run: PlannedRun) -> None:
+    """A finished run is reused only if it was made from the config the grid asks for now."""
+    saved = run.run_dir / "config.toml"
+    if not (run.run_dir / "summary.json").is_file() or not saved.is_file():
+        return
+    try:
+        previous = config_module.load(saved)
+    except ConfigError:
+        previous = None
+    if previous is not None:
+        # The thread count says how to run, not what (--threads 1 may finish a sweep begun with
+        # more), and where a run was logged to is not part of what it computed.
+        previous = dataclasses.replace(
+            previous, threads=run.config.threads, tracking=run.config.tracking
+        )
+    if previous is None or previous != run.config:
+        raise ConfigError(
+            f"finished run {run.run_dir} was made with a different config than the grid now "
+            "gives; choose another --out or delete that folder."
+        )
+
+
+def run_status(run: PlannedRun, columns: Sequence[Column]) -> Status:
+    """``done`` (summary and every extra evaluation present), ``evaluate`` (trained, extra
+    evaluations missing), ``restart`` (a folder without summary.json: interrupted) or ``new``."""
+    if (run.run_dir / "summary.json").is_file():
+        have = read_columns(run.run_dir)
+        missing = [c for c in columns if c.protocol is not None and c.evaluation not in have]
+        return "evaluate" if missing else "done"
+    return "restart" if run.run_dir.exists() else "new"
+
+
+def read_columns(run_dir: Path) -> dict[str, Any]:
+    """The extra evaluations recorded in a run's ``columns.json`` (empty when absent)."""
+    path = run_dir / COLUMNS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
