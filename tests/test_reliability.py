@@ -33,6 +33,7 @@ from fedssd.federation.validate import check_update, norm_outliers, update_dista
 from fedssd.methods import ClientUpdate, MethodContext, build_method
 from fedssd.methods.protocol import ClientState
 from fedssd.models import build_model
+from helpers import method_context
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")
@@ -295,9 +296,7 @@ def _model() -> nn.Module:
 
 
 def _context(num_clients: int = 6) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients, feature_dim=8, embed_dim=8, seed=3, device=torch.device("cpu")
-    )
+    return method_context(num_clients, feature_dim=8, embed_dim=8, seed=3)
 
 
 def _run(
