@@ -73,6 +73,7 @@ def _same_weights(a: Path, b: Path) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "stops"),
     [
@@ -123,6 +124,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
         assert len(list_checkpoints(run)) == 2  # rotation keeps checkpoint.keep
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """The real thing: a separate process killed with SIGKILL mid-run, resumed from the CLI."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -616,6 +618,7 @@ def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identic
         assert _records(stopped) == _records(whole)
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_with_rounds_equals_the_longer_run(tmp_path: Path) -> None:
     overrides = [*TINY, "federation.rounds=2", "evaluation.every=2", "checkpoint.every=2"]
     longer = fedssd.train(
