@@ -7,10 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data demo smoke test lint bench bench-quick clean
+.PHONY: help venv data demo smoke test test-fast lint bench bench-quick clean
 
 help:  ## list the commands
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,9 @@ smoke: $(STAMP)  ## a run that takes seconds
 
 test: data  ## run the whole test suite
 	$(PY) -m pytest -q
+
+test-fast: data  ## the suite without the tests marked slow (under 2 minutes on 2 CPU cores)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff and mypy
 	$(PY) -m ruff check src tests

@@ -42,6 +42,7 @@ from fedssd.methods.ldawa import LDAWA, LDAWAOptions, layer_weights, ldawa_avera
 from fedssd.methods.protocol import ClientHooks, ClientUpdate
 from fedssd.methods.ssd import draw_scaling_sets
 from fedssd.models import build_model
+from helpers import method_context
 
 ADDONS = ["fedx", "ldawa", "feddecorr", "fedu2", "hsd"]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -77,12 +78,10 @@ def _fedx_model() -> tuple[nn.Module, FedX]:
 
 
 def _context(model: nn.Module, num_clients: int = 4) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients,
+    return method_context(
+        num_clients,
         feature_dim=int(model.feature_dim),  # type: ignore[arg-type]
         embed_dim=int(model.embed_dim),  # type: ignore[arg-type]
-        seed=0,
-        device=torch.device("cpu"),
     )
 
 
@@ -536,9 +535,7 @@ def test_hooks_keep_no_client_state_for_stateless_addons() -> None:
 
 
 def _tiny_context() -> MethodContext:
-    return MethodContext(
-        num_clients=2, feature_dim=2, embed_dim=2, seed=0, device=torch.device("cpu")
-    )
+    return method_context(2, feature_dim=2, embed_dim=2)
 
 
 @pytest.mark.parametrize("name", ADDONS)

@@ -21,7 +21,7 @@ from fedssd.federation.client import LocalSettings
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.federation.store import ClientStore
-from fedssd.methods import METHODS, MethodContext, build_method, resolve_options
+from fedssd.methods import METHODS, build_method, resolve_options
 from fedssd.methods.byol_common import (
     divergence,
     divergence_keys,
@@ -34,19 +34,10 @@ from fedssd.methods.fedu import FedU, FedUOptions, dapu_keeps_local
 from fedssd.methods.protocol import ClientHooks, ClientState, ClientUpdate, Method
 from fedssd.models import SSLModel, build_model
 from fedssd.models.heads import mlp_predictor
+from helpers import method_context
 
 NAMES = ("fedsimclr", "fedsimsiam", "fedbyol", "fedu", "fedema")
 SMOKE = "src/fedssd/configs/smoke.toml"
-
-
-def context(num_clients: int = 4, embed_dim: int = 16) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients,
-        feature_dim=16,
-        embed_dim=embed_dim,
-        seed=0,
-        device=torch.device("cpu"),
-    )
 
 
 def tiny_model(method: Method, seed: int = 0) -> SSLModel:
@@ -67,7 +58,7 @@ def first_weight(module: nn.Module) -> torch.Tensor:
 
 def build(name: str, num_clients: int = 4, **options: Any) -> Method:
     extra: dict[str, object] = {} if name == "fedsimclr" else {"predictor_hidden": 32}
-    return build_method(name, {**extra, **options}, context(num_clients))
+    return build_method(name, {**extra, **options}, method_context(num_clients))
 
 
 def shift(state: dict[str, torch.Tensor], keys: list[str], norm: float) -> dict[str, torch.Tensor]:

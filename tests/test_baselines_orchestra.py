@@ -35,19 +35,14 @@ from fedssd.methods.orchestra import (
     sinkhorn_knopp,
 )
 from fedssd.models import SSLModel, build_model
+from helpers import method_context
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 SMOKE = str(Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml")
 
 
 def _context(num_clients: int = 4, embed_dim: int = 8) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients,
-        feature_dim=8,
-        embed_dim=embed_dim,
-        seed=0,
-        device=torch.device("cpu"),
-    )
+    return method_context(num_clients, feature_dim=8, embed_dim=embed_dim)
 
 
 def _model(method: Orchestra, *, width: int = 2, hidden: int = 8, out: int = 8) -> SSLModel:

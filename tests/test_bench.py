@@ -36,6 +36,7 @@ TINY = bench.BenchConfig(
 )
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bench, "QUICK", TINY)
     out = tmp_path / "latest.json"
@@ -84,6 +85,7 @@ def _tracked_state(root: Path) -> str:
     ).stdout
 
 
+@pytest.mark.slow
 def test_quick_bench_leaves_tracked_files_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

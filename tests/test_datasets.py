@@ -29,6 +29,7 @@ from fedssd.data.datasets import (
 )
 from fedssd.data.fetch import CHECKSUMS, DatasetSources, Source
 from fedssd.errors import ConfigError, DataError
+from helpers import one_sentence
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_STEMS = (
@@ -45,10 +46,6 @@ def md5_of(path: Path) -> str:
 
 def sha256_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def one_sentence(message: str) -> bool:
-    return message.endswith(".") and ". " not in message and "\n" not in message
 
 
 # ------------------------------------------------------------------------------- IDX files

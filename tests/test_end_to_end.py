@@ -13,6 +13,9 @@ from fedssd import config as config_module
 from fedssd.api import final_evaluation, load_config, make_model, prepare_data, train
 from fedssd.cli import main
 
+# Every test here trains on real Fashion-MNIST through the CLI or the API.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "src" / "fedssd" / "configs" / "smoke.toml"
 
@@ -114,7 +117,6 @@ def test_python_api_accepts_a_config_dataclass(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.slow
 def test_training_beats_the_untrained_encoder(tmp_path: Path) -> None:
     """Federated SSD training on real data must improve on the random encoder it starts from.
 

@@ -19,6 +19,7 @@ from fedssd.methods import ClientUpdate, Method, MethodContext, build_method
 from fedssd.methods.server import aggregate_updates
 from fedssd.models import build_model
 from fedssd.seeding import CLIENT, derive_seed, generator
+from helpers import method_context
 
 
 def test_fedavg_is_the_weighted_mean() -> None:
@@ -137,12 +138,6 @@ def test_fused_sgd_trains_like_the_per_tensor_loop(monkeypatch: pytest.MonkeyPat
         torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-5, msg=key)
 
 
-def _context(dim: int, num_clients: int = 4) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients, feature_dim=dim, embed_dim=dim, seed=0, device=torch.device("cpu")
-    )
-
-
 def _settings(*, epochs: int = 1, batch_size: int = 8) -> LocalSettings:
     return LocalSettings(
         epochs=epochs,
@@ -189,7 +184,9 @@ def test_round_loop_trains_each_sampled_client_from_the_global_model() -> None:
         return build_model(encoder="small_cnn", width=2, projector_hidden=8, projector_out=None)
 
     global_model, client_model = new_model(), new_model()
-    method = Recording(build_method("ssd", {}, _context(8, num_clients=6)))
+    method = Recording(
+        build_method("ssd", {}, method_context(num_clients=6, feature_dim=8, embed_dim=8))
+    )
     states = [{k: v.clone() for k, v in global_model.state_dict().items()}]
 
     def snapshot(_record: dict[str, Any], model: torch.nn.Module) -> None:

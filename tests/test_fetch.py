@@ -23,6 +23,7 @@ from fedssd.data.fetch import (
     verify_file,
 )
 from fedssd.errors import DataError
+from helpers import one_sentence
 
 IDX_STEMS = (
     "train-images-idx3-ubyte",
@@ -34,10 +35,6 @@ IDX_STEMS = (
 
 def md5_of(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
-
-
-def one_sentence(message: str) -> bool:
-    return message.endswith(".") and ". " not in message and "\n" not in message
 
 
 def leftovers(folder: Path) -> list[str]:

@@ -170,6 +170,7 @@ def _assert_same_weights(expected: dict[str, torch.Tensor], path: Path) -> None:
         torch.testing.assert_close(got[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_simulation_matches_in_process_simulator(
     method: str,
@@ -237,6 +238,7 @@ def test_client_id_comes_from_the_node_config() -> None:
 # --- deployment --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_deployment_with_tls_and_supernode_authentication(
     tmp_path: Path,
     experiment: Path,

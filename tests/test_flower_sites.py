@@ -217,6 +217,7 @@ _SIMULATION = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_simulation_engine_on_sites_matches_in_process(
     world: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from fedssd.methods.protocol import MethodSpec
 from fedssd.methods.server import aggregate_updates, load_server_state, server_state
 from fedssd.methods.ssd import SSD, SSDOptions, draw_scaling_sets
 from fedssd.models import build_model
+from helpers import method_context
 
 
 @pytest.mark.parametrize(("num_clients", "size"), [(10, 51), (50, 10)])
@@ -60,16 +61,6 @@ class TinyModel(nn.Module):
         return h, self.projector(h)
 
 
-def context(num_clients: int = 4, feature_dim: int = 16, embed_dim: int = 16) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients,
-        feature_dim=feature_dim,
-        embed_dim=embed_dim,
-        seed=0,
-        device=torch.device("cpu"),
-    )
-
-
 def views(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(32, 3, 4, 4, generator=g), torch.rand(32, 3, 4, 4, generator=g)
@@ -87,7 +78,7 @@ def test_every_registered_method_honours_the_protocol(name: str) -> None:
     torch.manual_seed(0)
     model = build_model(encoder="small_cnn", width=4, projector_hidden=32, projector_out=None)
     method = build_method(
-        name, {}, context(feature_dim=model.feature_dim, embed_dim=model.embed_dim)
+        name, {}, method_context(feature_dim=model.feature_dim, embed_dim=model.embed_dim)
     )
     attach_extras(model, method, seed=0)
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -116,31 +107,31 @@ def test_every_registered_method_honours_the_protocol(name: str) -> None:
 
 def test_ssd_parts_and_ablation_switches() -> None:
     model = TinyModel()
-    full = build_method("ssd", {}, context())
+    full = build_method("ssd", {}, method_context())
     _, parts = full.local_loss(model, *views(), client_id=1, position=0)
     assert set(parts) == {"align", "uniform", "dsr", "pd"}
-    only_pd = build_method("ssd", {"dsr": False}, context())
+    only_pd = build_method("ssd", {"dsr": False}, method_context())
     assert set(only_pd.local_loss(model, *views(), client_id=1, position=0)[1]) == {
         "align",
         "uniform",
         "pd",
     }
-    only_dsr = build_method("ssd", {"pd": False}, context())
+    only_dsr = build_method("ssd", {"pd": False}, method_context())
     assert "pd" not in only_dsr.local_loss(model, *views(), client_id=1, position=0)[1]
 
 
 def test_ssd_without_dsr_and_pd_is_fedalignuniform() -> None:
     torch.manual_seed(0)
     model = TinyModel()
-    base = build_method("fedalignuniform", {}, context())
-    ssd = build_method("ssd", {"dsr": False, "pd": False}, context())
+    base = build_method("fedalignuniform", {}, method_context())
+    ssd = build_method("ssd", {"dsr": False, "pd": False}, method_context())
     a, _ = base.local_loss(model, *views(), client_id=0, position=0)
     b, _ = ssd.local_loss(model, *views(), client_id=0, position=0)
     assert a.item() == pytest.approx(b.item(), rel=1e-6)
 
 
 def test_ssd_total_is_the_weighted_sum_of_its_parts() -> None:
-    ssd = build_method("ssd", {}, context())
+    ssd = build_method("ssd", {}, method_context())
     loss, parts = ssd.local_loss(TinyModel(), *views(), client_id=2, position=0)
     expected = parts["align"] + parts["uniform"] + 1.0 * parts["dsr"] + 0.1 * parts["pd"]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -148,8 +139,8 @@ def test_ssd_total_is_the_weighted_sum_of_its_parts() -> None:
 
 def test_dsr_keying_by_client_id_or_by_position() -> None:
     model = TinyModel()
-    by_id = build_method("ssd", {"pd": False}, context())
-    by_position = build_method("ssd", {"pd": False, "dsr_keying": "position"}, context())
+    by_id = build_method("ssd", {"pd": False}, method_context())
+    by_position = build_method("ssd", {"pd": False, "dsr_keying": "position"}, method_context())
     v = views()
     dsr_id = by_id.local_loss(model, *v, client_id=3, position=0)[1]["dsr"]
     dsr_pos_same = by_position.local_loss(model, *v, client_id=0, position=3)[1]["dsr"]
@@ -160,8 +151,8 @@ def test_dsr_keying_by_client_id_or_by_position() -> None:
 
 def test_pd_needs_equal_widths() -> None:
     with pytest.raises(ConfigError, match="projector distillation needs"):
-        SSD(SSDOptions(), context(feature_dim=16, embed_dim=8))
-    SSD(SSDOptions(pd=False), context(feature_dim=16, embed_dim=8))
+        SSD(SSDOptions(), method_context(feature_dim=16, embed_dim=8))
+    SSD(SSDOptions(pd=False), method_context(feature_dim=16, embed_dim=8))
 
 
 def _train_steps(
@@ -170,7 +161,7 @@ def _train_steps(
     """Loss parts before and after ``steps`` SGD steps on a fixed pair of views."""
     torch.manual_seed(0)
     model = TinyModel()
-    method = build_method(method_name, options, context())
+    method = build_method(method_name, options, method_context())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     v = views(1)
     history = []
@@ -222,7 +213,7 @@ def test_ssd_loss_is_symmetric_in_the_two_views(options: dict[str, object]) -> N
     """Every term is averaged over (or symmetric in) the two views."""
     torch.manual_seed(0)
     model = TinyModel()
-    method = build_method("ssd", options, context())
+    method = build_method("ssd", options, method_context())
     v1, v2 = views(3)
     loss_a, parts_a = method.local_loss(model, v1, v2, client_id=1, position=0)
     loss_b, parts_b = method.local_loss(model, v2, v1, client_id=1, position=0)
@@ -232,10 +223,10 @@ def test_ssd_loss_is_symmetric_in_the_two_views(options: dict[str, object]) -> N
 
 
 def test_pd_only_ablation_needs_no_scaling_sets() -> None:
-    method = build_method("ssd", {"dsr": False}, context(num_clients=40))
+    method = build_method("ssd", {"dsr": False}, method_context(num_clients=40))
     assert server_state(method) == {}
     with pytest.raises(ConfigError, match="embedding dimension per client"):
-        build_method("ssd", {}, context(num_clients=40))
+        build_method("ssd", {}, method_context(num_clients=40))
 
 
 class _LossOnly:

@@ -38,6 +38,7 @@ from fedssd.federation.validate import check_update, norm_outliers, update_dista
 from fedssd.methods import ClientUpdate, MethodContext, build_method
 from fedssd.methods.protocol import ClientState
 from fedssd.models import build_model
+from helpers import method_context
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
@@ -77,6 +78,7 @@ def _same_weights(a: Path, b: Path) -> None:
 # ----------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("extra", "stops"),
     [
@@ -127,6 +129,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
         assert len(list_checkpoints(run)) == 2  # rotation keeps checkpoint.keep
 
 
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """The real thing: a separate process killed with SIGKILL mid-run, resumed from the CLI."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -300,9 +303,7 @@ def _model() -> nn.Module:
 
 
 def _context(num_clients: int = 6) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients, feature_dim=8, embed_dim=8, seed=3, device=torch.device("cpu")
-    )
+    return method_context(num_clients, feature_dim=8, embed_dim=8, seed=3)
 
 
 def _run(
@@ -622,6 +623,7 @@ def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identic
         assert _records(stopped) == _records(whole)
 
 
+@pytest.mark.slow
 def test_a_finished_run_extended_with_rounds_equals_the_longer_run(tmp_path: Path) -> None:
     overrides = [*TINY, "federation.rounds=2", "evaluation.every=2", "checkpoint.every=2"]
     longer = fedssd.train(

@@ -47,6 +47,7 @@ def probe(switch: str) -> tuple[bool, float]:
     return tuned == "1", float(faults)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not GLIBC, reason="mallopt exists only in glibc")
 def test_tuned_malloc_stops_page_faults_in_the_augmentation() -> None:
     tuned, tuned_faults = probe("1")
