@@ -366,21 +366,23 @@ def _spec(cls: type) -> MethodSpec:
 def test_a_partial_hook_set_fails_at_build_naming_the_missing_member() -> None:
     from fedssd.methods.protocol import ClientHooks
 
-    assert not isinstance(_ThreeHooks(_NoOptions(), context()), ClientHooks)  # the silent case
+    assert not isinstance(
+        _ThreeHooks(_NoOptions(), method_context()), ClientHooks
+    )  # the silent case
     with pytest.raises(TypeError, match=r"ClientHooks but not local_modules;"):
-        _spec(_ThreeHooks).build(_NoOptions(), context())
+        _spec(_ThreeHooks).build(_NoOptions(), method_context())
     with pytest.raises(TypeError, match=r"HasServerState but not load_state_dict;"):
-        _spec(_HalfState).build(_NoOptions(), context())
+        _spec(_HalfState).build(_NoOptions(), method_context())
     with pytest.raises(TypeError, match=r"local_modules must be a frozenset"):
-        _spec(_LocalList).build(_NoOptions(), context())
+        _spec(_LocalList).build(_NoOptions(), method_context())
 
 
 def test_a_complete_or_empty_capability_set_builds() -> None:
     class Hooks(_ThreeHooks):
         local_modules: frozenset[str] = frozenset()
 
-    assert isinstance(_spec(_Loss).build(_NoOptions(), context()), _Loss)
-    assert isinstance(_spec(Hooks).build(_NoOptions(), context()), Hooks)
+    assert isinstance(_spec(_Loss).build(_NoOptions(), method_context()), _Loss)
+    assert isinstance(_spec(Hooks).build(_NoOptions(), method_context()), Hooks)
     with pytest.raises(TypeError, match="must be a dataclass"):
         MethodSpec(method=_Loss, options=int, summary="")
 
@@ -398,8 +400,8 @@ def test_registry_lists_the_thirteen_methods_by_class_in_order() -> None:
 
 
 def test_ssd_and_hsd_refuse_each_others_or_another_runs_sets() -> None:
-    ssd = build_method("ssd", {"pd": False}, context())
-    hsd = build_method("hsd", {}, context())
+    ssd = build_method("ssd", {"pd": False}, method_context())
+    hsd = build_method("hsd", {}, method_context())
     saved_ssd, saved_hsd = server_state(ssd), server_state(hsd)
     assert set(saved_ssd) == {"dsr_dims", "dsr_basis"}
     assert set(saved_hsd) == {"hsd_dims", "hsd_basis"}

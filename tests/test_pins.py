@@ -35,6 +35,7 @@ from fedssd.federation import evaluate as evaluate_module
 from fedssd.federation.client import LocalSettings, local_train
 from fedssd.methods import MethodContext, build_method
 from fedssd.models import build_model
+from helpers import method_context
 
 _T = 0.5  # the paper's PD temperature
 _DELTA = 0.1  # the paper's PD weight
@@ -46,9 +47,7 @@ def _tiny_model() -> nn.Module:
 
 
 def _context(dim: int) -> MethodContext:
-    return MethodContext(
-        num_clients=2, feature_dim=dim, embed_dim=dim, seed=0, device=torch.device("cpu")
-    )
+    return method_context(num_clients=2, feature_dim=dim, embed_dim=dim)
 
 
 def _views() -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,12 +21,11 @@ from fedssd.methods import MethodContext, build_method
 from fedssd.methods.ssd import draw_scaling_sets
 from fedssd.models import build_model
 from fedssd.seeding import CLIENT, SAMPLE_ORDER, generator
+from helpers import method_context
 
 
 def _context(dim: int, num_clients: int) -> MethodContext:
-    return MethodContext(
-        num_clients=num_clients, feature_dim=dim, embed_dim=dim, seed=0, device=torch.device("cpu")
-    )
+    return method_context(num_clients=num_clients, feature_dim=dim, embed_dim=dim)
 
 
 # ---- sample order ---------------------------------------------------------------------------
