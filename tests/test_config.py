@@ -41,6 +41,30 @@ def test_overrides_are_read_as_toml_or_bare_strings() -> None:
     assert cfg.data.name == "mnist"
 
 
+def test_resize_filter_defaults_to_box_and_takes_the_released_filter() -> None:
+    assert config.load().data.resize == "box"
+    assert config.load(None, ["data.resize=bilinear-antialias"]).data.resize == (
+        "bilinear-antialias"
+    )
+
+
+def test_resize_filters_of_the_config_are_the_readers() -> None:
+    from typing import get_args
+
+    from fedssd.data.datasets import RESIZE_FILTERS
+
+    assert get_args(config.ResizeFilter) == RESIZE_FILTERS
+
+
+def test_default_resize_filter_keeps_the_checkpoint_identity_of_older_runs() -> None:
+    from fedssd.checkpoint import run_identity
+
+    default = run_identity(config.to_dict(config.load()))
+    assert "resize" not in default["data"]
+    released = run_identity(config.to_dict(config.load(None, ["data.resize=bilinear-antialias"])))
+    assert released["data"] == {**default["data"], "resize": "bilinear-antialias"}
+
+
 def test_an_integer_is_accepted_where_a_number_is_expected() -> None:
     assert config.load(None, ["data.alpha=1"]).data.alpha == 1.0
 
@@ -84,6 +108,7 @@ def test_method_options_are_filled_in_and_round_trip(tmp_path: Path) -> None:
         (["federation.rounds"], "is not of the form key=value"),
         (["data.alpha.x=1"], "data.alpha must be a number"),
         (["data.alpha=nan"], "must be a finite number"),
+        (["data.resize=bicubic"], "data.resize must be one of 'box', 'bilinear-antialias'"),
     ],
 )
 def test_bad_values_are_refused_with_one_sentence(overrides: list[str], fragment: str) -> None:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 import fedssd.data.datasets as datasets_module
 import fedssd.data.fetch as fetch_module
@@ -26,6 +27,7 @@ from fedssd.data.datasets import (
     default_root,
     load_dataset,
     locate_dataset,
+    resize_bilinear_antialias,
 )
 from fedssd.data.fetch import CHECKSUMS, DatasetSources, Source
 from fedssd.errors import ConfigError, DataError
@@ -551,6 +553,91 @@ def test_tiny_imagenet_folder_decode_cache_and_zip(tmp_path: Path) -> None:
     assert bool((zipped.x_train == dataset.x_train).all())
     assert bool((zipped.x_test == dataset.x_test).all())
     assert (archive.parent / "tiny-imagenet-200-32x32-box.npz").is_file()
+
+
+def triangle_weights(size_in: int, size_out: int) -> np.ndarray:
+    """Reference: ``(size_out, size_in)`` antialiased bilinear weights for a reduction.
+
+    Output pixel ``i`` is centred at ``(i + 0.5) * scale`` in input coordinates; input pixel
+    ``j`` (centre ``j + 0.5``) weighs ``max(0, 1 - |distance| / scale)``, a triangle of support
+    ``scale`` on each side; the weights of pixels inside the image are renormalised to sum 1.
+    """
+    scale = size_in / size_out
+    centres = (np.arange(size_out) + 0.5) * scale
+    distance = np.abs(np.arange(size_in) + 0.5 - centres[:, None])
+    weights = np.maximum(0.0, 1.0 - distance / scale)
+    normalised: np.ndarray = weights / weights.sum(axis=1, keepdims=True)
+    return normalised
+
+
+def bilinear_reference(images: np.ndarray, size: int) -> np.ndarray:
+    """``(n, c, h, w)`` -> ``(n, c, size, size)`` float64, separable triangle-filter means."""
+    rows = triangle_weights(images.shape[2], size)
+    columns = triangle_weights(images.shape[3], size)
+    result: np.ndarray = np.einsum("ih,nchw,jw->ncij", rows, images.astype(np.float64), columns)
+    return result
+
+
+def test_factor_two_weights_by_hand() -> None:
+    # Interior: 1/8, 3/8, 3/8, 1/8 over 4 pixels; at the border the pixel outside is dropped and
+    # 3/4, 3/4, 1/4 renormalise to 3/7, 3/7, 1/7.
+    weights = triangle_weights(8, 4)
+    assert np.allclose(weights[1, 1:5], [1 / 8, 3 / 8, 3 / 8, 1 / 8])
+    assert np.allclose(weights[0, :3], [3 / 7, 3 / 7, 1 / 7])
+    assert np.allclose(weights[3, 5:], [1 / 7, 3 / 7, 3 / 7])
+    assert np.count_nonzero(weights, axis=1).tolist() == [3, 4, 4, 3]
+
+
+def test_bilinear_antialias_downsample_matches_the_hand_computation() -> None:
+    images = np.random.default_rng(3).integers(0, 256, size=(2, 3, 12, 12), dtype=np.uint8)
+    resized = resize_bilinear_antialias(torch.from_numpy(images), 6)
+    assert resized.dtype == torch.uint8 and tuple(resized.shape) == (2, 3, 6, 6)
+    exact = bilinear_reference(images, 6)
+    # Rounded to the nearest integer, except within float32 error of a half (either side).
+    near_half = np.abs(exact - np.floor(exact) - 0.5) < 1e-3
+    got = resized.numpy().astype(np.float64)
+    assert np.array_equal(got[~near_half], np.floor(exact + 0.5)[~near_half])
+    assert np.abs(got - exact).max() <= 0.5 + 1e-3
+    # Not the 2x2 block mean: the triangle reaches into the neighbouring blocks.
+    blocks = images.astype(np.float64).reshape(2, 3, 6, 2, 6, 2).mean(axis=(3, 5))
+    assert np.abs(got - blocks).max() > 1
+
+
+def test_tiny_imagenet_resize_switch(tmp_path: Path) -> None:
+    folder = tmp_path / "data" / "tiny-imagenet-200"
+    pixels = write_tiny_imagenet(folder, np.random.default_rng(0))
+    common: dict[str, Any] = {"path": folder, "root": tmp_path / "root", "table": tiny_table()}
+    box = load_dataset("tiny_imagenet", **common)
+    explicit_box = load_dataset("tiny_imagenet", resize="box", **common)
+    assert bool((explicit_box.x_train == box.x_train).all())
+    released = load_dataset("tiny_imagenet", resize="bilinear-antialias", **common)
+    # Each filter has its own cache; the box cache keeps its name.
+    names = sorted(p.name for p in folder.parent.glob("*.npz"))
+    assert names == [
+        "tiny-imagenet-200-32x32-bilinear-antialias.npz",
+        "tiny-imagenet-200-32x32-box.npz",
+    ]
+    first = pixels["train/n01/images/n01_0.JPEG"].transpose(2, 0, 1)[None]
+    expected = bilinear_reference(first, 32)[0]
+    assert np.abs(released.x_train[0].numpy() - expected).max() <= 0.5 + 1e-3
+    assert (
+        np.abs(box.x_train[0].numpy() - box_reduce(pixels["train/n01/images/n01_0.JPEG"])).max()
+        <= 1
+    )
+    assert not bool((released.x_train == box.x_train).all())
+    assert released.y_train.tolist() == box.y_train.tolist()
+    # Read back from the caches, neither filter's images leak into the other's.
+    again_box = load_dataset("tiny_imagenet", **common)
+    again_released = load_dataset("tiny_imagenet", resize="bilinear-antialias", **common)
+    assert bool((again_box.x_train == box.x_train).all())
+    assert bool((again_released.x_test == released.x_test).all())
+
+
+def test_unknown_resize_filter_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_dataset("tiny_imagenet", path=tmp_path, resize="bicubic", table=tiny_table())
+    assert one_sentence(str(info.value))
+    assert "data.resize must be one of 'box', 'bilinear-antialias'" in str(info.value)
 
 
 def test_tiny_imagenet_without_pillow_says_what_to_install(

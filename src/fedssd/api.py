@@ -273,6 +273,7 @@ def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
         pad_to_32=data.pad_to_32,
         rgb=data.rgb,
         image_size=data.image_size,
+        resize=data.resize,
         log=log,
     )
 
@@ -407,6 +408,7 @@ def server_evaluation_views(config: Config, *, log: Log) -> EvaluationViews | No
             download=data.download,
             pad_to_32=data.pad_to_32,
             rgb=data.rgb,
+            resize=data.resize,
             log=log,
         )
         images, labels = named.x_test, named.y_test

@@ -39,6 +39,7 @@ Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
 DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+ResizeFilter = Literal["box", "bilinear-antialias"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,11 @@ class DataConfig:
             one grayscale channel).
         image_size: Side of the square images a ``folder`` dataset is resized and centre-cropped
             to.
+        resize: How Tiny-ImageNet's 64x64 images are reduced to 32x32: ``box`` (Pillow's BOX
+            filter, the mean of each 2x2 block) or ``bilinear-antialias`` (torchvision's
+            antialiased bilinear ``Resize``, as in the SSD authors' code). Each filter has its
+            own decoded cache. Other datasets are not resized by it (a ``folder`` dataset always
+            uses Pillow's BICUBIC, see :mod:`fedssd.data.folder`).
         clients: For ``partition = "clients"``: one dataset per client, each a folder of images
             or an ``.npz`` file (empty: each subfolder of ``path`` is one client).
     """
@@ -90,6 +96,7 @@ class DataConfig:
     pad_to_32: bool = True
     rgb: bool = True
     image_size: int = 32
+    resize: ResizeFilter = "box"
     clients: tuple[str, ...] = ()
 
 

@@ -13,8 +13,11 @@ DESIGN.md). :func:`load_dataset` looks for a copy in this order:
 Local copies are checked against the official digests in :mod:`fedssd.data.fetch` (once; the
 result is remembered in ``<root>/verified.json``). Forms for which no digest is published, namely
 un-gzipped MNIST files and an extracted Tiny-ImageNet folder, are used with a log line saying so.
-Tiny-ImageNet is decoded once (Pillow, BOX filter 64 -> 32) and the uint8 arrays are cached in
-``tiny-imagenet-200-32x32-box.npz`` next to the zip or folder.
+Tiny-ImageNet is decoded once and reduced 64 -> 32 with the filter ``resize`` names
+(:data:`RESIZE_FILTERS`: ``"box"``, Pillow's BOX filter, the default; ``"bilinear-antialias"``, the
+antialiased bilinear resize of torchvision's tensor ``Resize`` used by the SSD authors' code, see
+:func:`resize_bilinear_antialias`); the uint8 arrays are cached next to the zip or folder in
+``tiny-imagenet-200-32x32-<filter>.npz``, one file per filter.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ from fedssd.errors import ConfigError, DataError
 
 __all__ = [
     "DATASET_NAMES",
+    "RESIZE_FILTERS",
     "USER_DATASETS",
     "ImageDataset",
     "default_root",
@@ -61,6 +65,7 @@ __all__ = [
     "load_dataset",
     "load_npz",
     "locate_dataset",
+    "resize_bilinear_antialias",
 ]
 
 DATASET_NAMES: tuple[str, ...] = (
@@ -74,6 +79,8 @@ DATASET_NAMES: tuple[str, ...] = (
 )
 # The user's own data (a path, nothing to download).
 USER_DATASETS = frozenset({"npz", "folder"})
+# How Tiny-ImageNet's 64x64 images are reduced to 32x32 (``data.resize``).
+RESIZE_FILTERS: tuple[str, ...] = ("box", "bilinear-antialias")
 
 _NUM_CLASSES: Mapping[str, int] = MappingProxyType(
     {"fashion_mnist": 10, "mnist": 10, "cifar10": 10, "cifar100": 100, "tiny_imagenet": 200}
@@ -102,7 +109,6 @@ _NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # An .npz is a zip archive: a local file header first, or only the end record when it is empty.
 _ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
 _TINY_SIZE = 32
-_TINY_CACHE_NAME = "tiny-imagenet-200-32x32-box.npz"
 _TINY_PROGRESS_EVERY = 10_000
 
 _Arrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
@@ -157,6 +163,7 @@ def load_dataset(
     pad_to_32: bool = True,
     rgb: bool = True,
     image_size: int = 32,
+    resize: str = "box",
     log: Log | None = None,
     table: Mapping[str, DatasetSources] = CHECKSUMS,
 ) -> ImageDataset:
@@ -171,6 +178,8 @@ def load_dataset(
         pad_to_32: Zero-pad 28x28 images by 2 pixels on each side to 32x32 (not for folders).
         rgb: Repeat single-channel images to 3 channels (a folder: else read them as one).
         image_size: Side a folder's images are resized and centre-cropped to.
+        resize: The filter Tiny-ImageNet is reduced 64 -> 32 with, one of
+            :data:`RESIZE_FILTERS` (other datasets are not resized by it).
         log: Receives one line per decision or progress step.
         table: Official sources and digests (tests pass their own).
 
@@ -178,10 +187,13 @@ def load_dataset(
         The dataset, images ``(n, channels, height, width)`` uint8.
 
     Raises:
-        ConfigError: Unknown name, or ``"npz"`` without ``path``.
+        ConfigError: Unknown name or filter, or ``"npz"`` without ``path``.
         DataError: No usable copy and none could be downloaded, or a file is corrupt.
     """
     _check_name(name)
+    if resize not in RESIZE_FILTERS:
+        options = ", ".join(repr(f) for f in RESIZE_FILTERS)
+        raise ConfigError(f"data.resize must be one of {options}, not {resize!r}.")
     say = log if log is not None else _silent
     if name == "folder":
         if path is None:
@@ -203,7 +215,7 @@ def load_dataset(
         location = _locate_or_fetch(
             name, entry, path=path, root=_root(root), download=download, table=table, log=say
         )
-        arrays = _read(name, location, log=say)
+        arrays = _read(name, location, resize=resize, log=say)
         num_classes = _NUM_CLASSES[name]
         for labels, where in ((arrays[1], "training"), (arrays[3], "test")):
             if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
@@ -496,12 +508,12 @@ def _find_archive(
     return extracted, None
 
 
-def _read(name: str, location: Path, *, log: Log) -> _Arrays:
+def _read(name: str, location: Path, *, resize: str, log: Log) -> _Arrays:
     if name in _IDX_DATASETS:
         return _read_idx_dataset(location)
     if name in _CIFAR_LAYOUT:
         return _read_cifar(name, location)
-    return _read_tiny_imagenet(location, log=log)
+    return _read_tiny_imagenet(location, resize=resize, log=log)
 
 
 def _to_images(images: np.ndarray, *, pad_to_32: bool, rgb: bool) -> torch.Tensor:
@@ -708,9 +720,14 @@ def _tiny_signature(location: Path) -> str:
     return "|".join(parts)
 
 
-def _read_tiny_imagenet(location: Path, *, log: Log) -> _Arrays:
+def _tiny_cache_name(resize: str) -> str:
+    """The decoded cache's file name for a filter; each filter has its own, so they never mix."""
+    return f"tiny-imagenet-200-{_TINY_SIZE}x{_TINY_SIZE}-{resize}.npz"
+
+
+def _read_tiny_imagenet(location: Path, *, resize: str, log: Log) -> _Arrays:
     """Tiny-ImageNet-200 at 32x32: from the decoded cache next to the data, else by decoding."""
-    cache = location.parent / _TINY_CACHE_NAME
+    cache = location.parent / _tiny_cache_name(resize)
     try:
         signature = _tiny_signature(location)
     except OSError as error:
@@ -722,7 +739,7 @@ def _read_tiny_imagenet(location: Path, *, log: Log) -> _Arrays:
     if cached is not None:
         log(f"Tiny-ImageNet-200: using the decoded images in {cache}")
         return cached
-    arrays = _decode_tiny_imagenet(location, log=log)
+    arrays = _decode_tiny_imagenet(location, resize=resize, log=log)
     _save_tiny_cache(cache, arrays, signature, log=log)
     return arrays
 
@@ -765,7 +782,7 @@ def _save_tiny_cache(cache: Path, arrays: _Arrays, signature: str, *, log: Log) 
     log(f"Tiny-ImageNet-200: saved the decoded images to {cache}")
 
 
-def _decode_tiny_imagenet(location: Path, *, log: Log) -> _Arrays:
+def _decode_tiny_imagenet(location: Path, *, resize: str, log: Log) -> _Arrays:
     image_module = _pillow_image()
     try:
         if location.is_file():
@@ -776,11 +793,16 @@ def _decode_tiny_imagenet(location: Path, *, log: Log) -> _Arrays:
                     names,
                     lambda rel: archive.read(prefix + rel),
                     image_module=image_module,
+                    resize=resize,
                     log=log,
                 )
         names = [p.relative_to(location).as_posix() for p in (location / "train").rglob("*.JPEG")]
         return _decode_tiny_tree(
-            names, lambda rel: (location / rel).read_bytes(), image_module=image_module, log=log
+            names,
+            lambda rel: (location / rel).read_bytes(),
+            image_module=image_module,
+            resize=resize,
+            log=log,
         )
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as error:
         raise DataError(
@@ -794,6 +816,7 @@ def _decode_tiny_tree(
     read: Callable[[str], bytes],
     *,
     image_module: ModuleType,
+    resize: str,
     log: Log,
 ) -> _Arrays:
     """Decode the train and val images of a tiny-imagenet-200 tree.
@@ -813,8 +836,8 @@ def _decode_tiny_tree(
     test = [f"val/images/{file}" for file, _ in annotated]
     y_test = np.array([index[wnid] for _, wnid in annotated], dtype=np.int64)
     log(f"Tiny-ImageNet-200: decoding {len(train)} train and {len(test)} val images (once)")
-    x_train = _decode_images(train, read, image_module=image_module, log=log)
-    x_test = _decode_images(test, read, image_module=image_module, log=log)
+    x_train = _decode_images(train, read, image_module=image_module, resize=resize, log=log)
+    x_test = _decode_images(test, read, image_module=image_module, resize=resize, log=log)
     return x_train, y_train, x_test, y_test
 
 
@@ -823,24 +846,50 @@ def _decode_images(
     read: Callable[[str], bytes],
     *,
     image_module: ModuleType,
+    resize: str,
     log: Log,
 ) -> np.ndarray:
     """JPEG files -> ``(n, 3, 32, 32)`` uint8.
 
-    The 64x64 images are reduced with Pillow's BOX filter: for the exact factor 2 each output
-    pixel is the mean of a 2x2 block, an antialiased reduction with no ringing.
+    The 64x64 images are reduced with the filter ``resize`` names. ``"box"`` is Pillow's BOX
+    filter: for the exact factor 2 each output pixel is the mean of a 2x2 block, an antialiased
+    reduction with no ringing. ``"bilinear-antialias"`` is :func:`resize_bilinear_antialias`.
     """
     out = np.empty((len(names), _TINY_SIZE, _TINY_SIZE, 3), dtype=np.uint8)
     size = (_TINY_SIZE, _TINY_SIZE)
     for i, name in enumerate(names):
         with image_module.open(io.BytesIO(read(name))) as image:
             picture = image.convert("RGB")
-        if picture.size != size:
-            picture = picture.resize(size, image_module.Resampling.BOX)
-        out[i] = np.asarray(picture)
+        if picture.size == size:
+            out[i] = np.asarray(picture)
+        elif resize == "box":
+            out[i] = np.asarray(picture.resize(size, image_module.Resampling.BOX))
+        else:
+            chw = torch.from_numpy(np.asarray(picture).transpose(2, 0, 1).copy())
+            out[i] = resize_bilinear_antialias(chw[None], _TINY_SIZE)[0].permute(1, 2, 0).numpy()
         if (i + 1) % _TINY_PROGRESS_EVERY == 0:
             log(f"Tiny-ImageNet-200: decoded {i + 1} of {len(names)}")
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+
+
+def resize_bilinear_antialias(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 images ``(n, c, h, w)`` to ``(n, c, size, size)``, antialiased bilinear.
+
+    This is what torchvision's ``transforms.Resize(size, antialias=True)`` (bilinear, its
+    default) computes for a uint8 tensor: the images are cast to float32, resized with
+    ``torch.nn.functional.interpolate(mode="bilinear", antialias=True, align_corners=False)``,
+    rounded to the nearest integer and cast back to uint8. When shrinking, each output pixel is
+    a weighted mean of the inputs under a triangle filter stretched by the reduction factor (for
+    64 -> 32: weights 1/8, 3/8, 3/8, 1/8 over 4 pixels per axis, renormalised where the window
+    leaves the image). The weights are non-negative, so the result stays within 0..255; the clamp
+    only guards the cast. (torchvision's v2 transforms, on CPUs with AVX2, hand uint8 tensors to
+    PyTorch's integer kernel instead, whose fixed-point rounding can differ by one grey level;
+    this float form is its v1 tensor path and its path everywhere else. torchvision is not needed.)
+    """
+    resized = torch.nn.functional.interpolate(
+        images.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized.round().clamp(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------- npz

@@ -62,6 +62,10 @@ def run_identity(config_data: Mapping[str, Any]) -> dict[str, Any]:
     federation (the rest, e.g. evaluation settings, may differ on resume)."""
     keys = ("seed", "data", "model", "method", "federation")
     identity = {key: jsonable(config_data[key]) for key in keys if key in config_data}
+    # The default Tiny-ImageNet filter keeps the identity runs had before data.resize existed.
+    data = identity.get("data")
+    if isinstance(data, dict) and data.get("resize") == "box":
+        identity["data"] = {k: v for k, v in data.items() if k != "resize"}
     # Differential privacy changes the training: a DP run resumes only with its own settings (a
     # run without DP keeps the identity it had before the [privacy] table existed).
     privacy = config_data.get("privacy", {})
