@@ -29,8 +29,9 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, build_experiment, node_data, resolve
+from fedssd.api import Experiment, build_experiment, resolve
 from fedssd.config import Config
+from fedssd.data.federated import node_data
 from fedssd.errors import ConfigError
 from fedssd.federation.evaluate import client_evaluation, client_evaluation_seed
 from fedssd.federation.round import client_round
