@@ -50,7 +50,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedssd.data.augment import SSL_AUGMENT, two_views
 from fedssd.experiments.outputs import append_jsonl
-from fedssd.federation import simulator
+from fedssd.federation import round as round_module
+from fedssd.federation import server
 from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
@@ -432,9 +433,9 @@ def measure_rounds(
             seed=seed,
         )
         with (
-            _patched(simulator, "local_train", timed("local_train")),
-            _patched(simulator, "generator", timed("seeding")),
-            _patched(simulator, "aggregate_updates", timed("aggregation")),
+            _patched(round_module, "local_train", timed("local_train")),
+            _patched(round_module, "generator", timed("seeding")),
+            _patched(server, "aggregate_updates", timed("aggregation")),
         ):
             _sync(device)
             start = time.perf_counter()

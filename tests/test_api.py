@@ -9,12 +9,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedssd.api import FederatedData, check_setup, load_config
+from fedssd.api import check_setup, load_config
 from fedssd.config import EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.datasets import ImageDataset
+from fedssd.data.federated import FederatedData
 from fedssd.errors import ConfigError, DataError
 from fedssd.experiments.outputs import check_run_dir, prepare_run_dir
+from fedssd.federation import callbacks
 from fedssd.federation.evaluate import evaluate_model
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
@@ -234,7 +236,7 @@ def test_the_time_left_of_a_resumed_run_counts_only_its_own_rounds(
     clock = iter([100.0, 110.0, 120.0])
     monkeypatch.setattr(api.time, "perf_counter", lambda: next(clock))
     lines: list[str] = []
-    report = api._progress("ssd", 10, lines.append)
+    report = callbacks.progress("ssd", 10, lines.append)
     # Resumed after round 4: rounds 5 and 6 take 10 s each, leaving 5, then 4, rounds of 10 s.
     for done in (5, 6):
         report({"round": done, "loss": 0.5, "seconds": 10.0}, None)  # type: ignore[arg-type]

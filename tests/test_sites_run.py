@@ -16,11 +16,12 @@ import torch
 from PIL import Image
 
 import fedssd
-from fedssd.api import load_config, make_model, server_evaluation_views
+from fedssd.api import load_config, make_model
 from fedssd.cli import main
 from fedssd.config import EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.datasets import load_dataset
+from fedssd.data.federated import server_evaluation_views
 from fedssd.evaluation.metrics import representation_metrics
 from fedssd.federation.evaluate import (
     CLIENT_METRICS,

@@ -21,15 +21,20 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from fedssd import config as config_module
 from fedssd import presets
-from fedssd.config import Config, DataConfig
-from fedssd.data.augment import SSL_AUGMENT, AugmentConfig
-from fedssd.data.datasets import DATASET_NAMES, USER_DATASETS, ImageDataset, load_dataset
-from fedssd.data.partition import label_histogram, make_partition, subset_indices
-from fedssd.data.sites import load_sites, site_dataset
+from fedssd.config import Config
+from fedssd.data.augment import AugmentConfig
+from fedssd.data.datasets import DATASET_NAMES
+from fedssd.data.federated import (
+    EvaluationViews,
+    FederatedData,
+    named_dataset,
+    prepare_data,
+    run_evaluation_views,
+)
+from fedssd.data.partition import label_histogram
 from fedssd.errors import ConfigError, DataError
 from fedssd.experiments.checkpoint import (
     Checkpoint,
@@ -38,10 +43,8 @@ from fedssd.experiments.checkpoint import (
     load_checkpoint,
     remove_partial_checkpoints,
     run_identity,
-    save_checkpoint,
 )
 from fedssd.experiments.outputs import (
-    append_jsonl,
     check_run_dir,
     jsonable,
     prepare_run_dir,
@@ -49,24 +52,30 @@ from fedssd.experiments.outputs import (
     write_json,
     write_text_atomic,
 )
-from fedssd.federation.client import LocalResult, LocalSettings
+from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
+from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
     client_evaluation_seed,
     combine_client_evaluations,
     evaluate_model,
-    knn_monitor,
     label_warning,
 )
 from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
-from fedssd.federation.simulator import Callback, ClientCallback, Guards, Schedule, run_rounds
+from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
 from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.methods.server import load_server_state, server_state
 from fedssd.models import SSLModel, build_model
-from fedssd.runtime import busy_machine_hint, cpu_threads, tune_malloc
-from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, SUBSET, derive_seed, numpy_rng
+from fedssd.runtime import (
+    autocast_dtype,
+    busy_machine_hint,
+    cpu_threads,
+    select_device,
+    tune_malloc,
+)
+from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, derive_seed
 
 Log = Callable[[str], None]
 
@@ -90,77 +99,6 @@ class RunResult:
     model: SSLModel
 
 
-@dataclasses.dataclass(frozen=True)
-class EvaluationViews:
-    """What the evaluations look at.
-
-    Attributes:
-        train_images: ``(n, c, height, width)`` uint8, every client's training images.
-        train_labels: ``(n,)`` their labels.
-        train_clients: ``(n,)`` the client holding each of them.
-        test_images: ``(m, c, height, width)`` uint8 test images.
-        test_labels: ``(m,)`` their labels.
-        num_classes: Number of classes.
-    """
-
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    train_clients: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
-    num_classes: int
-
-
-@dataclasses.dataclass(frozen=True)
-class FederatedData:
-    """A dataset split over clients.
-
-    Attributes:
-        dataset: The whole dataset (uint8 images on the CPU).
-        client_indices: One sorted int64 array of training-set indices per client.
-        test_indices: Indices of the test images used for evaluation.
-        scheme: The partition scheme that made the split (``data.partition``).
-    """
-
-    dataset: ImageDataset
-    client_indices: list[np.ndarray]
-    test_indices: np.ndarray
-    scheme: str = "dirichlet"
-
-    @property
-    def federated_evaluation(self) -> bool:
-        """Whether, without a server-side set, evaluation runs on each client's own images:
-        for real sites (``partition = "clients"``) and for data without a labelled test set."""
-        test = self.dataset.y_test
-        return self.scheme == "clients" or not (test.numel() and bool((test >= 0).all()))
-
-    def evaluation_views(self) -> EvaluationViews:
-        """The clients' training images (in index order, with their owners) and the test set."""
-        owner = np.full(self.dataset.y_train.shape[0], -1, dtype=np.int64)
-        for k, part in enumerate(self.client_indices):
-            owner[part] = k
-        union = torch.from_numpy(np.flatnonzero(owner >= 0))
-        test = torch.from_numpy(self.test_indices)
-        return EvaluationViews(
-            train_images=self.dataset.x_train[union],
-            train_labels=self.dataset.y_train[union],
-            train_clients=torch.from_numpy(owner)[union],
-            test_images=self.dataset.x_test[test],
-            test_labels=self.dataset.y_test[test],
-            num_classes=self.dataset.num_classes,
-        )
-
-    def augmentation(self) -> AugmentConfig:
-        """The paper's two-view augmentation, producing views of the images' own size."""
-        height, width = self.dataset.x_train.shape[-2:]
-        if height != width:
-            raise DataError(
-                f"{self.dataset.name} images are {height}x{width}; fedssd needs square images "
-                "(crop or pad them before saving the dataset)."
-            )
-        return dataclasses.replace(SSL_AUGMENT, size=int(height))
-
-
 def resolve(config: Config) -> Config:
     """``config`` with the method's options complete and data paths absolute.
 
@@ -179,7 +117,7 @@ def resolve(config: Config) -> Config:
         clients=tuple(str(_absolute(site)) for site in data.clients),
     )
     evaluation = config.evaluation
-    if evaluation.data is not None and not _named_dataset(evaluation.data):
+    if evaluation.data is not None and not named_dataset(evaluation.data):
         evaluation = dataclasses.replace(evaluation, data=_absolute(evaluation.data))
     model = config.model
     if model.init_from is not None:
@@ -191,11 +129,6 @@ def resolve(config: Config) -> Config:
         model=model,
         method=dataclasses.replace(config.method, options=options),
     )
-
-
-def _named_dataset(name: str) -> bool:
-    """A built-in dataset's name (rather than a path) in ``evaluation.data``."""
-    return name in DATASET_NAMES and name not in USER_DATASETS
 
 
 def _absolute(path: str | None) -> str | None:
@@ -263,232 +196,6 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
         check_init_from(config, probe)
 
 
-def load_data(data: DataConfig, *, log: Log) -> ImageDataset:
-    """Read the dataset ``data`` names, with its location, download and format options."""
-    return load_dataset(
-        data.name,
-        path=data.path,
-        root=data.root,
-        download=data.download,
-        pad_to_32=data.pad_to_32,
-        rgb=data.rgb,
-        image_size=data.image_size,
-        resize=data.resize,
-        log=log,
-    )
-
-
-def data_subsets(config: Config, dataset: ImageDataset) -> tuple[np.ndarray, np.ndarray]:
-    """Indices of the training pool and of the test images: the stratified subsets of
-    ``data.train_subset`` and ``data.test_subset`` drawn from the run seed, or all images."""
-    data = config.data
-    labels = dataset.y_train.numpy()
-    pool = np.arange(labels.shape[0])
-    if 0 < data.train_subset < labels.shape[0]:
-        rng = numpy_rng(config.seed, SUBSET, 0)
-        if dataset.labelled and labels.min() >= 0:
-            pool = subset_indices(labels, size=data.train_subset, rng=rng)
-        else:
-            # Nothing to stratify by: a uniform random subset.
-            pool = np.sort(rng.choice(labels.shape[0], size=data.train_subset, replace=False))
-    test_labels = dataset.y_test.numpy()
-    test = np.arange(test_labels.shape[0])
-    if 0 < data.test_subset < test_labels.shape[0]:
-        test = subset_indices(
-            test_labels, size=data.test_subset, rng=numpy_rng(config.seed, SUBSET, 1)
-        )
-    return pool, test
-
-
-def prepare_data(config: Config, *, log: Log) -> FederatedData:
-    """Load the dataset and split its training set over the clients (pure given the config)."""
-    data = config.data
-    if data.partition == "clients":
-        dataset, client_indices = load_sites(
-            data, num_clients=config.federation.num_clients, log=log
-        )
-        return FederatedData(
-            dataset=dataset,
-            client_indices=client_indices,
-            test_indices=np.arange(dataset.x_test.shape[0]),
-            scheme="clients",
-        )
-    dataset = load_data(data, log=log)
-    pool, test_indices = data_subsets(config, dataset)
-    labels = dataset.y_train.numpy()[pool]
-    if labels.size and labels.min() < 0:
-        if data.partition in ("dirichlet", "pathological"):
-            raise ConfigError(
-                f"data.partition = {data.partition!r} splits by label but {data.path} has "
-                "unlabelled images; use partition = 'clients' or 'iid'."
-            )
-        # The other schemes only count the images.
-        labels = np.zeros_like(labels)
-    parts = make_partition(
-        labels,
-        scheme=data.partition,
-        num_clients=config.federation.num_clients,
-        seed=config.seed,
-        alpha=data.alpha,
-        classes_per_client=data.classes_per_client,
-        split_file=data.split_file,
-        min_size=data.min_client_size,
-        dirichlet_rule=data.dirichlet_rule,
-    )
-    client_indices = [pool[p] for p in parts]
-    return FederatedData(
-        dataset=dataset,
-        client_indices=client_indices,
-        test_indices=test_indices,
-        scheme=data.partition,
-    )
-
-
-def node_data(config: Config, client_id: int, path: str | Path, *, log: Log) -> FederatedData:
-    """One node's own data as a :class:`FederatedData` (for a deployed ``partition = "clients"``
-    node): its site read by :func:`~fedssd.data.sites.load_site` with the run's format options,
-    all of it client ``client_id``'s; the other clients' index arrays are empty, since a node
-    never reads, receives or derives another party's data.
-
-    Raises:
-        ConfigError: ``client_id`` is not in ``0..num_clients-1``.
-        DataError: The site is missing or unreadable.
-    """
-    count = config.federation.num_clients
-    if not 0 <= client_id < count:
-        raise ConfigError(
-            f"client id {client_id} is outside 0..{count - 1} (federation.num_clients = {count})."
-        )
-    dataset = site_dataset(config.data, path, log=log)
-    empty = np.zeros(0, dtype=np.int64)
-    parts = [empty] * count
-    parts[client_id] = np.arange(dataset.x_train.shape[0], dtype=np.int64)
-    return FederatedData(
-        dataset=dataset,
-        client_indices=parts,
-        test_indices=np.arange(dataset.x_test.shape[0]),
-        scheme=config.data.partition,
-    )
-
-
-#: Share of a server-side evaluation set used as the kNN bank and probe training set when it has
-#: no test split of its own (the rest are the queries and probe test images).
-SERVER_BANK_SHARE = 0.8
-
-
-def server_evaluation_views(config: Config, *, log: Log) -> EvaluationViews | None:
-    """The views of the labelled evaluation set the server owns (``evaluation.data``).
-
-    Reads only that set, never a client's training data. An ``.npz`` with ``x_test``/``y_test``
-    gives its two splits (bank/probe-train and queries/probe-test); an ``.npz`` of ``x_train`` and
-    ``y_train`` alone, a folder with one subfolder per class, or a built-in dataset's name (whose
-    official test split is used) is split into a :data:`SERVER_BANK_SHARE` bank and the rest, a
-    stratified draw from the run seed. Images take the run's ``data`` format options
-    (``image_size``, ``rgb``, ``pad_to_32``); labels are the set's own.
-
-    Args:
-        config: The resolved run configuration.
-        log: Receives one line per decision.
-
-    Returns:
-        The views (every image as client 0), or None when ``evaluation.data`` is not set.
-
-    Raises:
-        ConfigError: ``evaluation.data`` names nothing usable.
-        DataError: The set is unreadable, unlabelled or too small to split.
-    """
-    source = config.evaluation.data
-    if source is None:
-        return None
-    data = config.data
-    if _named_dataset(source):
-        named = load_dataset(
-            source,
-            root=data.root,
-            download=data.download,
-            pad_to_32=data.pad_to_32,
-            rgb=data.rgb,
-            resize=data.resize,
-            log=log,
-        )
-        images, labels = named.x_test, named.y_test
-        test_images, test_labels = images[:0], labels[:0]
-        num_classes = named.num_classes
-    else:
-        place = Path(source)
-        if not place.exists():
-            raise DataError(
-                f"evaluation.data {place} does not exist; give a labelled .npz file, a folder "
-                "with one subfolder per class, or a dataset name."
-            )
-        owned = site_dataset(data, place, log=log)
-        if not owned.labelled:
-            raise DataError(
-                f"evaluation.data {place} has no labels; the server's evaluation set needs them "
-                "(y_train in the .npz, or one subfolder per class)."
-            )
-        images, labels = owned.x_train, owned.y_train
-        test_images, test_labels = owned.x_test, owned.y_test
-        num_classes = owned.num_classes
-    if test_images.shape[0] == 0:
-        count = int(images.shape[0])
-        if count < 2:
-            raise DataError(
-                f"evaluation.data {source} has {count} image(s); it needs at least two, to "
-                "split into a kNN bank and queries."
-            )
-        size = min(max(1, round(SERVER_BANK_SHARE * count)), count - 1)
-        bank = subset_indices(
-            labels.numpy(), size=size, rng=numpy_rng(config.seed, EVALUATION, SUBSET)
-        )
-        rest = np.setdiff1d(np.arange(count), bank)
-        bank_t, rest_t = torch.from_numpy(bank), torch.from_numpy(rest)
-        images, labels, test_images, test_labels = (
-            images[bank_t],
-            labels[bank_t],
-            images[rest_t],
-            labels[rest_t],
-        )
-    log(
-        f"server evaluation set {source}: {images.shape[0]} bank and {test_images.shape[0]} "
-        f"query images, {num_classes} classes"
-    )
-    return EvaluationViews(
-        train_images=images,
-        train_labels=labels,
-        train_clients=torch.zeros(images.shape[0], dtype=torch.long),
-        test_images=test_images,
-        test_labels=test_labels,
-        num_classes=num_classes,
-    )
-
-
-def run_evaluation_views(
-    config: Config, data: FederatedData, *, log: Log
-) -> EvaluationViews | None:
-    """What a simulated run evaluates on: the server's set when ``evaluation.data`` is set,
-    None for a federated evaluation (see :attr:`FederatedData.federated_evaluation`), else the
-    pooled clients' images and the test set.
-
-    Raises:
-        DataError: The server's images differ in shape from the training images.
-    """
-    if config.evaluation.data is not None:
-        views = server_evaluation_views(config, log=log)
-        assert views is not None
-        trained = tuple(data.dataset.x_train.shape[1:])
-        if tuple(views.train_images.shape[1:]) != trained:
-            raise DataError(
-                f"evaluation.data {config.evaluation.data} has images of shape "
-                f"{tuple(views.train_images.shape[1:])} but the clients train on {trained}; set "
-                "data.image_size, data.rgb and data.pad_to_32 to match, or convert the set."
-            )
-        return views
-    if data.federated_evaluation:
-        return None
-    return data.evaluation_views()
-
-
 def federated_evaluation(
     config: Config,
     data: FederatedData,
@@ -535,36 +242,6 @@ def _build_model(config: Config, *, in_channels: int) -> SSLModel:
         projector_hidden=config.model.projector_hidden,
         projector_out=config.model.projector_out or None,
     )
-
-
-def select_device(name: str) -> torch.device:
-    """``auto`` means CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device {name!r} was asked for but no CUDA device is available; use 'auto'."
-        )
-    return device
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA for ``auto``; full precision on the CPU; float16 (CUDA only).
-
-    Raises:
-        ConfigError: ``fp16`` on a device other than CUDA.
-    """
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise ConfigError(
-                f"precision = 'fp16' needs a CUDA device, not {device.type}; use 'bf16' or "
-                "'fp32' there."
-            )
-        return torch.float16
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def final_evaluation(
@@ -1100,7 +777,7 @@ def _rounds_and_finish(
         start_round=len(history),
         history=history,
         callbacks=callbacks,
-        on_client=_client_progress(cfg.method.name, fed.rounds, say) if verbose else None,
+        on_client=client_progress(cfg.method.name, fed.rounds, say) if verbose else None,
     )
     return finish_run(experiment, history, views=views, out_dir=out_dir, started=started, say=say)
 
@@ -1159,34 +836,6 @@ def finish_run(
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
 
-def checkpointer(
-    config: Config,
-    out_dir: Path,
-    method: Method,
-    store: ClientStore,
-    history: list[dict[str, Any]],
-) -> Callback:
-    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end."""
-    identity = run_identity(config_module.to_dict(config))
-    every, rounds = config.checkpoint.every, config.federation.rounds
-
-    def save(record: dict[str, Any], model: nn.Module) -> None:
-        done = int(record["round"])
-        if done % every and done != rounds:
-            return
-        checkpoint = Checkpoint(
-            rounds_done=done,
-            model={k: v.detach() for k, v in model.state_dict().items()},
-            server=server_state(method),
-            store=store,
-            history=history[:done],
-            identity=identity,
-        )
-        save_checkpoint(out_dir, checkpoint, keep=config.checkpoint.keep)
-
-    return save
-
-
 def write_header(out_dir: Path, config: Config, data: FederatedData) -> None:
     """The files written before training: the resolved config and the partition."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
@@ -1217,86 +866,3 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
     if data.dataset.class_names:
         record["class_names"] = list(data.dataset.class_names)
     return record
-
-
-def round_callbacks(
-    config: Config,
-    views: EvaluationViews | None,
-    device: torch.device,
-    out_dir: Path | None,
-    say: Log,
-) -> list[Callback]:
-    """The round callbacks: the kNN monitor, the metrics file and the progress line.
-
-    Without ``views`` (a federated evaluation: no labelled set in one place) the kNN monitor is
-    off, which is said once.
-    """
-    callbacks: list[Callback] = []
-    ev = config.evaluation
-    if ev.every and views is None:
-        say(
-            "the kNN monitor is off: it needs a labelled set on the server (evaluation.data); "
-            "the final evaluation is federated"
-        )
-    elif ev.every and views is not None:
-        callbacks.append(
-            knn_monitor(
-                every=ev.every,
-                last_round=config.federation.rounds,
-                bank_images=views.train_images,
-                bank_labels=views.train_labels,
-                test_images=views.test_images,
-                test_labels=views.test_labels,
-                num_classes=views.num_classes,
-                k=ev.knn_k,
-                temperature=ev.knn_temperature,
-                batch_size=ev.batch_size,
-                device=device,
-            )
-        )
-    if out_dir is not None:
-        metrics_path = out_dir / "metrics.jsonl"
-
-        def write_record(record: dict[str, Any], _model: nn.Module) -> None:
-            append_jsonl(metrics_path, record)
-
-        callbacks.append(write_record)
-    callbacks.append(_progress(config.method.name, config.federation.rounds, say))
-    return callbacks
-
-
-def _client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
-    """A per-client progress line, for rounds too long to wait for in silence."""
-
-    def report(round_index: int, position: int, count: int, result: LocalResult) -> None:
-        say(
-            f"[{name}] round {round_index + 1}/{rounds} client {position + 1}/{count} "
-            f"(id {result.client_id}): {result.num_batches} batches, loss {result.loss:.4f}, "
-            f"{result.seconds:.1f}s"
-        )
-
-    return report
-
-
-def _progress(name: str, rounds: int, say: Log) -> Callback:
-    """A callback printing one line per round with the loss parts and the time left (from the
-    rounds this process ran: a resumed run's earlier rounds took no time here)."""
-    started = time.perf_counter()
-    before: list[int] = []  # rounds done before the first this process reports
-
-    def report(record: dict[str, Any], _model: nn.Module) -> None:
-        done = record["round"]
-        if not before:
-            before.append(done - 1)
-        elapsed = time.perf_counter() - started
-        eta = elapsed / (done - before[0]) * (rounds - done)
-        parts = " ".join(
-            f"{key[5:]} {value:.4f}" for key, value in record.items() if key.startswith("loss_")
-        )
-        knn = f" | knn {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
-        say(
-            f"[{name}] round {done}/{rounds} | loss {record['loss']:.4f} ({parts}){knn} "
-            f"| {record['seconds']:.1f}s | eta {eta:.0f}s"
-        )
-
-    return report

@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 import torch
 
+from fedssd.errors import ConfigError
+
 ENV_SWITCH = "FEDSSD_TUNE_MALLOC"
 # mallopt parameter numbers from glibc's malloc.h.
 _M_TRIM_THRESHOLD = -1
@@ -114,3 +116,33 @@ def busy_machine_hint(threads: int) -> str | None:
         f"note: the load average ({load:.1f}) already fills the {cores} CPU cores; if other jobs "
         f"share them, --threads 1 (config key threads) can be much faster than {threads} threads."
     )
+
+
+def select_device(name: str) -> torch.device:
+    """``auto`` means CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {name!r} was asked for but no CUDA device is available; use 'auto'."
+        )
+    return device
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA for ``auto``; full precision on the CPU; float16 (CUDA only).
+
+    Raises:
+        ConfigError: ``fp16`` on a device other than CUDA.
+    """
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"precision = 'fp16' needs a CUDA device, not {device.type}; use 'bf16' or "
+                "'fp32' there."
+            )
+        return torch.float16
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None

@@ -30,20 +30,16 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from fedssd.api import (
-    EvaluationViews,
-    autocast_dtype,
-    data_subsets,
-    load_config,
-    load_data,
-    make_model,
-    prepare_data,
-    run_evaluation_views,
-    select_device,
-    stderr_log,
-)
+from fedssd.api import load_config, make_model, stderr_log
 from fedssd.config import Config, EvaluationConfig
 from fedssd.data.datasets import DATASET_NAMES
+from fedssd.data.federated import (
+    EvaluationViews,
+    data_subsets,
+    load_data,
+    prepare_data,
+    run_evaluation_views,
+)
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation.features import extract_features
 from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fraction
@@ -53,7 +49,7 @@ from fedssd.evaluation.metrics import representation_metrics
 from fedssd.experiments.outputs import write_json
 from fedssd.federation.evaluate import label_warning
 from fedssd.models import SSLModel
-from fedssd.runtime import cpu_threads
+from fedssd.runtime import autocast_dtype, cpu_threads, select_device
 from fedssd.seeding import EVALUATION, derive_seed, numpy_rng
 
 Log = Callable[[str], None]

@@ -103,7 +103,7 @@ def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
     Raises:
         ConfigError: A run's data cannot be read or split, naming the setting and seed.
     """
-    import fedssd.api as api
+    from fedssd.data.federated import prepare_data
 
     seen: set[str] = set()
     for run in runs:
@@ -115,7 +115,7 @@ def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
             continue
         seen.add(key)
         try:
-            api.prepare_data(cfg, log=lambda _message: None)
+            prepare_data(cfg, log=lambda _message: None)
         except FedSSDError as error:
             raise ConfigError(
                 f"{where}, setting {run.setting!r}, seed {run.seed}: {error}"

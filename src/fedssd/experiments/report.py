@@ -665,7 +665,7 @@ def embed_sample(
     Returns:
         ``({"h": (n, feature_dim), "z": (n, embed_dim)}, clients (n,), labels (n,))``.
     """
-    from fedssd.api import prepare_data
+    from fedssd.data.federated import prepare_data
     from fedssd.evaluation.features import extract_features
     from fedssd.experiments.evaluate import load_run
 

@@ -1,13 +1,14 @@
 """The Flower ClientApp: one client's local round, the same code path as the simulator's.
 
 For each ``train`` message: load the global weights (and the method's server state) into the
-client model, the method's ``begin_client`` hook with the state this client kept, the same
-:func:`fedssd.federation.client.local_train` with the same per-(round, client id) generator,
-``end_client``, and a reply carrying the model state without the method's local keys, the
-method's payload and the training result. The kept state persists on the node's disk under its
-``state-dir`` (:mod:`fedssd.flower.node_state`), else in the node's ``Context.state``, under the
-client's id. An ``evaluate`` message asks for the final model's metrics on this node's own
-images (a federated evaluation); a ``query`` asks which client the node plays.
+client model, the method's ``begin_client`` hook with the state this client kept, local training
+with the same per-(round, client id) generator and ``end_client`` (the simulator's own
+:func:`fedssd.federation.round.client_round`), and a reply carrying the model state without the
+method's local keys, the method's payload and the training result. The kept state persists on
+the node's disk under its ``state-dir`` (:mod:`fedssd.flower.node_state`), else in the node's
+``Context.state``, under the client's id. An ``evaluate`` message asks for the final model's
+metrics on this node's own images (a federated evaluation); a ``query`` asks which client the
+node plays.
 
 A SuperNode's node config names its client: ``client-id`` (0-based; ``partition-id``, as
 Flower's simulation engine sets it, when absent). In a run on the sites' own data
@@ -24,25 +25,21 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, build_experiment, node_data, resolve
+from fedssd.api import Experiment, build_experiment, resolve
 from fedssd.config import Config
+from fedssd.data.federated import node_data
 from fedssd.errors import ConfigError
-from fedssd.federation.client import local_train
 from fedssd.federation.evaluate import client_evaluation, client_evaluation_seed
-from fedssd.federation.simulator import local_keys
-from fedssd.federation.store import stamp_participation
+from fedssd.federation.round import client_round
 from fedssd.flower import node_state, records
 from fedssd.flower.records import SITES
 from fedssd.flower.secagg import secure_aggregation_mod
-from fedssd.methods.protocol import ClientHooks
 from fedssd.methods.server import load_server_state
 from fedssd.runtime import tune_malloc
-from fedssd.seeding import CLIENT, generator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -176,9 +173,6 @@ def train_client(message: Message, context: Context) -> Message:
     )
     method, model = experiment.method, experiment.client_model
     load_server_state(method, records.from_arrays(message.content.array_records[records.METHOD]))
-    # load_state_dict copies each CPU tensor onto the model's device itself.
-    model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
-    hooks = method if isinstance(method, ClientHooks) else None
     state_dir = _state_dir(context)
     run_key = str(task.get("run-key", ""))
     if state_dir is not None and run_key:
@@ -187,49 +181,40 @@ def train_client(message: Message, context: Context) -> Message:
         )
     else:
         stored = records.load_client_state(context.state, client_id, run_key=run_key)
-    if hooks is not None:
-        hooks.begin_client(model, stored, client_id=client_id, round_index=round_index)
-    result = local_train(
+    reply = client_round(
         model,
         method,
         experiment.images,
         experiment.client_indices[client_id],
+        # load_state_dict copies each CPU tensor onto the model's device itself.
+        global_state=records.from_arrays(message.content.array_records[records.GLOBAL]),
+        stored=stored,
         settings=dataclasses.replace(experiment.settings, lr=lr),
-        generator=generator(
-            experiment.config.seed, CLIENT, round_index, client_id, device=experiment.images.device
-        ),
+        seed=experiment.config.seed,
+        round_index=round_index,
         client_id=client_id,
         position=position,
-        after_step=hooks.after_step if hooks is not None else None,
     )
-    content = RecordDict({records.RESULT: records.result_to_metrics(result)})
-    if not result.finite:
+    content = RecordDict({records.RESULT: records.result_to_metrics(reply.result)})
+    if reply.state is None:
         # As in the simulator: a diverged client keeps nothing and sends no weights.
         return Message(content, reply_to=message)
-    payload: dict[str, torch.Tensor] = {}
-    if hooks is not None:
-        kept, payload = hooks.end_client(
-            model, stored, client_id=client_id, round_index=round_index
-        )
-        kept = stamp_participation(kept, stored, round_index)
+    if reply.kept is not None:
         if state_dir is not None and run_key:
             checkpoints = experiment.config.checkpoint
             node_state.save_client_state(
                 state_dir,
                 run_key,
                 client_id,
-                kept,
+                reply.kept,
                 round_index=round_index,
                 horizon=checkpoints.every * checkpoints.keep,
             )
         else:
             # save_client_state serializes the tensors to CPU bytes (records.to_arrays) itself.
-            records.save_client_state(context.state, client_id, kept, run_key=run_key)
-    private = local_keys(model, method)
-    content[records.STATE] = records.to_arrays(
-        {k: v for k, v in model.state_dict().items() if k not in private}
-    )
-    content[records.PAYLOAD] = records.to_arrays(payload)
+            records.save_client_state(context.state, client_id, reply.kept, run_key=run_key)
+    content[records.STATE] = records.to_arrays(reply.state)
+    content[records.PAYLOAD] = records.to_arrays(reply.payload)
     return Message(content, reply_to=message)
 
 

@@ -80,7 +80,7 @@ from fedssd.config import Config
 from fedssd.errors import ConfigError, TrainingDiverged
 from fedssd.federation.client import LocalResult
 from fedssd.federation.sampling import clients_per_round, sample_clients, shuffled_order
-from fedssd.federation.simulator import conclude_round, local_keys, round_lr, run_callbacks
+from fedssd.federation.server import conclude_round, local_keys, round_lr, run_callbacks
 from fedssd.flower import records
 from fedssd.flower.strategy import MethodStrategy
 from fedssd.methods.protocol import Aggregates, ClientUpdate, Method

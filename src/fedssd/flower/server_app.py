@@ -40,22 +40,19 @@ from torch import nn
 
 from fedssd import config as config_module
 from fedssd.api import (
-    FederatedData,
     RunResult,
     build_experiment,
     check_setup,
-    checkpointer,
     finish_run,
     load_config,
     restore_checkpoint,
     resume_point,
-    round_callbacks,
-    run_evaluation_views,
     warm_start,
     write_header,
 )
 from fedssd.config import Config
 from fedssd.data.datasets import ImageDataset
+from fedssd.data.federated import FederatedData, run_evaluation_views
 from fedssd.errors import ConfigError, DataError
 from fedssd.experiments.outputs import (
     FLOWER_FILE,
@@ -64,6 +61,7 @@ from fedssd.experiments.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.federation.callbacks import checkpointer, round_callbacks
 from fedssd.federation.evaluate import combine_client_evaluations
 from fedssd.federation.store import ClientStore
 from fedssd.flower import records, secagg

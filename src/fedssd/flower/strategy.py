@@ -2,9 +2,10 @@
 
 :class:`MethodStrategy` samples client ids with :func:`fedssd.federation.sampling.sample_clients`
 (the run seed and the round alone decide), sends each sampled client's node the global state, the
-method's server state and the round's task, validates every reply with
-:func:`fedssd.federation.validate.check_update` and the norm-outlier rule, and aggregates with
-:func:`fedssd.methods.server.aggregate_updates` (the method's rule, else FedAvg). Updates are
+method's server state and the round's task, checks every reply with
+the simulator's own :class:`fedssd.federation.server.RoundTally` and
+:func:`fedssd.federation.server.conclude_round` (update checks, norm outliers, then
+:func:`fedssd.methods.server.aggregate_updates`: the method's rule, else FedAvg). Updates are
 aggregated in sample order whatever order the replies arrive in, so the float sums match the
 in-process simulator's.
 """
@@ -12,6 +13,7 @@ in-process simulator's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -23,21 +25,20 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedssd.errors import FedSSDError
-from fedssd.federation.client import LocalResult
 from fedssd.federation.faults import Fault, draw_fault
 from fedssd.federation.sampling import sample_clients, shuffled_order
-from fedssd.federation.simulator import (
+from fedssd.federation.server import (
     Callback,
     Guards,
+    RoundTally,
     Schedule,
     conclude_round,
     local_keys,
     round_lr,
     run_callbacks,
 )
-from fedssd.federation.validate import check_update
 from fedssd.flower import records
-from fedssd.methods.protocol import ClientUpdate, Method
+from fedssd.methods.protocol import Method
 from fedssd.methods.server import server_state
 
 Log = Callable[[str], None]
@@ -59,6 +60,12 @@ class _Round:
     global_state: dict[str, torch.Tensor]
     faults: dict[int, Fault | None]
     started: float
+
+
+def _decoded(arrays: Mapping[str, ArrayRecord], key: str) -> dict[str, torch.Tensor]:
+    """The tensors of a reply's ``key`` record (read only once a reply passed the cheap checks:
+    a diverged client's reply holds none)."""
+    return records.from_arrays(arrays[key])
 
 
 class MethodStrategy(Strategy):
@@ -199,48 +206,28 @@ class MethodStrategy(Strategy):
         keep_local = local_keys(self.global_model, self.method)
         expected = {k: v for k, v in current.global_state.items() if k not in keep_local}
         device = next(iter(current.global_state.values())).device
-        results: list[LocalResult] = []
-        updates: list[ClientUpdate] = []
-        failed: dict[int, str] = {}
+        tally = RoundTally(expected)
         errors: list[str] = []
         for client_id in current.clients:
             fault = current.faults[client_id]
-            if fault == "crash":
-                failed[client_id] = "crashed"
-                continue
             reply = by_client.get(client_id)
-            if reply is None:
-                failed[client_id] = "no reply before the round timeout"
-                continue
-            if reply.has_error():
-                failed[client_id] = f"node error: {reply.error.reason}"
-                errors.append(failed[client_id])
-                continue
-            result = records.metrics_to_result(reply.content.metric_records[records.RESULT])
-            results.append(result)
-            if not result.finite:
-                failed[client_id] = "local loss is NaN or infinite"
-                continue
-            if fault is not None:
-                failed[client_id] = "missed the deadline" if fault == "straggle" else "update lost"
-                continue
-            if result.num_batches == 0:
-                continue
-            state = records.from_arrays(reply.content.array_records[records.STATE])
-            reason = check_update(expected, state)
-            if reason is not None:
-                failed[client_id] = f"rejected: {reason}"
-                continue
-            payload = records.from_arrays(reply.content.array_records[records.PAYLOAD])
-            updates.append(
-                ClientUpdate(
+            if fault == "crash":
+                tally.failed[client_id] = "crashed"
+            elif reply is None:
+                tally.failed[client_id] = "no reply before the round timeout"
+            elif reply.has_error():
+                tally.failed[client_id] = f"node error: {reply.error.reason}"
+                errors.append(tally.failed[client_id])
+            else:
+                arrays = reply.content.array_records
+                tally.receive(
                     client_id,
-                    {k: v.to(device) for k, v in state.items()},
-                    float(result.num_batches),
-                    {k: v.to(device) for k, v in payload.items()},
-                    result.loss,
+                    fault,
+                    records.metrics_to_result(reply.content.metric_records[records.RESULT]),
+                    functools.partial(_decoded, arrays, records.STATE),
+                    functools.partial(_decoded, arrays, records.PAYLOAD),
+                    device=device,
                 )
-            )
         sent = sum(1 for c in current.clients if current.faults[c] != "crash")
         if sent and len(errors) == sent:
             raise ClientsFailed(
@@ -252,16 +239,16 @@ class MethodStrategy(Strategy):
             global_state=current.global_state,
             clients=current.clients,
             lr=current.lr,
-            results=results,
-            updates=updates,
-            failed=failed,
+            results=tally.results,
+            updates=tally.updates,
+            failed=tally.failed,
             guards=self.guards,
             started=current.started,
         )
         if new_state is not None:
             self.global_model.load_state_dict(new_state)
         self.history.append(record)
-        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(updates)})
+        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(tally.updates)})
         return records.to_arrays(self.global_model.state_dict()), metrics
 
     def _rejoin(self, grid: Grid) -> None:

@@ -1,0 +1,140 @@
+"""The round callbacks of a run: checkpoints, the metrics file, the progress lines and the kNN
+monitor, called after each round by the simulator and the Flower strategy
+(:func:`fedssd.federation.server.run_callbacks`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedssd import config as config_module
+from fedssd.config import Config
+from fedssd.data.federated import EvaluationViews
+from fedssd.experiments.checkpoint import Checkpoint, run_identity, save_checkpoint
+from fedssd.experiments.outputs import append_jsonl
+from fedssd.federation.client import LocalResult
+from fedssd.federation.evaluate import knn_monitor
+from fedssd.federation.server import Callback
+from fedssd.federation.simulator import ClientCallback
+from fedssd.federation.store import ClientStore
+from fedssd.methods.protocol import Method
+from fedssd.methods.server import server_state
+
+Log = Callable[[str], None]
+
+
+def checkpointer(
+    config: Config,
+    out_dir: Path,
+    method: Method,
+    store: ClientStore,
+    history: list[dict[str, Any]],
+) -> Callback:
+    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end."""
+    identity = run_identity(config_module.to_dict(config))
+    every, rounds = config.checkpoint.every, config.federation.rounds
+
+    def save(record: dict[str, Any], model: nn.Module) -> None:
+        done = int(record["round"])
+        if done % every and done != rounds:
+            return
+        checkpoint = Checkpoint(
+            rounds_done=done,
+            model={k: v.detach() for k, v in model.state_dict().items()},
+            server=server_state(method),
+            store=store,
+            history=history[:done],
+            identity=identity,
+        )
+        save_checkpoint(out_dir, checkpoint, keep=config.checkpoint.keep)
+
+    return save
+
+
+def round_callbacks(
+    config: Config,
+    views: EvaluationViews | None,
+    device: torch.device,
+    out_dir: Path | None,
+    say: Log,
+) -> list[Callback]:
+    """The round callbacks: the kNN monitor, the metrics file and the progress line.
+
+    Without ``views`` (a federated evaluation: no labelled set in one place) the kNN monitor is
+    off, which is said once.
+    """
+    callbacks: list[Callback] = []
+    ev = config.evaluation
+    if ev.every and views is None:
+        say(
+            "the kNN monitor is off: it needs a labelled set on the server (evaluation.data); "
+            "the final evaluation is federated"
+        )
+    elif ev.every and views is not None:
+        callbacks.append(
+            knn_monitor(
+                every=ev.every,
+                last_round=config.federation.rounds,
+                bank_images=views.train_images,
+                bank_labels=views.train_labels,
+                test_images=views.test_images,
+                test_labels=views.test_labels,
+                num_classes=views.num_classes,
+                k=ev.knn_k,
+                temperature=ev.knn_temperature,
+                batch_size=ev.batch_size,
+                device=device,
+            )
+        )
+    if out_dir is not None:
+        metrics_path = out_dir / "metrics.jsonl"
+
+        def write_record(record: dict[str, Any], _model: nn.Module) -> None:
+            append_jsonl(metrics_path, record)
+
+        callbacks.append(write_record)
+    callbacks.append(progress(config.method.name, config.federation.rounds, say))
+    return callbacks
+
+
+def client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
+    """A per-client progress line, for rounds too long to wait for in silence."""
+
+    def report(round_index: int, position: int, count: int, result: LocalResult) -> None:
+        say(
+            f"[{name}] round {round_index + 1}/{rounds} client {position + 1}/{count} "
+            f"(id {result.client_id}): {result.num_batches} batches, loss {result.loss:.4f}, "
+            f"{result.seconds:.1f}s"
+        )
+
+    return report
+
+
+def progress(name: str, rounds: int, say: Log) -> Callback:
+    """A callback printing one line per round with the loss parts and the time left (from the
+    rounds this process ran: a resumed run's earlier rounds took no time here)."""
+    started = time.perf_counter()
+    before: list[int] = []  # rounds done before the first this process reports
+
+    def report(record: dict[str, Any], _model: nn.Module) -> None:
+        done = record["round"]
+        if not before:
+            before.append(done - 1)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / (done - before[0]) * (rounds - done)
+        parts = " ".join(
+            f"{key[5:]} {value:.4f}" for key, value in record.items() if key.startswith("loss_")
+        )
+        knn = f" | knn {100 * record['knn_acc']:.2f}%" if "knn_acc" in record else ""
+        say(
+            f"[{name}] round {done}/{rounds} | loss {record['loss']:.4f} ({parts}){knn} "
+            f"| {record['seconds']:.1f}s | eta {eta:.0f}s"
+        )
+
+    return report

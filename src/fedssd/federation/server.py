@@ -1,0 +1,283 @@
+"""The server half of a round, shared by the in-process simulator and the Flower strategy.
+
+The schedule (:class:`Schedule`, :func:`round_lr`), which state-dict keys stay on the clients
+(:func:`local_keys`), the checks of each client's reply (:class:`RoundTally`: a crash, a
+non-finite local loss, a simulated fault, no batches, :func:`~fedssd.federation.validate.
+check_update`), the end of the round (:func:`conclude_round`: norm outliers, divergence, the
+method's aggregate) and the round callbacks (:func:`run_callbacks`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedssd.config import FaultConfig, ValidationConfig
+from fedssd.errors import TrainingDiverged
+from fedssd.federation.client import LocalResult
+from fedssd.federation.faults import Fault
+from fedssd.federation.privacy import PrivateAggregator
+from fedssd.federation.validate import check_update, norm_outliers, update_distance
+from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
+from fedssd.methods.server import aggregate_updates
+
+# A callback sees the round's record and the new global model, and may return metrics to add.
+Callback = Callable[[dict[str, Any], nn.Module], "dict[str, Any] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The federation's schedule.
+
+    Attributes:
+        num_clients: Number of clients K.
+        fraction: Fraction sampled per round.
+        rounds: Number of rounds.
+        lr: Base learning rate.
+        lr_schedule: ``constant`` or ``cosine`` (over rounds).
+        seed: The run seed.
+    """
+
+    num_clients: int
+    fraction: float
+    rounds: int
+    lr: float
+    lr_schedule: str
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Guards:
+    """Simulated faults, the server's update checks and differential privacy (None = off)."""
+
+    faults: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    privacy: PrivateAggregator | None = None
+
+
+def round_lr(schedule: Schedule, round_index: int) -> float:
+    """Learning rate of round ``round_index`` (0-based)."""
+    if schedule.lr_schedule == "cosine":
+        return schedule.lr * 0.5 * (1 + math.cos(math.pi * round_index / schedule.rounds))
+    return schedule.lr
+
+
+def local_keys(model: nn.Module, method: Method) -> frozenset[str]:
+    """State-dict keys of the method's client-only modules (never sent or aggregated)."""
+    names = method.local_modules if isinstance(method, ClientHooks) else frozenset()
+    prefixes = tuple(f"extras.{name}." for name in names)
+    return frozenset(k for k in model.state_dict() if prefixes and k.startswith(prefixes))
+
+
+def run_callbacks(callbacks: Sequence[Callback], record: dict[str, Any], model: nn.Module) -> None:
+    """Call each round callback in order with the round's record and the global model, adding
+    the metrics it returns to ``record`` (shared with the Flower strategy)."""
+    for callback in callbacks:
+        extra = callback(record, model)
+        if extra:
+            record.update(extra)
+
+
+def fault_reason(fault: Fault) -> str:
+    """The round record's reason for a client whose simulated fault drops its trained update."""
+    return "missed the deadline" if fault == "straggle" else "update lost"
+
+
+@dataclasses.dataclass
+class RoundTally:
+    """The server's account of one round's replies, filled in sample order.
+
+    Attributes:
+        expected: The entries an update must hold (the global state without the local keys).
+        results: Every local result received (those that trained), in sample order.
+        updates: The checked updates, in sample order.
+        failed: Client id -> why its update is not aggregated.
+        movements: Client id -> distance its weights moved per local step, for the norm check;
+            None lets :func:`conclude_round` measure each update from the global state.
+    """
+
+    expected: Mapping[str, torch.Tensor]
+    results: list[LocalResult] = dataclasses.field(default_factory=list)
+    updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
+    failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    movements: dict[int, float] | None = None
+
+    def receive(
+        self,
+        client_id: int,
+        fault: Fault | None,
+        result: LocalResult,
+        state: Callable[[], dict[str, torch.Tensor]],
+        payload: Callable[[], dict[str, torch.Tensor]],
+        *,
+        origin: Mapping[str, torch.Tensor] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """Check one client's reply and keep its update if it passes.
+
+        Args:
+            client_id: The client.
+            fault: Its simulated fault this round (a crash never gets here).
+            result: Its local result.
+            state: Gives the trained weights (read only once the cheaper checks pass).
+            payload: Gives the method's payload (read only for an accepted update).
+            origin: Where the client's weights started, to measure its movement (recorded in
+                ``movements``); None records nothing.
+            device: Where an accepted update's tensors go; None leaves them where they are.
+        """
+        self.results.append(result)
+        if not result.finite:
+            self.failed[client_id] = "local loss is NaN or infinite"
+            return
+        if fault is not None:
+            self.failed[client_id] = fault_reason(fault)
+            return
+        if result.num_batches == 0:
+            return
+        weights = state()
+        reason = check_update(self.expected, weights)
+        if reason is not None:
+            self.failed[client_id] = f"rejected: {reason}"
+            return
+        extra = payload()
+        if device is not None:
+            weights = {k: v.to(device) for k, v in weights.items()}
+            extra = {k: v.to(device) for k, v in extra.items()}
+        self.updates.append(
+            ClientUpdate(client_id, weights, float(result.num_batches), extra, result.loss)
+        )
+        if origin is not None and self.movements is not None:
+            self.movements[client_id] = update_distance(origin, weights) / result.num_batches
+
+
+def conclude_round(
+    round_index: int,
+    *,
+    method: Method,
+    global_state: Mapping[str, torch.Tensor],
+    clients: list[int],
+    lr: float,
+    results: Sequence[LocalResult],
+    updates: list[ClientUpdate],
+    failed: dict[int, str],
+    guards: Guards,
+    started: float,
+    movements: Mapping[int, float] | None = None,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The server half of a round once the clients' checked updates are in (shared with the
+    Flower strategy): drop norm outliers, stop on divergence, skip a round with too few
+    updates, aggregate with the method, check the result.
+
+    Args:
+        round_index: The 0-based round.
+        method: Aggregates the accepted updates.
+        global_state: The global state the round started from.
+        clients: The sampled client ids.
+        lr: The round's learning rate.
+        results: Every client's local result (those that trained), in sample order.
+        updates: The checked updates, in sample order.
+        failed: Client id -> reason; outliers are added to it.
+        guards: Fault and validation settings.
+        started: ``time.perf_counter()`` when the round started.
+        movements: Client id -> distance its weights moved in local training, per local step
+            (the norm check's measure); None measures each update from ``global_state``.
+
+    Returns:
+        The new global state (None when the round was skipped) and the round's record.
+
+    Raises:
+        TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
+        PrivacyBudgetExhausted: This round would exceed ``privacy.target_epsilon``.
+    """
+    if movements is None and guards.validation.max_norm_ratio > 0:
+        movements = {
+            u.client_id: update_distance(global_state, u.state) / u.weight for u in updates
+        }
+    updates = _drop_outliers(updates, movements or {}, guards.validation, failed)
+    trained = [r for r in results if r.num_batches > 0]
+    if trained and not any(r.finite for r in trained):
+        raise TrainingDiverged(
+            f"training diverged in round {round_index + 1}: every client's local loss was NaN "
+            "or infinite; lower federation.lr (the last good checkpoint, if any, is kept)."
+        )
+    skipped = len(updates) < max(1, guards.faults.min_clients)
+    new_state = None
+    privacy_record: dict[str, Any] = {}
+    if not skipped:
+        if guards.privacy is not None:
+            guards.privacy.check_budget(round_index)
+            new_state, privacy_record = guards.privacy.aggregate(
+                global_state, updates, round_index=round_index
+            )
+        else:
+            new_state = aggregate_updates(method, global_state, updates, round_index=round_index)
+        if not _finite(new_state):
+            raise TrainingDiverged(
+                f"training diverged in round {round_index + 1}: the aggregated global model holds "
+                "NaN or infinite values; lower federation.lr (the last good checkpoint, if any, "
+                "is kept)."
+            )
+    record = _round_record(round_index, clients, lr, results)
+    record["accepted"] = len(updates)
+    record["failed"] = {str(k): v for k, v in sorted(failed.items())}
+    record["skipped"] = skipped
+    record["seconds"] = time.perf_counter() - started
+    if guards.privacy is not None:
+        record.update(privacy_record or guards.privacy.idle(round_index))
+    return new_state, record
+
+
+def _finite(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every floating-point entry is finite (one device sync for the whole state)."""
+    checks = [torch.isfinite(v).all() for v in state.values() if v.is_floating_point()]
+    return not checks or bool(torch.stack(checks).all())
+
+
+def _drop_outliers(
+    updates: list[ClientUpdate],
+    movements: Mapping[int, float],
+    validation: ValidationConfig,
+    failed: dict[int, str],
+) -> list[ClientUpdate]:
+    """``updates`` without those whose movement per local step is an outlier.
+
+    Per step, because an honest client with many batches moves further in total (under a
+    Dirichlet split, client sizes differ by hundreds of times).
+    """
+    if validation.max_norm_ratio <= 0 or len(updates) <= validation.min_peers:
+        return updates
+    steps = [movements[u.client_id] for u in updates]
+    outliers = set(
+        norm_outliers(steps, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
+    )
+    for i in sorted(outliers):
+        failed[updates[i].client_id] = (
+            f"rejected: update moved {steps[i]:.3g} per local step, more than "
+            f"{validation.max_norm_ratio:g} times the median of the others"
+        )
+    return [u for i, u in enumerate(updates) if i not in outliers]
+
+
+def _round_record(
+    round_index: int, clients: list[int], lr: float, results: Sequence[LocalResult]
+) -> dict[str, Any]:
+    """Batch-weighted mean loss and parts over the round's clients with a finite loss."""
+    finite = [r for r in results if r.finite]
+    steps = sum(r.num_batches for r in finite)
+    record: dict[str, Any] = {"round": round_index + 1, "clients": clients, "lr": lr}
+    # What each client that reported trained on (its own images), by client id.
+    record["samples"] = {str(r.client_id): r.num_samples for r in results}
+    if steps == 0:
+        record["loss"] = float("nan")
+        return record
+    record["loss"] = sum(r.loss * r.num_batches for r in finite) / steps
+    names = sorted({name for r in finite for name in r.parts})
+    for name in names:
+        record[f"loss_{name}"] = sum(r.parts.get(name, 0.0) * r.num_batches for r in finite) / steps
+    return record
