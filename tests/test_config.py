@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from fedssd.api import load_config
 from fedssd.errors import ConfigError
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs"
+SMOKE = CONFIGS / "smoke.toml"
 
 
 def test_defaults_are_the_papers_protocol() -> None:
@@ -56,13 +58,31 @@ def test_resize_filters_of_the_config_are_the_readers() -> None:
     assert get_args(config.ResizeFilter) == RESIZE_FILTERS
 
 
-def test_default_resize_filter_keeps_the_checkpoint_identity_of_older_runs() -> None:
-    from fedssd.checkpoint import run_identity
+def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> None:
+    """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last and
+    method.dsr_dims existed has an identity without them: at their defaults a run still matches
+    it; any other value is part of the identity."""
+    from fedssd.experiments.checkpoint import run_identity
 
-    default = run_identity(config.to_dict(config.load()))
-    assert "resize" not in default["data"]
-    released = run_identity(config.to_dict(config.load(None, ["data.resize=bilinear-antialias"])))
-    assert released["data"] == {**default["data"], "resize": "bilinear-antialias"}
+    current = config.to_dict(load_config(SMOKE))
+    older = copy.deepcopy(current)
+    for table, key in [
+        ("data", "resize"),
+        ("data", "dirichlet_rule"),
+        ("federation", "drop_last"),
+        ("method", "dsr_dims"),
+    ]:
+        assert key in current[table]
+        del older[table][key]
+    assert run_identity(current) == run_identity(older)
+    for override, table, key, value in [
+        ("data.resize=bilinear-antialias", "data", "resize", "bilinear-antialias"),
+        ("data.dirichlet_rule=released", "data", "dirichlet_rule", "released"),
+        ("federation.drop_last=true", "federation", "drop_last", True),
+        ("method.dsr_dims=4", "method", "dsr_dims", 4),
+    ]:
+        changed = run_identity(config.to_dict(load_config(SMOKE, overrides=[override])))
+        assert changed[table] == {**run_identity(older)[table], key: value}
 
 
 def test_an_integer_is_accepted_where_a_number_is_expected() -> None:

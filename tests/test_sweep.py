@@ -654,3 +654,24 @@ def test_paper_grids_carry_the_published_numbers() -> None:
     table = tables.render_table(main, records)
     assert _cells(table, "SSD")[2] == "**81.00 ± 1.00** (paper 81.32, Δ -0.32)"
     assert _cells(table, "FedX")[2] == "n/a (paper 78.40)"
+
+
+def test_a_run_made_before_a_later_option_existed_is_reused(tmp_path: Path) -> None:
+    """A finished run whose config.toml predates an option (here SSD's dsr_dims and
+    federation.drop_last) ran with its default: the sweep reuses it; another value is refused."""
+    import tomli_w
+
+    config = fedssd.api.load_config(SMOKE)
+    assert config.method.options["dsr_dims"] == 0
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text("{}")
+    run = planning.PlannedRun("s", "r", "ssd", 17, config, run_dir)
+    old = config_module.to_dict(config)
+    del old["method"]["dsr_dims"], old["federation"]["drop_last"]
+    (run_dir / "config.toml").write_text(tomli_w.dumps(old))
+    planning._check_same_config(run)
+    old["method"]["dsr_dims"] = 5
+    (run_dir / "config.toml").write_text(tomli_w.dumps(old))
+    with pytest.raises(ConfigError, match="different config"):
+        planning._check_same_config(run)

@@ -57,15 +57,27 @@ class Checkpoint:
     identity: dict[str, Any]
 
 
+#: Keys added to the config after checkpoints were first written, with the value that reproduces
+#: the runs made before them: at that value a key is left out of the run identity, so that those
+#: runs' checkpoints still resume (any other value is part of the identity).
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "data": {"resize": "box", "dirichlet_rule": "redraw"},
+    "federation": {"drop_last": False},
+    "method": {"dsr_dims": 0},
+}
+
+
 def run_identity(config_data: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a resolved config a checkpoint must match: seed, data, model, method,
     federation (the rest, e.g. evaluation settings, may differ on resume)."""
     keys = ("seed", "data", "model", "method", "federation")
     identity = {key: jsonable(config_data[key]) for key in keys if key in config_data}
-    # The default Tiny-ImageNet filter keeps the identity runs had before data.resize existed.
-    data = identity.get("data")
-    if isinstance(data, dict) and data.get("resize") == "box":
-        identity["data"] = {k: v for k, v in data.items() if k != "resize"}
+    for table, defaults in LATER_DEFAULTS.items():
+        section = identity.get(table)
+        if isinstance(section, dict):
+            identity[table] = {
+                k: v for k, v in section.items() if k not in defaults or defaults[k] != v
+            }
     # Differential privacy changes the training: a DP run resumes only with its own settings (a
     # run without DP keeps the identity it had before the [privacy] table existed).
     privacy = config_data.get("privacy", {})

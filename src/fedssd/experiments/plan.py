@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedssd import config as config_module
-from fedssd.config import Config
+from fedssd.config import Config, MethodConfig
 from fedssd.errors import ConfigError, FedSSDError
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 from fedssd.experiments.grid import COLUMNS_FILE, Column, Grid, Status
+from fedssd.methods import option_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,14 +129,20 @@ def _check_same_config(run: PlannedRun) -> None:
     if not (run.run_dir / "summary.json").is_file() or not saved.is_file():
         return
     try:
-        previous = config_module.load(saved)
+        previous: Config | None = config_module.load(saved)
+        assert previous is not None
+        # A run made before a method option existed ran with that option's default.
+        method = MethodConfig(
+            name=previous.method.name,
+            options=option_dict(previous.method.name, previous.method.options),
+        )
     except ConfigError:
         previous = None
     if previous is not None:
         # The thread count says how to run, not what (--threads 1 may finish a sweep begun with
         # more), and where a run was logged to is not part of what it computed.
         previous = dataclasses.replace(
-            previous, threads=run.config.threads, tracking=run.config.tracking
+            previous, threads=run.config.threads, tracking=run.config.tracking, method=method
         )
     if previous is None or previous != run.config:
         raise ConfigError(
