@@ -40,7 +40,7 @@ from fedssd.methods.protocol import ClientState
 from fedssd.models import build_model
 from helpers import method_context
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
 # A run of a few seconds with a checkpoint after every round and a kNN record every round.
 TINY = [

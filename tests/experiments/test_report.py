@@ -22,7 +22,7 @@ from fedssd.experiments import report
 
 pytest.importorskip("matplotlib")
 
-SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [
     "data.train_subset=300",
     "data.test_subset=150",

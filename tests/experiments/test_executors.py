@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_sweep import FakeTrain, write_grid
 
 import fedssd.api
 from fedssd import cli, executors
@@ -17,7 +18,6 @@ from fedssd.errors import ConfigError
 from fedssd.experiments import execute as execution
 from fedssd.experiments import grid as grids
 from fedssd.experiments import plan as planning
-from test_sweep import FakeTrain, write_grid
 
 
 def _rows(out: Path) -> list[tuple[str, str]]:

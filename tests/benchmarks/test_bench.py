@@ -11,9 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import bench
-
 from fedssd.models import SSLModel, build_model
 
 TINY = bench.BenchConfig(
@@ -89,7 +88,7 @@ def _tracked_state(root: Path) -> str:
 def test_quick_bench_leaves_tracked_files_unchanged(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     if not (root / ".git").exists():
         pytest.skip("not a git checkout")  # e.g. an unpacked sdist: nothing is tracked
     monkeypatch.setattr(bench, "QUICK", TINY)

@@ -19,7 +19,7 @@ from fedssd.data.folder import CACHE_DIR, decode_image, read_image_folder
 from fedssd.data.sites import load_site
 from fedssd.errors import ConfigError, DataError
 
-SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 
 
 def _png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

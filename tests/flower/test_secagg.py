@@ -23,6 +23,7 @@ import torch
 pytest.importorskip("flwr")
 
 from safetensors.torch import load_file
+from test_simulation import experiment
 
 from fedssd import api, config
 from fedssd.aggregate import fedavg
@@ -43,7 +44,6 @@ from flower_testing import (  # the deployment helpers (pytest puts tests/ on sy
     write_node_key,
     write_tls,
 )
-from test_flower import experiment
 
 __all__ = ["experiment"]  # a fixture used by name
 

@@ -21,7 +21,7 @@ from fedssd.data.partition import (
 )
 from fedssd.errors import ConfigError, DataError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The SSD paper's own splits (CIFAR-10/100, K = 10 and 50, 50000 train indices).
 SPLITS = REPO / "src" / "fedssd" / "configs" / "splits"
 

@@ -28,7 +28,7 @@ from fedssd.federation.privacy import (
 )
 from fedssd.methods import ClientUpdate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
 TINY = [
     "data.train_subset=600",

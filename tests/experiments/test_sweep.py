@@ -26,8 +26,8 @@ from fedssd.experiments import grid as grids
 from fedssd.experiments import plan as planning
 from fedssd.experiments import tables
 
-SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
-GRIDS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "grids"
+SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
+GRIDS = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "grids"
 
 # Small enough that a real run takes a few seconds on one core.
 TINY = [

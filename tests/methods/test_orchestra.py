@@ -38,7 +38,7 @@ from fedssd.models import SSLModel, build_model
 from helpers import method_context
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-SMOKE = str(Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml")
+SMOKE = str(Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml")
 
 
 def _context(num_clients: int = 4, embed_dim: int = 8) -> MethodContext:

@@ -23,7 +23,7 @@ from fedssd.evaluation import extract_features, knn_accuracy
 from fedssd.evaluation.finetune import stratified_fraction
 from fedssd.experiments.evaluate import evaluate_run, load_run, result_name
 
-SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
+SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 
 
 def _write_npz(path: Path, *, side: int, train: int = 60, test: int = 30, seed: int = 0) -> Path:

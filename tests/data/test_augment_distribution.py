@@ -17,7 +17,7 @@ import torch
 
 from fedssd.data.augment import SSL_AUGMENT, AugmentParams, apply_params, augment, sample_params
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.reference import (
     SampleParams,
     apply_image_params,
