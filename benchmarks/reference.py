@@ -6,7 +6,8 @@ and lets a ``DataLoader`` collate the two views. This module does the same per-i
 torch operations on ``(c, h, w)`` tensors (no PIL or torchvision), drawing every random choice per
 image the way torchvision does. It is written independently of :mod:`fedssd.data.augment` (its own
 crop sampler, its own HSV conversion), so it serves two purposes: the speed reference of
-``benchmarks/bench.py`` and the distribution reference of ``tests/data/test_augment_distribution.py``.
+``benchmarks/bench.py`` and the distribution reference of
+``tests/data/test_augment_distribution.py``.
 """
 
 from __future__ import annotations
