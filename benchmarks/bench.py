@@ -78,8 +78,8 @@ BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121.0),
 )
 
-# The paper's cross-silo protocol (SSD.md section 5): a CIFAR-sized training set seen 5 local
-# epochs per round for 100 rounds, each image as two views.
+# The paper's cross-silo protocol (docs/methods.md, "The paper's protocol"): a CIFAR-sized
+# training set seen 5 local epochs per round for 100 rounds, each image as two views.
 PAPER_IMAGES = 50_000
 PAPER_ROUNDS = 100
 PAPER_EPOCHS = 5

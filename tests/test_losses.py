@@ -1,4 +1,7 @@
-"""The loss terms against closed forms and slow explicit loops (SSD.md sections 1-3)."""
+"""The loss terms against closed forms and slow explicit loops.
+
+The terms are the SSD paper's (Fang et al., ICCV 2025), as docs/methods.md writes them.
+"""
 
 from __future__ import annotations
 

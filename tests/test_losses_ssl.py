@@ -1,4 +1,4 @@
-"""NT-Xent, BYOL's regression loss and SimSiam's negative cosine (BASELINES.md 1.4, 6)."""
+"""NT-Xent, BYOL's regression loss and SimSiam's negative cosine (docs/methods.md)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from fedssd import losses
 
 
 def slow_nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
-    """NT-Xent as BASELINES.md 1.4 writes it, one row at a time in float64."""
+    """NT-Xent as SimCLR defines it (Chen et al., ICML 2020), one row at a time in float64."""
     v = torch.cat([a, b]).double()
     v = v / v.norm(dim=1, keepdim=True)
     n = a.shape[0]
@@ -25,7 +25,7 @@ def slow_nt_xent(a: torch.Tensor, b: torch.Tensor, tau: float) -> float:
 
 
 def test_nt_xent_pin_value_for_tau_1() -> None:
-    # BASELINES.md 1.8: a = b = (e1, e2): every row has loss log(1 + 2/e) = 0.551445.
+    # docs/methods.md pin: a = b = (e1, e2): every row has loss log(1 + 2/e) = 0.551445.
     e = torch.eye(2)
     assert float(losses.nt_xent(e, e.clone(), temperature=1.0)) == pytest.approx(0.551445, abs=1e-6)
     assert math.log(1 + 2 / math.e) == pytest.approx(0.551445, abs=1e-6)
@@ -66,7 +66,8 @@ def test_byol_regression_is_the_squared_distance_of_normalised_vectors() -> None
 
 
 def test_negative_cosine_value_and_zero_gradient_through_the_stopped_branch() -> None:
-    # BASELINES.md 6.2 pin: the gradient with respect to the branch inside sg is exactly zero.
+    # SimSiam's stop-gradient (Chen & He, CVPR 2021): the gradient with respect to the branch
+    # inside sg is exactly zero.
     weight = torch.tensor([[2.0, -1.0], [0.5, 1.0]], requires_grad=True)
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]])
     z = x @ weight  # the projection side, under stop-gradient

@@ -134,7 +134,8 @@ class MethodConfig:
 
 @dataclasses.dataclass(frozen=True)
 class FederationConfig:
-    """The federated training schedule (SSD.md section 5 gives the paper's values).
+    """The federated training schedule (docs/methods.md, "The paper's protocol", gives the
+    SSD paper's values).
 
     Attributes:
         num_clients: Number of clients K.

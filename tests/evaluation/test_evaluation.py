@@ -419,7 +419,8 @@ def test_representation_metrics_equals_direct_values_when_nothing_is_dropped(
 
 
 def test_representation_metrics_effective_rank_uses_raw_features() -> None:
-    """SSD.md section 5: singular values of the feature matrix itself, row norms included.
+    """Effective rank as the SSD paper (Fang et al., ICCV 2025) computes it: from the singular
+    values of the feature matrix itself, row norms included.
 
     Rows (100, 0) and (0, 1) have singular values 100 and 1; normalised rows would give the
     identity, whose effective rank is 2.

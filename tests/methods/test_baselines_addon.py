@@ -1,8 +1,8 @@
 """SSD-table baselines as add-ons to FedAlignUniform: FedX, L-DAWA, FedDecorr, FedU2, HSD.
 
-Pin tests follow BASELINES.md sections 1.8, 2.7, 3.7, 4.7 and 5; the rest checks that each
-method's loss falls on real Fashion-MNIST images and that each runs through the CLI in the
-cross-silo and the cross-device setting.
+Pin tests follow each method's paper and the pins listed in docs/methods.md ("Tests"); the
+rest checks that each method's loss falls on real Fashion-MNIST images and that each runs
+through the CLI in the cross-silo and the cross-device setting.
 """
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_decorrelation_on_known_matrices(
 
 
 def test_decorrelation_equals_scaled_mean_squared_correlation() -> None:
-    """Code form = ((N-1)^2 / N) * mean_{i != j} rho_ij^2 (BASELINES.md 3.2); N = 1 gives 0."""
+    """Code form = ((N-1)^2 / N) * mean_{i != j} rho_ij^2 (docs/methods.md); N = 1 gives 0."""
     x = torch.randn(20, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     rho = torch.corrcoef(x.T)
     off = rho[~torch.eye(5, dtype=torch.bool)]
@@ -273,8 +273,8 @@ def test_min_norm_weights_two_vectors_closed_form() -> None:
 @pytest.mark.parametrize(
     ("rule", "weights", "expected"),
     [
-        # Released solver (BASELINES.md 4.3 step 4): c = pi = (3/4, 1/4) is returned unchanged,
-        # g = 0.75 (2, 0) + 0.25 (0, 2) = (1.5, 0.5), theta = -0.5 g.
+        # FedU2's released solver (Liao et al., CVPR 2024; docs/methods.md): c = pi = (3/4, 1/4)
+        # is returned unchanged, g = 0.75 (2, 0) + 0.25 (0, 2) = (1.5, 0.5), theta = -0.5 g.
         ("released", (0.75, 0.25), (-0.75, -0.25)),
         # Exact min-norm of two orthogonal vectors of equal length: c = (1/2, 1/2), g = (1, 1).
         ("exact", (0.5, 0.5), (-0.5, -0.5)),
@@ -523,7 +523,7 @@ def test_cross_device_famo_keeps_logits_of_the_sampled_client_ids(
 
 
 def test_hooks_keep_no_client_state_for_stateless_addons() -> None:
-    """FedX and FedU2 clients keep nothing across rounds (BASELINES.md section 10)."""
+    """FedX and FedU2 clients keep nothing across rounds (docs/methods.md, "Per-client state")."""
     model, fedx = _fedx_model()
     store = ClientStore()
     for method in (fedx, FedU2(FedU2Options(), _context(model))):

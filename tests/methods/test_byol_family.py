@@ -1,4 +1,4 @@
-"""FedSimCLR, FedSimSiam, FedBYOL, FedU and FedEMA (BASELINES.md sections 6, 7, 8, 10)."""
+"""FedSimCLR, FedSimSiam, FedBYOL, FedU and FedEMA, as docs/methods.md describes them."""
 
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def test_local_loss_falls_on_fashion_mnist(name: str, fmnist: torch.Tensor) -> N
 
 
 def test_ema_pin_and_parameters_only() -> None:
-    # BASELINES.md 6.3: m = 0.99, target 0, online 1 -> 0.01 after one update.
+    # FedBYOL (Grill et al., NeurIPS 2020), docs/methods.md: m = 0.99, target 0, online 1 -> 0.01
+    # after one update.
     assert float(ema(torch.tensor(0.0), torch.tensor(1.0), 0.99)) == pytest.approx(0.01)
     target = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
     online = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
@@ -182,7 +183,8 @@ def test_divergence_keys_are_the_3x3_convs() -> None:
 
 
 def test_fedu_predictor_rule_pin() -> None:
-    # BASELINES.md 7.4: mu = 0.4; Div = 0.3 -> global predictor; Div = 0.5 -> local.
+    # FedU (Zhuang et al., ICCV 2021), docs/methods.md: mu = 0.4; Div = 0.3 -> global predictor;
+    # Div = 0.5 -> local.
     assert not dapu_keeps_local(0.3, 0.4)
     assert dapu_keeps_local(0.5, 0.4)
     assert dapu_keeps_local(0.4, 0.4)  # "global if Div < mu": the boundary keeps the local one
@@ -231,7 +233,8 @@ def test_fedu_easyfl_form_uses_the_size_of_the_last_update() -> None:
 
 
 def test_fedema_decay_and_lambda_pin() -> None:
-    # BASELINES.md 8.4: tau 0.7, Div^first 0.5 -> lambda 1.4; Div 0.6 -> mu 0.84; W_k 1, W_g 0.
+    # FedEMA (Zhuang et al., ICLR 2022), docs/methods.md: tau 0.7, Div^first 0.5 -> lambda 1.4;
+    # Div 0.6 -> mu 0.84; W_k 1, W_g 0.
     lam = auto_lambda(0.7, 0.5)
     assert lam == pytest.approx(1.4)
     assert lam is not None

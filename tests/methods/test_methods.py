@@ -1,4 +1,4 @@
-"""The method registry, FedAlignUniform and SSD (SSD.md sections 2-4)."""
+"""The method registry, FedAlignUniform and SSD (Fang et al., ICCV 2025; docs/methods.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Orchestra (BASELINES.md section 9): Sinkhorn-Knopp, clustering, EMA target, hooks, runs."""
+"""Orchestra (Lubana et al., ICML 2022; docs/methods.md).
+
+Sinkhorn-Knopp, clustering, EMA target, hooks, runs.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +61,7 @@ def _model(method: Orchestra, *, width: int = 2, hidden: int = 8, out: int = 8) 
 
 
 def test_sinkhorn_pins_from_the_spec() -> None:
-    """BASELINES.md 9.6: equipartition overrides a shared preference; the 2x2 case at lambda 25."""
+    """docs/methods.md: equipartition overrides a shared preference; the 2x2 case at lambda 25."""
     same = sinkhorn_knopp(torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
     torch.testing.assert_close(same, torch.full((2, 2), 0.5), atol=1e-6, rtol=0)
     converged = sinkhorn_knopp(
@@ -113,7 +116,7 @@ def test_sinkhorn_hard_assignment_is_the_brute_force_balanced_optimum() -> None:
 
 
 def test_cluster_loss_pin_and_one_directional_gradient() -> None:
-    """BASELINES.md 9.6: T = 0.1, C = (e1, e2), online e1, target (0.8, 0.6) -> 1.19207."""
+    """docs/methods.md: T = 0.1, C = (e1, e2), online e1, target (0.8, 0.6) -> 1.19207."""
     online = torch.tensor([[1.0, 0.0]], requires_grad=True)
     target = torch.tensor([[0.8, 0.6]], requires_grad=True)
     loss = cluster_assignment_loss(online, target, torch.eye(2), temperature=0.1)
@@ -188,7 +191,7 @@ def test_server_clustering_recovers_the_clusters_of_local_centroids(seed: int) -
 
 
 def test_ema_update_pin() -> None:
-    """BASELINES.md 6.3 with Orchestra's m = 0.996: target 0, online 1 -> 0.004 after one step."""
+    """The BYOL EMA step with Orchestra's m = 0.996: target 0, online 1 -> 0.004 after one step."""
     target = [torch.zeros(3)]
     ema_update(target, [torch.ones(3)], 0.996)
     torch.testing.assert_close(target[0], torch.full((3,), 0.004))
@@ -277,7 +280,7 @@ def _settings(**changes: float) -> LocalSettings:
 
 
 def test_global_mode_averages_the_target_and_keeps_no_client_state() -> None:
-    """Default (released code, BASELINES.md 9.4 step 1): each client starts from the global
+    """Default (released code, docs/methods.md): each client starts from the global
     target, sends its target, the server FedAvgs the targets with the weights' weights, and the
     client store holds no tensor; the global target survives a state_dict round trip."""
     assert OrchestraOptions().target_mode == "global"

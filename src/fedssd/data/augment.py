@@ -1,6 +1,7 @@
 """Batched two-view image augmentation on tensors, on whatever device the images live on.
 
-The pipeline is SimCLR's CIFAR augmentation as the SSD paper uses it (SSD.md section 5):
+The pipeline is SimCLR's CIFAR augmentation as the SSD paper (Fang et al., ICCV 2025)
+uses it (docs/methods.md, "The paper's protocol"):
 ``RandomResizedCrop -> RandomHorizontalFlip -> RandomApply(ColorJitter, p) -> RandomGrayscale``,
 inputs scaled to ``[0, 1]`` with no mean/std normalisation. Each transform follows the documented
 semantics of its torchvision namesake, written here for a whole batch at once: every random
@@ -90,7 +91,7 @@ class AugmentConfig:
 
 
 SSL_AUGMENT = AugmentConfig()
-"""The paper's pretraining augmentation (SimCLR's CIFAR recipe, SSD.md section 5)."""
+"""The paper's pretraining augmentation (SimCLR's CIFAR recipe; docs/methods.md)."""
 
 FINETUNE_AUGMENT = AugmentConfig(
     crop_scale=(0.64, 1.0), crop_ratio=(1.0, 1.0), jitter_p=0.0, grayscale_p=0.0

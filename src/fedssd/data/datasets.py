@@ -1,8 +1,9 @@
 """Dataset readers and the order in which a local copy is looked for.
 
 Every dataset becomes an :class:`ImageDataset` of uint8 image tensors ``(n, channels, height,
-width)`` and int64 labels, ready to be moved to the device whole (batches are gathers, see
-DESIGN.md). :func:`load_dataset` looks for a copy in this order:
+width)`` and int64 labels, ready to be moved to the device whole: the dataset then stays there as
+one tensor, a client is an index tensor and a batch is a gather from it. :func:`load_dataset`
+looks for a copy in this order:
 
 1. ``path`` (``data.path``): a file or folder holding a local copy; if given, it must hold one.
 2. ``<root>/<name>/`` where root is ``root``, else ``$FEDSSD_DATA``, else ``~/.cache/fedssd``.

@@ -2,7 +2,7 @@
 
 A run folder written by :func:`fedssd.api.train` holds ``config.toml`` and
 ``model.safetensors``; :func:`evaluate_run` loads that model and evaluates it again, on the
-run's own data or, for transfer, on another dataset (SSD.md section 5):
+run's own data or, for transfer, on another dataset (the SSD paper's protocols, docs/evaluation.md):
 
 - ``knn``: weighted kNN (the run's k and temperature) on normalised h, bank = the labelled pool;
 - ``linear``: linear probe on frozen, un-normalised h (Adam, the run's probe settings), plus

@@ -17,7 +17,8 @@ from fedssd.methods.protocol import Method
 
 @dataclasses.dataclass(frozen=True)
 class LocalSettings:
-    """How a client trains (SSD.md section 5 gives the paper's values).
+    """How a client trains (docs/methods.md, "The paper's protocol", gives the
+    SSD paper's values).
 
     Attributes:
         epochs: Local epochs.

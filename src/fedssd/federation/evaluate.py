@@ -65,7 +65,7 @@ def knn_monitor(
     """A round callback adding ``knn_acc`` every ``every`` rounds and at the last round.
 
     The bank is every client's un-augmented training images, queried with the test set, on the
-    normalised encoder output h (SSD.md section 5).
+    normalised encoder output h (the SSD paper's kNN monitor, docs/evaluation.md).
     """
 
     def monitor(record: dict[str, Any], model: nn.Module) -> dict[str, Any] | None:
@@ -136,7 +136,7 @@ def evaluate_model(
     device: torch.device,
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """The final evaluation of a global model (SSD.md section 5).
+    """The final evaluation of a global model (the SSD paper's protocols, docs/evaluation.md).
 
     Metrics without a suffix are of the encoder output h (the representation used downstream);
     ``*_z`` are of the projector output z, so the effect of projector distillation is visible.

@@ -1,8 +1,9 @@
 """The client store: what each client keeps between rounds, keyed by its id.
 
-In cross-device runs a client is seen once every few rounds (BASELINES.md section 10), so its
-state (a target network, a predictor, FedEMA's lambda) must survive the rounds in between and be
-saved with the checkpoint. The store is plain data: tensors on the CPU and numbers.
+In cross-device runs a client is seen once every few rounds (docs/methods.md, "Per-client
+state"), so its state (a target network, a predictor, FedEMA's lambda) must survive the rounds
+in between and be saved with the checkpoint. The store is plain data: tensors on the CPU and
+numbers.
 """
 
 from __future__ import annotations
