@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 import fedssd.api
+import fedssd.data.federated
 import fedssd.experiments
 from fedssd import cli
 from fedssd import config as config_module
@@ -550,7 +551,8 @@ def test_a_dry_run_reads_no_data(
         raise AssertionError("a dry run read data")
 
     for name in ("prepare_data", "load_data"):
-        monkeypatch.setattr(fedssd.api, name, no_data)
+        monkeypatch.setattr(fedssd.data.federated, name, no_data)
+    monkeypatch.setattr(fedssd.api, "prepare_data", no_data)
     _no_training(monkeypatch)
     monkeypatch.chdir(GRIDS.parents[1])  # the paper grids' split files are read from the root
     args = _parse(["sweep", str(GRIDS / "paper-main.toml"), "--out", str(tmp_path), "--dry-run"])
