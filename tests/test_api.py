@@ -150,6 +150,7 @@ def test_load_run_is_public(tmp_path: Path) -> None:
         assert torch.equal(value, result.model.state_dict()[key]), key
 
 
+@pytest.mark.slow
 def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
     import fedssd
     import fedssd.api as api

@@ -157,6 +157,7 @@ def _refuse_training(*_args: Any, **_kwargs: Any) -> Any:
 @settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
+@pytest.mark.slow
 @given(raw=bad_configs)
 def test_generated_bad_configs_exit_2_with_one_sentence(
     raw: dict[str, Any], folder: Path, monkeypatch: pytest.MonkeyPatch

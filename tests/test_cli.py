@@ -23,6 +23,7 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return code, captured.out, captured.err
 
 
+@pytest.mark.slow
 def test_help_names_every_command_and_option() -> None:
     parser = build_parser()
     text = parser.format_help()
@@ -126,6 +127,7 @@ def test_an_existing_run_is_not_overwritten(
     assert (out / "summary.json").read_text() == '{"knn_acc": 0.5}'
 
 
+@pytest.mark.slow
 def test_console_script_exits_2_on_bad_config(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation]\nrounds = -1\n")
@@ -181,6 +183,7 @@ def test_compare_checks_every_output_folder_first(
     assert not (out / "ssd").exists()
 
 
+@pytest.mark.slow
 def test_progress_lines_per_round_and_per_client(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -213,6 +216,7 @@ def test_data_command_finds_or_reports(capsys: pytest.CaptureFixture[str], tmp_p
     assert len(err.strip().splitlines()) == 1 and "--download" in err
 
 
+@pytest.mark.slow
 def test_compare_runs_other_methods_from_an_ssd_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -249,6 +253,7 @@ def test_compare_runs_other_methods_from_an_ssd_config(
 # ----------------------------------------------------------------------------- issue 17
 
 
+@pytest.mark.slow
 def test_a_reader_closing_the_pipe_gives_no_traceback() -> None:
     """`fedssd methods | head -2`: the reader has gone before fedssd writes."""
     read_end, write_end = os.pipe()
@@ -268,6 +273,7 @@ def test_a_reader_closing_the_pipe_gives_no_traceback() -> None:
     assert result.returncode == 141
 
 
+@pytest.mark.slow
 def test_every_run_command_takes_threads(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -289,6 +295,7 @@ def test_every_run_command_takes_threads(
     assert code == 2 and "threads must be >= 0" in err
 
 
+@pytest.mark.slow
 def test_compare_keeps_its_table_and_report_reads_the_folder(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

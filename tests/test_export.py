@@ -93,6 +93,7 @@ def test_safetensors_export_and_load_encoder(run: Path, tmp_path: Path) -> None:
         assert torch.equal(z, model(_images())[1])
 
 
+@pytest.mark.slow
 def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
     run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

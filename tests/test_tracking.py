@@ -82,6 +82,7 @@ def _items(items: Any) -> dict[str, Any]:
     return {(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in items}
 
 
+@pytest.mark.slow
 def test_a_run_is_tracked_in_all_three_tools(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -187,6 +188,7 @@ def test_a_failing_tracker_warns_once_and_the_run_goes_on(
     assert exploding.calls == 1  # switched off after the first failure
 
 
+@pytest.mark.slow
 def test_the_same_run_with_and_without_tracking_computes_the_same(tmp_path: Path) -> None:
     plain = fedssd.train(SMOKE, overrides=TINY, out=None, log=None)
     tracked = fedssd.train(
@@ -255,6 +257,7 @@ def test_wandb_mode_never_goes_online_without_a_key(
     assert tracking.wandb_mode("online") == "offline"
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_mlflow_run(tmp_path: Path) -> None:
     from mlflow.tracking import MlflowClient
 

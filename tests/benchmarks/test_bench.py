@@ -101,6 +101,7 @@ def test_quick_bench_leaves_tracked_files_unchanged(
     assert _tracked_state(root) == before
 
 
+@pytest.mark.slow
 def test_flop_count_matches_a_hand_count() -> None:
     def factory() -> nn.Module:
         encoder = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 16))

@@ -148,6 +148,7 @@ def test_ray_local_instance(tmp_path: Path, serial_reference: dict[str, dict[str
     _same_results(_summaries(out), serial_reference)
 
 
+@pytest.mark.slow
 def test_sweep_cli_limit_and_tracking_grouped(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

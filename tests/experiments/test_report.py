@@ -107,6 +107,7 @@ def _check_figures(folder: Path, expected: list[str]) -> str:
     return text
 
 
+@pytest.mark.slow
 def test_report_of_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
     train(SMOKE, overrides=TINY, out=run, log=None)
@@ -123,6 +124,7 @@ def test_report_of_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "200 training images" in text  # the embedding sample's size
 
 
+@pytest.mark.slow
 def test_report_of_a_tiny_sweep(tmp_path: Path) -> None:
     grid_path = tmp_path / "grid.toml"
     grid_path.write_text(
@@ -225,6 +227,7 @@ def test_embedding_legends_name_the_classes(figures: list[Any], tmp_path: Path) 
     assert report.class_names("npz", 3) == ["0", "1", "2"]
 
 
+@pytest.mark.slow
 def test_titles_do_not_repeat_the_method(figures: list[Any], tmp_path: Path) -> None:
     run = tmp_path / "run"
     train(SMOKE, overrides=TINY, out=run, log=None)

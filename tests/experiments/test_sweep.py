@@ -473,6 +473,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@pytest.mark.slow
 def test_real_tiny_sweep_end_to_end(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -563,6 +564,7 @@ def test_a_dry_run_reads_no_data(
         assert f"/c10-silo/{row}/seed-17" in out, row
 
 
+@pytest.mark.slow
 def test_quiet_sweep_prints_no_lines_of_its_runs(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -212,6 +212,7 @@ def test_resume_refuses_bad_folders_and_checkpoints(
     assert "drop --config" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -232,6 +233,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(
     _same_weights(whole.out_dir, run)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_overwrite_removes_the_earlier_runs_checkpoints(tmp_path: Path) -> None:
     run = tmp_path / "run"
     fedssd.train(SMOKE, overrides=[*TINY, "federation.rounds=4"], out=run, log=None)
@@ -647,6 +649,7 @@ def test_a_finished_run_extended_with_rounds_equals_the_longer_run(tmp_path: Pat
         fedssd.resume(short, log=None)
 
 
+@pytest.mark.slow
 def test_extension_is_refused_where_it_cannot_be_exact(tmp_path: Path) -> None:
     run = tmp_path / "cosine"
     fedssd.train(

@@ -189,6 +189,7 @@ def test_adaptive_clipping_splits_the_budget_without_spending_more() -> None:
         update_noise_multiplier(z, 0.5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sampled", "target"), [(10, 1.0), (10, 8.0), (5, 4.0)])
 def test_calibrated_noise_meets_the_target_and_no_less_would(sampled: int, target: float) -> None:
     accounting = Accounting(10, sampled, 0.0, 0.0, 1e-5)
@@ -200,6 +201,7 @@ def test_calibrated_noise_meets_the_target_and_no_less_would(sampled: int, targe
 # ----------------------------------------------------------------------------- runs
 
 
+@pytest.mark.slow
 def test_dp_without_noise_or_clipping_reproduces_the_plain_run_bit_for_bit() -> None:
     plain = api.train(SMOKE, overrides=TINY, log=None)
     dp = api.train(
@@ -223,6 +225,7 @@ def test_dp_without_noise_or_clipping_reproduces_the_plain_run_bit_for_bit() -> 
     assert dp.summary["dp_epsilon"] == math.inf
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -279,6 +282,7 @@ def test_dp_needs_a_noise_multiplier_or_a_target() -> None:
     assert config.load(SMOKE).privacy.dp == "off"  # off by default
 
 
+@pytest.mark.slow
 def test_adaptive_dp_run_resumes_bit_for_bit(tmp_path: Path) -> None:
     sets = [*TINY, "federation.rounds=3", "checkpoint.every=1", "checkpoint.keep=2"]
     sets += ["privacy.dp=adaptive", "privacy.noise_multiplier=0.5"]

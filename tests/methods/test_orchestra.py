@@ -424,6 +424,7 @@ def _fashion(n: int) -> torch.Tensor:
     return data.x_train[:n]
 
 
+@pytest.mark.slow
 def test_loss_falls_over_a_few_steps_on_fashion_mnist() -> None:
     """Cluster-assignment + rotation loss of one client on 128 real images falls over 40 steps."""
     torch.set_num_threads(1)
