@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -129,40 +127,89 @@ def test_interrupted_and_resumed_run_is_bit_identical(
         assert len(list_checkpoints(run)) == 2  # rotation keeps checkpoint.keep
 
 
-@pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    """The real thing: a separate process killed with SIGKILL mid-run, resumed from the CLI."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
-    command += _sets([*TINY, "federation.rounds=8"])
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([*command, "--out", str(whole)], env=env, check=True, capture_output=True)
-    process = subprocess.Popen(
-        [*command, "--out", str(killed)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 300
-        while not list_checkpoints(killed) and time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 1.0))  # an arbitrary moment after the first checkpoint
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    # At most a second after its first of 8 checkpoints, the run cannot have finished.
-    assert not (killed / "summary.json").exists(), "the run finished before SIGKILL arrived"
+# Runs `fedssd ARGV` in a process that sends itself SIGNAL at a known point: right after
+# checkpoint round-ROUND is renamed into place ("after"), or right before ("before": the
+# checkpoint is complete under its temporary name). The signal is delivered from inside, so
+# where the run stops depends on nothing but the arguments.
+_SIGNAL_AT = """
+import os, signal, sys
+from pathlib import Path
+
+name, at, when, *argv = sys.argv[1:]
+signum = signal.Signals[name]
+replace = os.replace
+
+
+def replace_and_signal(src, dst, *args, **kwargs):
+    target = Path(dst).name == f"round-{int(at):06d}" and Path(dst).parent.name == "checkpoints"
+    if target and when == "before":
+        os.kill(os.getpid(), signum)
+    replace(src, dst, *args, **kwargs)
+    if target:
+        os.kill(os.getpid(), signum)
+
+
+os.replace = replace_and_signal
+from fedssd.cli import main
+
+sys.exit(main(argv))
+"""
+EIGHT_ROUNDS = [*TINY, "federation.rounds=8"]
+
+
+def _train_command(out: Path) -> list[str]:
+    return ["train", "--config", SMOKE, "--quiet", *_sets(EIGHT_ROUNDS), "--out", str(out)]
+
+
+def _resume(run: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(killed), "--quiet"],
-        env=env,
+        [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(run), "--quiet"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    _same_weights(whole, killed)
-    assert _records(killed) == _records(whole)
+
+
+@pytest.fixture(scope="module")
+def eight_rounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 8-round run that the stopped-and-resumed runs below must equal, made by the CLI."""
+    out = tmp_path_factory.mktemp("eight-rounds") / "whole"
+    subprocess.run(
+        [sys.executable, "-m", "fedssd.cli", *_train_command(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        check=True,
+        capture_output=True,
+    )
+    return out
+
+
+def _stopped_at(
+    out: Path, signum: signal.Signals, at: int, when: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", _SIGNAL_AT, signum.name, str(at), when, *_train_command(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_checkpoint_is_written_then_resume_is_bit_identical(
+    tmp_path: Path, eight_rounds: Path
+) -> None:
+    """The real thing: the process killed with SIGKILL when round 3's checkpoint is complete
+    under its temporary name but not yet in place; resumed from the CLI."""
+    killed = tmp_path / "killed"
+    stopped = _stopped_at(killed, signal.SIGKILL, 3, "before")
+    assert stopped.returncode == -signal.SIGKILL, stopped.stderr
+    assert [p.name for p in list_checkpoints(killed)] == ["round-000001", "round-000002"]
+    assert list((killed / "checkpoints").glob(".tmp-round-000003-*"))
+    _resume(killed)
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    _same_weights(eight_rounds, killed)
+    assert _records(killed) == _records(eight_rounds)
 
 
 def test_resume_refuses_bad_folders_and_checkpoints(
@@ -583,46 +630,27 @@ def test_checkpoint_does_not_unpickle(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
+)
 def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identical(
-    tmp_path: Path,
+    tmp_path: Path, eight_rounds: Path, signum: signal.Signals, code: int
 ) -> None:
-    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) after the first checkpoint: exit
-    143 / 130 with the resume command and its checkpoint; resuming finishes the run exactly."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
-    command += _sets([*TINY, "federation.rounds=8"])
-    whole = tmp_path / "whole"
-    subprocess.run([*command, "--out", str(whole)], env=env, check=True, capture_output=True)
-    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
-        stopped = tmp_path / signum.name
-        process = subprocess.Popen(
-            [*command, "--out", str(stopped)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 300
-        while not list_checkpoints(stopped) and time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be stopped"
-            time.sleep(0.02)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=120)
-        assert process.returncode == code, err
-        assert not (stopped / "summary.json").exists(), "the run finished before the signal"
-        assert "Traceback" not in err
-        newest = list_checkpoints(stopped)[-1].name
-        assert f"stopped by {signum.name}" in err
-        assert f"fedssd train --resume {stopped} (from checkpoint {newest}" in err, err
-        result = subprocess.run(
-            [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(stopped), "--quiet"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-        assert result.returncode == 0, result.stderr
-        _same_weights(whole, stopped)
-        assert _records(stopped) == _records(whole)
+    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) right after round 2's checkpoint:
+    exit 143 / 130 with the resume command and its checkpoint; resuming finishes the run
+    exactly."""
+    stopped = tmp_path / signum.name
+    done = _stopped_at(stopped, signum, 2, "after")
+    assert done.returncode == code, done.stderr
+    assert not (stopped / "summary.json").exists()
+    assert "Traceback" not in done.stderr
+    assert [p.name for p in list_checkpoints(stopped)][-1] == "round-000002"
+    assert f"stopped by {signum.name}" in done.stderr
+    hint = f"fedssd train --resume {stopped} (from checkpoint round-000002"
+    assert hint in done.stderr, done.stderr
+    _resume(stopped)
+    _same_weights(eight_rounds, stopped)
+    assert _records(stopped) == _records(eight_rounds)
 
 
 @pytest.mark.slow
