@@ -53,7 +53,7 @@ from fedssd.api import (
 from fedssd.config import Config
 from fedssd.data.datasets import ImageDataset
 from fedssd.data.federated import FederatedData, run_evaluation_views
-from fedssd.errors import ConfigError, DataError
+from fedssd.errors import ConfigError, DataError, FedSSDError
 from fedssd.experiments.outputs import (
     FLOWER_FILE,
     check_run_dir,
@@ -260,6 +260,7 @@ def discover_clients(
             clients[client_id] = {"node-id": node, **identity}
         missing = [k for k in range(num_clients) if k not in clients]
         if not missing:
+            _say_who_plays(grid, clients, log)
             return clients
         if time.monotonic() > deadline:
             said = "".join(f" (node {n} answered: {r})" for n, r in sorted(errors.items())[:1])
@@ -268,6 +269,21 @@ def discover_clients(
                 "SuperNode with --node-config 'client-id=K' for each of them."
             )
         time.sleep(poll)
+
+
+def _say_who_plays(grid: Grid, clients: Mapping[int, Mapping[str, int]], log: Log) -> None:
+    """One line per client: its node id, the name its key was registered under (``flwr
+    supernode register --name``) and, in a run on the sites' own data, what it holds."""
+    names = {node.node_id: node.name for node in grid.get_nodes()}
+    for client_id, identity in sorted(clients.items()):
+        node = identity["node-id"]
+        name = f" ({names[node]})" if names.get(node) else ""
+        held = (
+            f": {identity['num-images']} images, {identity['num-labelled']} labelled"
+            if "num-images" in identity
+            else ""
+        )
+        log(f"client {client_id} is node {node}{name}{held}")
 
 
 def _rejoin_identify(log: Log, timeout: float) -> Identify:
@@ -540,11 +556,33 @@ def _app_dir(grid: Grid) -> Path | None:
         return None
 
 
+class _SentenceOnly(logging.Filter):
+    """Drops the traceback of a :class:`FedSSDError` from Flower's log: Flower logs whatever
+    the ServerApp raised with its traceback, and a user's mistake is said in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FedSSDError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Flower's entry point: read the run config and run the federation."""
-    settings = RunSettings.from_run_config(
-        context.run_config, app_dir=_app_dir(grid), run_id=context.run_id
-    )
-    result, _ = run_federation(grid, settings, log=_LOGGER.info)
+    """Flower's entry point: read the run config and run the federation.
+
+    A :class:`FedSSDError` is logged as its one sentence and raised again, so that Flower
+    marks the run ``finished:failed`` with that sentence as its status details (``flwr ls``);
+    ``flwr run`` itself exits 0 whatever the run's end.
+    """
+    if not any(isinstance(f, _SentenceOnly) for f in _LOGGER.filters):
+        _LOGGER.addFilter(_SentenceOnly())
+    try:
+        settings = RunSettings.from_run_config(
+            context.run_config, app_dir=_app_dir(grid), run_id=context.run_id
+        )
+        result, _ = run_federation(grid, settings, log=_LOGGER.info)
+    except FedSSDError as error:
+        _LOGGER.error("fedssd run %s failed: %s", context.run_id, error)
+        raise
     _LOGGER.info("fedssd run written to %s", result.out_dir)

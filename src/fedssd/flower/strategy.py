@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from torch import nn
@@ -44,6 +45,11 @@ from fedssd.methods.server import server_state
 Log = Callable[[str], None]
 # Asks the given nodes which client id each plays: node id -> client id (of those that answered).
 Identify = Callable[[Grid, Sequence[int]], Mapping[int, int]]
+
+
+# Why a client failed when the SuperLink answered for its node: the node sent no heartbeat for
+# two of its intervals (its SuperNode was stopped or killed, or lost its connection).
+OFFLINE = "its node went offline (no heartbeat: the SuperNode stopped or lost its connection)"
 
 
 class ClientsFailed(FedSSDError):
@@ -123,6 +129,7 @@ class MethodStrategy(Strategy):
         self.identify = identify
         self._asked: set[int] = set()
         self._round: _Round | None = None
+        self._sent: dict[int, Message] = {}  # client id -> this round's message to its node
 
     def summary(self) -> None:
         """Log the run's shape."""
@@ -136,6 +143,12 @@ class MethodStrategy(Strategy):
     ) -> Iterable[Message]:
         """One message per sampled client that does not crash (simulated faults)."""
         round_index = self.start_round + server_round - 1
+        if self.start_round:
+            # Flower numbers a resumed run's rounds from 1 again.
+            self.log(
+                f"Flower's [ROUND {server_round}] of this resumed run is round "
+                f"{round_index + 1}/{self.schedule.rounds} of the fedssd run"
+            )
         if self.identify is not None:
             self._rejoin(grid)
         clients = sample_clients(
@@ -160,6 +173,7 @@ class MethodStrategy(Strategy):
         global_record = records.to_arrays(global_state)
         method_record = records.to_arrays(server_state(self.method))
         messages = []
+        self._sent = {}
         for position, client_id in enumerate(clients):
             if faults[client_id] == "crash":
                 continue
@@ -176,14 +190,13 @@ class MethodStrategy(Strategy):
             content = RecordDict(
                 {records.GLOBAL: global_record, records.METHOD: method_record, records.TASK: task}
             )
-            messages.append(
-                Message(
-                    content,
-                    dst_node_id=self.nodes[client_id],
-                    message_type=MessageType.TRAIN,
-                    group_id=str(round_index + 1),
-                )
+            self._sent[client_id] = Message(
+                content,
+                dst_node_id=self.nodes[client_id],
+                message_type=MessageType.TRAIN,
+                group_id=str(round_index + 1),
             )
+            messages.append(self._sent[client_id])
         return messages
 
     def aggregate_train(
@@ -198,9 +211,14 @@ class MethodStrategy(Strategy):
         current = self._round
         if current is None or current.index != self.start_round + server_round - 1:
             raise RuntimeError("aggregate_train was called without configure_train")
+        # The grid gave each sent message its id; the SuperLink's own replies (a node gone
+        # offline) name the message they answer, not the node.
+        asked = {message.metadata.message_id: client for client, message in self._sent.items()}
         by_client: dict[int, Message] = {}
         for message in replies:
             sender = self._node_to_client.get(message.metadata.src_node_id)
+            if sender is None:
+                sender = asked.get(message.metadata.reply_to_message_id)
             if sender is not None:
                 by_client[sender] = message
         keep_local = local_keys(self.global_model, self.method)
@@ -215,6 +233,8 @@ class MethodStrategy(Strategy):
                 tally.failed[client_id] = "crashed"
             elif reply is None:
                 tally.failed[client_id] = "no reply before the round timeout"
+            elif reply.has_error() and reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+                tally.failed[client_id] = OFFLINE
             elif reply.has_error():
                 tally.failed[client_id] = f"node error: {reply.error.reason}"
                 errors.append(tally.failed[client_id])
@@ -228,6 +248,11 @@ class MethodStrategy(Strategy):
                     functools.partial(_decoded, arrays, records.PAYLOAD),
                     device=device,
                 )
+        for client_id, reason in sorted(tally.failed.items()):
+            self.log(
+                f"round {current.index + 1}/{self.schedule.rounds}: client {client_id} (node "
+                f"{self.nodes.get(client_id)}) failed: {reason}"
+            )
         sent = sum(1 for c in current.clients if current.faults[c] != "crash")
         if sent and len(errors) == sent:
             raise ClientsFailed(
