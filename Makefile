@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv data demo smoke test test-fast lint bench bench-quick clean
+.PHONY: help venv data demo smoke test test-fast walkthrough lint bench bench-quick clean
 
 help:  ## list the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -39,6 +39,10 @@ test: data  ## run the whole test suite
 
 test-fast: data  ## the suite without the tests marked slow (under 2 minutes on 2 CPU cores)
 	$(PY) -m pytest -q -m "not slow"
+
+walkthrough: data  ## run docs/deployment.md's commands as written, its install included, in runs/walkthrough (minutes)
+	rm -rf runs/walkthrough
+	$(PYTHON) tests/deployment_walkthrough.py runs/walkthrough --install
 
 lint: $(STAMP)  ## ruff and mypy
 	$(PY) -m ruff check src tests
