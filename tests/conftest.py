@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 import torch
 
 # One intra-op thread in the test process, as in the subprocesses the tests start (their
@@ -13,16 +9,3 @@ import torch
 # this process with one in a subprocess bit for bit. Pinned here, the outcome no longer depends on
 # which tests ran earlier or on how many cores the machine has.
 torch.set_num_threads(1)
-
-
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[object]:
-    """Processes a test starts in their own sessions (:class:`flower_testing.Processes`), all
-    stopped when it ends, whatever happened."""
-    from flower_testing import Processes
-
-    started = Processes(tmp_path)
-    try:
-        yield started
-    finally:
-        started.close()

@@ -1,216 +1,24 @@
-"""Issue 14: secure aggregation (Flower's SecAgg+) in a real TLS deployment.
+"""Secure aggregation (Flower's SecAgg+): what it cannot run is refused before a round starts.
 
-A SuperLink and 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication (the helpers of
-test_flower.py), ``flwr run`` with ``secure-aggregation = true``: (1) the global weights equal the
-in-process simulator's to within SecAgg+'s quantisation error; (2) with one node dropping out in
-the masked-vector stage, the round completes and the weights are the FedAvg of the other two
-clients' updates. Refusals of what SecAgg+ cannot run are checked without Flower.
+SecAgg+ in a real TLS deployment, matching the in-process FedAvg to its quantisation error and
+surviving a dropout: tests/flower/test_deployment.py.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import subprocess
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("flwr")
 
-from safetensors.torch import load_file
 from test_simulation import experiment
 
 from fedssd import api, config
-from fedssd.aggregate import fedavg
 from fedssd.errors import ConfigError
-from fedssd.federation.client import local_train
-from fedssd.federation.simulator import round_lr
 from fedssd.flower import secagg
-from fedssd.seeding import CLIENT, generator
-from flower_testing import (  # the deployment helpers (pytest puts tests/ on sys.path)
-    BIN,
-    FLOWER_APP,
-    REPO,
-    Processes,
-    flower_env,
-    flwr_home,
-    free_port,
-    start_superlink,
-    write_node_key,
-    write_tls,
-)
 
 __all__ = ["experiment"]  # a fixture used by name
-
-# What SecAgg+ needs: a FedAvg method and no per-update norm check; one round, so that the
-# quantisation error is not amplified by further training.
-SETS = ["method.name=fedalignuniform", "validation.max_norm_ratio=0", "federation.rounds=1"]
-
-# A ClientApp that is fedssd's, plus a mod that makes the node named in the run config fail in
-# SecAgg+'s masked-vector stage (after the key exchange: the dropout the protocol recovers from).
-_DROPOUT_APP = textwrap.dedent(
-    """
-    from flwr.clientapp import ClientApp
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
-    from fedssd.flower.client_app import client_id_of, identify, train_client
-    from fedssd.flower.secagg import secure_aggregation_mod
-
-
-    def drop(msg, ctxt, call_next):
-        configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
-        stage = configs.get(Key.STAGE) if configs is not None else None
-        victim = int(ctxt.run_config.get("test-drop-client", -1))
-        if stage == Stage.COLLECT_MASKED_VECTORS and client_id_of(ctxt) == victim:
-            raise RuntimeError("simulated dropout")
-        return call_next(msg, ctxt)
-
-
-    app = ClientApp(mods=[drop, secure_aggregation_mod])
-    app.train()(train_client)
-    app.query()(identify)
-    """
-)
-
-
-def _flower_app(folder: Path) -> Path:
-    """The repository's Flower App with the dropout ClientApp above."""
-    folder.mkdir()
-    text = (FLOWER_APP / "pyproject.toml").read_text()
-    text = text.replace('clientapp = "fedssd.flower.client_app:app"', 'clientapp = "dropout:app"')
-    assert 'clientapp = "dropout:app"' in text
-    (folder / "pyproject.toml").write_text(text + "test-drop-client = -1\n")
-    (folder / "fedssd.toml").write_text((FLOWER_APP / "fedssd.toml").read_text())
-    (folder / "dropout.py").write_text(_DROPOUT_APP)
-    return folder
-
-
-def _quantisation_tolerance(cfg: config.Config, sizes: list[int], weights: list[int]) -> float:
-    """SecAgg+'s bound on one entry of the mean: each client's scaled entry is stochastically
-    rounded to a step of 2c / Q, so the mean is off by at most n * (2c / Q) / sum(w / max_w)."""
-    max_weight = secagg.max_batches(cfg, sizes)
-    step = 2 * secagg.CLIPPING_RANGE / secagg.QUANTIZATION_RANGE
-    return len(weights) * step / sum(w / max_weight for w in weights)
-
-
-def _fedavg_of(cfg: config.Config, clients: list[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """Round 1 of the in-process simulator restricted to ``clients`` (what the server should
-    get when the others drop out), and their weights."""
-    experiment = api.build_experiment(cfg, log=lambda _m: None)
-    start = {k: v.clone() for k, v in experiment.global_model.state_dict().items()}
-    settings = dataclasses.replace(experiment.settings, lr=round_lr(experiment.schedule, 0))
-    states, weights = [], []
-    for client_id in clients:
-        model = experiment.client_model
-        model.load_state_dict(start)
-        result = local_train(
-            model,
-            experiment.method,
-            experiment.images,
-            experiment.client_indices[client_id],
-            settings=settings,
-            generator=generator(cfg.seed, CLIENT, 0, client_id, device=experiment.images.device),
-            client_id=client_id,
-            position=client_id,  # every client is sampled: position = id
-        )
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-        weights.append(result.num_batches)
-    return fedavg(states, [float(w) for w in weights]), weights
-
-
-def _assert_close(expected: dict[str, torch.Tensor], path: Path, tolerance: float) -> None:
-    got = load_file(str(path))
-    assert sorted(got) == sorted(expected)
-    for key, value in expected.items():
-        if value.is_floating_point():
-            # float32 storage of the result adds a rounding of its own.
-            bound = tolerance + 2 * float(value.abs().max()) * 2**-24
-            error = float((got[key].double() - value.double()).abs().max())
-            assert error <= bound, (key, error, bound)
-        else:
-            assert torch.equal(got[key], value), key
-
-
-@pytest.mark.slow
-def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
-    tmp_path: Path, experiment: Path, processes: Processes
-) -> None:
-    cfg = config.load(experiment, SETS)
-    sizes = [len(p) for p in api.prepare_data(cfg, log=lambda _m: None).client_indices]
-    expected_all, weights_all = _fedavg_of(cfg, [0, 1, 2])
-    expected_two, weights_two = _fedavg_of(cfg, [0, 1])
-    # The in-process simulator agrees with the hand-made round (so the comparison is fair).
-    plain = api.train(experiment, overrides=SETS, log=None).model.state_dict()
-    for key, value in expected_all.items():
-        torch.testing.assert_close(plain[key], value, rtol=0, atol=1e-6)
-
-    write_tls(tmp_path)
-    for name in ("node0", "node1", "node2"):
-        write_node_key(tmp_path / name)
-    home, port = flwr_home(tmp_path)
-    env = flower_env(FLWR_HOME=str(home), PYTHONPATH=str(REPO / "src"))
-    ca = str(tmp_path / "ca.crt")
-    start_superlink(processes, tmp_path, port, env, register=["node0", "node1", "node2"])
-    for k in range(3):
-        processes.start(
-            f"supernode{k}",
-            [
-                str(BIN / "flower-supernode"),
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", ca,
-                "--auth-supernode-private-key", str(tmp_path / f"node{k}"),
-                "--node-config", f"partition-id={k} num-partitions=3",
-                "--port", str(free_port()),
-            ],
-            env,
-        )  # fmt: skip
-    app = _flower_app(tmp_path / "app")
-
-    def run(name: str, drop: int) -> Path:
-        out = tmp_path / name
-        run_config = (
-            f'config="{experiment}" out="{out}" overrides="{" ".join(SETS)}" '
-            f"secure-aggregation=true test-drop-client={drop}"
-        )
-        done = subprocess.run(
-            [str(BIN / "flwr"), "run", str(app), "test", "--stream", "--run-config", run_config],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        deadline = time.monotonic() + 60
-        while not (out / "summary.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert (out / "summary.json").exists(), done.stdout[-3000:] + processes.log("superlink")
-        return out
-
-    # (1) Every node answers: FedAvg of all three, to the quantisation tolerance.
-    out = run("secure", drop=-1)
-    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert record["secure_aggregation"] is True
-    assert record["accepted"] == 3 and record["failed"] == {}
-    tolerance = _quantisation_tolerance(cfg, sizes, weights_all)
-    assert tolerance < 1e-5  # 3 clients, c = 8, Q = 2^22: a few 1e-6
-    _assert_close(expected_all, out / "model.safetensors", tolerance)
-
-    # (2) Client 2 drops out after the key exchange: the others' shares unmask the sum of 0 and 1.
-    out = run("dropout", drop=2)
-    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert record["accepted"] == 2
-    assert record["failed"] == {"2": "dropped out of secure aggregation"}
-    _assert_close(
-        expected_two, out / "model.safetensors", _quantisation_tolerance(cfg, sizes, weights_two)
-    )
-    assert not math.isclose(
-        float(load_file(str(out / "model.safetensors"))["projector.0.weight"].sum()),
-        float(expected_all["projector.0.weight"].sum()),
-    )
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,19 @@
-"""fedssd on Flower: the same weights as the in-process simulator, and a real TLS deployment.
+"""fedssd on Flower's simulation engine: the same weights as the in-process simulator.
 
-(1) Equivalence: a tiny experiment (small CNN, 3 clients, 2 rounds, 300 Fashion-MNIST images) run
-through :func:`fedssd.api.train` and through the Flower ServerApp / ClientApp on Flower's
-simulation engine (Ray) ends with the same global weights, for a FedAvg method
+(1) A tiny experiment on one shared dataset (small CNN, 3 clients, 2 rounds, 300 Fashion-MNIST
+images) run through :func:`fedssd.api.train` and through the Flower ServerApp / ClientApp on
+Flower's simulation engine (Ray) ends with the same global weights, for a FedAvg method
 (fedalignuniform), SSD (server state: scaling sets) and FedEMA (per-client state in the node's
 Context.state, server lambdas sent back each round).
 
-(2) Deployment: a SuperLink and 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication,
-``flwr run`` of the repository's Flower App for 2 rounds; the run's files are checked and its
-weights compared with the in-process run; a SuperNode whose key was never registered is refused.
-Every process is started in its own session and stopped in ``finally``; ports are free ports
-picked at runtime.
+(2) Real sites: three sites of different kinds, site 0 a labelled ``.npz`` of Fashion-MNIST
+classes 0-3, site 1 a folder of PNG files of classes 4-6 without labels, site 2 an unlabelled
+``.npz`` of classes 7-9, each virtual node reading ``data.clients[its id]``; the server holds only
+a labelled evaluation set (and, in a second run, none: the final evaluation is federated). The
+same weights and per-site metrics as in process.
+
+All five runs go through one simulation (Ray starts once). The App on real SuperNodes, with TLS
+and SuperNode authentication: tests/flower/test_deployment.py.
 """
 
 from __future__ import annotations
@@ -19,18 +22,21 @@ import json
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
 from flwr.app import Context, RecordDict
+from PIL import Image
 from safetensors.torch import load_file
 
 from fedssd.api import build_experiment, load_config, train
+from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
 from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.federation.client import LocalResult
@@ -38,15 +44,7 @@ from fedssd.flower import records
 from fedssd.flower.client_app import client_id_of
 from fedssd.methods.protocol import ClientState
 from flower_testing import (
-    BIN,
-    FLOWER_APP,
-    Processes,
     flower_env,
-    flwr_home,
-    free_port,
-    start_superlink,
-    write_node_key,
-    write_tls,
 )
 
 METHODS = ("fedema", "fedalignuniform", "ssd")  # a stateful method first: see _SIMULATION
@@ -89,29 +87,27 @@ metrics_samples = 100
 metrics_per_client = 30
 """
 
-# The Flower side of the equivalence test, run in its own process (Ray starts workers and
-# changes the environment). One simulation runs the three experiments one after the other over
-# the same 3 virtual SuperNodes (Ray starts once); FedEMA goes first because client state lives
-# in each node's Context.state for the whole simulation.
+# The Flower side of the equivalence tests, run in its own process (Ray starts workers and
+# changes the environment). One simulation runs every experiment one after the other over the
+# same 3 virtual SuperNodes (Ray starts once); each run has its own run key, so client state
+# kept in a node's Context.state by one run is never seen by another.
 _SIMULATION = textwrap.dedent(
     """
-    import sys
+    import json, sys
     from pathlib import Path
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
     from fedssd.flower.client_app import app as client_app
     from fedssd.flower.server_app import RunSettings, run_federation
 
-    config, out, *methods = sys.argv[1:]
+    runs = json.loads(sys.argv[1])
     server = ServerApp()
 
     @server.main()
     def main(grid, context):
-        for name in methods:
-            settings = RunSettings(
-                config=Path(config), overrides=(f"method.name={name}",),
-                out=Path(out) / name, connect_timeout=120.0, round_timeout=300.0,
-            )
+        for config, out, overrides in runs:
+            settings = RunSettings(config=Path(config), overrides=tuple(overrides), out=Path(out),
+                                   connect_timeout=120.0, round_timeout=300.0)
             run_federation(grid, settings, log=print)
 
     run_simulation(
@@ -120,6 +116,93 @@ _SIMULATION = textwrap.dedent(
     )
     """
 )
+
+
+SITES_EXPERIMENT = """\
+seed = 11
+device = "cpu"
+
+[data]
+name = "folder"
+partition = "clients"
+image_size = 32
+pad_to_32 = true
+rgb = false
+
+[model]
+encoder = "small_cnn"
+width = 4
+projector_hidden = 32
+
+[method]
+name = "fedema"
+
+[federation]
+num_clients = 3
+fraction = 1.0
+rounds = 3
+local_epochs = 1
+batch_size = 16
+lr = 0.05
+
+[evaluation]
+data = "{server}"
+every = 1
+knn_k = 5
+linear_epochs = 2
+metrics_samples = 60
+metrics_per_client = 20
+
+[checkpoint]
+every = 1
+keep = 2
+"""
+
+SIZES = (48, 40, 44)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The three sites' data, the server's evaluation set and the experiment config."""
+    base = tmp_path_factory.mktemp("world")
+    data = base / "data"
+    for name in ("site0", "site1", "site2", "server"):
+        (data / name).mkdir(parents=True)
+    fashion = load_dataset("fashion_mnist", download=False, pad_to_32=False, rgb=False)
+    x, y = fashion.x_train[:, 0].numpy(), fashion.y_train.numpy()
+
+    def take(classes: list[int], count: int) -> np.ndarray:
+        return np.flatnonzero(np.isin(y, classes))[:count]
+
+    first = take([0, 1, 2, 3], SIZES[0])
+    np.savez(data / "site0" / "train.npz", x_train=x[first], y_train=y[first])
+    for i, index in enumerate(take([4, 5, 6], SIZES[1])):
+        Image.fromarray(x[index]).save(data / "site1" / f"scan{i:03d}.png")
+    np.savez(data / "site2" / "train.npz", x_train=x[take([7, 8, 9], SIZES[2])])
+    np.savez(
+        data / "server" / "eval.npz",
+        x_train=fashion.x_test[:100, 0].numpy(),
+        y_train=fashion.y_test[:100].numpy(),
+    )
+    config = base / "experiment.toml"
+    config.write_text(SITES_EXPERIMENT.format(server=data / "server" / "eval.npz"))
+    federated = base / "experiment-federated.toml"
+    federated.write_text(
+        "\n".join(line for line in config.read_text().splitlines() if "eval.npz" not in line)
+    )
+    return {
+        "base": base,
+        "data": data,
+        "config": config,
+        "federated": federated,
+        "site0": data / "site0" / "train.npz",
+        "site1": data / "site1",
+        "site2": data / "site2" / "train.npz",
+    }
+
+
+def _sites(world: dict[str, Path]) -> str:
+    return "data.clients=" + json.dumps([str(world[f"site{k}"]) for k in range(3)])
 
 
 @pytest.fixture(scope="module")
@@ -148,16 +231,39 @@ def in_process(
     }
 
 
+def _sites(world: dict[str, Path]) -> str:
+    return "data.clients=" + json.dumps([str(world[f"site{k}"]) for k in range(3)])
+
+
+def _sites_runs(world: dict[str, Path]) -> dict[str, tuple[Path, list[str]]]:
+    """The runs on the sites: with the server's evaluation set, and without one (federated)."""
+    return {
+        "server-set": (world["config"], [_sites(world)]),
+        "federated": (
+            world["federated"],
+            [_sites(world), "federation.rounds=2", 'tracking.backends="tensorboard"'],
+        ),
+    }
+
+
 @pytest.fixture(scope="module")
-def simulated(experiment: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The three experiments through the Flower App on Flower's simulation engine."""
+def simulated(
+    experiment: Path, world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Every experiment of this module through the Flower App on Flower's simulation engine:
+    ``METHOD/`` on the shared dataset, ``sites/NAME/`` on the sites."""
     out = tmp_path_factory.mktemp("simulated")
+    runs = [[str(experiment), str(out / name), [f"method.name={name}"]] for name in METHODS]
+    runs += [
+        [str(config), str(out / "sites" / name), overrides]
+        for name, (config, overrides) in _sites_runs(world).items()
+    ]
     done = subprocess.run(
-        [sys.executable, "-c", _SIMULATION, str(experiment), str(out), *METHODS],
+        [sys.executable, "-c", _SIMULATION, json.dumps(runs)],
         env=flower_env(FLWR_HOME=str(out / "flwr-home")),
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=1800,  # a hang guard only: Ray and five runs on a busy 2-core machine
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
@@ -235,74 +341,44 @@ def test_client_id_comes_from_the_node_config() -> None:
         client_id_of(context({"client-id": "one"}))
 
 
-# --- deployment --------------------------------------------------------------------------------
+def _lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.slow
-def test_deployment_with_tls_and_supernode_authentication(
-    tmp_path: Path,
-    experiment: Path,
-    in_process: dict[str, dict[str, torch.Tensor]],
-    processes: Processes,
+def test_simulation_engine_on_sites_matches_in_process(
+    world: dict[str, Path], simulated: Path, tmp_path: Path
 ) -> None:
-    write_tls(tmp_path)
-    for name in ("node0", "node1", "node2", "rogue"):
-        write_node_key(tmp_path / name)
-    home, port = flwr_home(tmp_path)
-    env = flower_env(FLWR_HOME=str(home))
-    ca = str(tmp_path / "ca.crt")
-    start_superlink(processes, tmp_path, port, env, register=["node0", "node1", "node2"])
+    in_process = {
+        name: train(config, overrides=overrides, out=tmp_path / "in-process" / name, log=None)
+        for name, (config, overrides) in _sites_runs(world).items()
+    }
+    flower = simulated / "sites"
+    for name, result in in_process.items():
+        out = flower / name
+        expected = {k: v.detach().clone() for k, v in result.model.state_dict().items()}
+        _assert_same_weights(expected, out / "model.safetensors")
+        lines = _lines(out / "metrics.jsonl")
+        assert lines and all(r["samples"] == {"0": 48, "1": 40, "2": 44} for r in lines)
+    # The nodes evaluated the final model on their own images as the simulator's clients did.
+    summary = json.loads((flower / "federated" / "summary.json").read_text())
+    simulated = in_process["federated"].summary
+    assert summary["evaluation"] == simulated["evaluation"] == "federated"
+    assert summary["clients_missing"] == []
+    assert sorted(summary["federated"]["per_client"]) == ["0", "1", "2"]
+    for client, values in simulated["federated"]["per_client"].items():
+        got = summary["federated"]["per_client"][client]
+        assert sorted(got) == sorted(values)
+        for key, value in values.items():
+            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (client, key)
+    assert "knn_acc" in summary and summary["knn_queries"] > 0
+    # The ServerApp reports to the run's trackers as fedssd train does.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    def supernode(name: str, key: str, partition: int, *extra: str) -> subprocess.Popen[bytes]:
-        return processes.start(
-            name,
-            [
-                str(BIN / "flower-supernode"),
-                "--superlink", f"127.0.0.1:{port}",
-                "--root-certificates", ca,
-                "--auth-supernode-private-key", str(tmp_path / key),
-                "--node-config", f"partition-id={partition} num-partitions=3",
-                "--port", str(free_port()),
-                *extra,
-            ],
-            env,
-        )  # fmt: skip
-
-    for k in range(3):
-        supernode(f"supernode{k}", f"node{k}", k)
-    rogue = supernode("rogue", "rogue", 0, "--max-retries", "1", "--max-wait-time", "20")
-
-    out = tmp_path / "run"
-    run_config = f'config="{experiment}" out="{out}" overrides="method.name=ssd"'
-    done = subprocess.run(
-        [str(BIN / "flwr"), "run", str(FLOWER_APP), "test", "--stream",
-         "--run-config", run_config],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    deadline = time.monotonic() + 60
-    while not (out / "summary.json").exists() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert (out / "summary.json").exists(), done.stdout[-3000:] + processes.log("superlink")
-
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in lines] == [1, 2]
-    assert all(r["accepted"] == 3 and r["failed"] == {} for r in lines)
-    assert "knn_acc" in json.loads((out / "summary.json").read_text())
-    assert (out / "config.toml").exists() and (out / "partition.json").exists()
-    _assert_same_weights(in_process["ssd"], out / "model.safetensors")
-
-    # The SuperNode whose key was never registered gave up without being let in.
-    assert rogue.wait(timeout=60) != 0, processes.log("rogue")
-    listed = subprocess.run(
-        [str(BIN / "flwr"), "supernode", "list", "test", "--format", "json"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert listed.returncode == 0, listed.stdout + listed.stderr
-    assert len(json.loads(listed.stdout)["nodes"]) == 3
+    events = EventAccumulator(str(flower / "federated" / "tensorboard"))
+    events.Reload()
+    losses = [e.value for e in events.Scalars("round/loss")]
+    history = _lines(flower / "federated" / "metrics.jsonl")
+    assert losses == pytest.approx([r["loss"] for r in history], rel=1e-6)
