@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -89,7 +90,7 @@ def test_p_value_grows_with_epsilon_and_falls_with_the_right_guesses(
         p_value(canaries=1000, guesses=guesses, correct=correct, epsilon=e, delta=delta)
         for e in np.linspace(0, 12, 241)
     ]
-    assert all(a <= b + 1e-15 for a, b in zip(values, values[1:], strict=False))
+    assert all(a <= b + 1e-15 for a, b in itertools.pairwise(values))
     fewer = p_value(canaries=1000, guesses=guesses, correct=correct - 5, epsilon=1, delta=delta)
     assert fewer >= values[20]
 
@@ -122,15 +123,16 @@ def test_audit_bound_of_perfect_scores_is_the_all_right_value() -> None:
 
 def test_audit_bound_stays_below_a_gaussian_mechanisms_epsilon() -> None:
     # A Gaussian mechanism of sensitivity 1 and noise 1 (mu = 1) is (epsilon, 1e-5)-DP with
-    # epsilon = 4.4 (Balle & Wang 2018: delta(4.4) = 9.6e-6); over 20 draws of the canaries'
+    # epsilon = 4.4 (Balle & Wang 2018: delta(4.4) = 9.1e-6); over 10 draws of the canaries'
     # coins and scores the audit's bound stays below it, and shows something every time.
     bounds = []
-    for seed in range(20):
+    for seed in range(10):
         rng = np.random.default_rng(seed)
         included = rng.random(1000) < 0.5
         scores = included + rng.standard_normal(1000)
         bounds.append(audit_bound(scores, included, delta=1e-5).epsilon)
-    assert 0 < min(bounds) and max(bounds) < 4.4
+    assert min(bounds) > 0
+    assert max(bounds) < 4.4
 
 
 # ----------------------------------------------------------------------------- the canaries
