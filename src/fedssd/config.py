@@ -39,6 +39,7 @@ Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
 DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Sampling = Literal["fixed", "poisson"]
 ResizeFilter = Literal["box", "bilinear-antialias"]
 
 
@@ -140,6 +141,8 @@ class FederationConfig:
     Attributes:
         num_clients: Number of clients K.
         fraction: Fraction of clients sampled each round (1.0 = cross-silo).
+        sampling: ``fixed`` (``round(fraction * K)`` clients without replacement) or ``poisson``
+            (each client independently with probability ``fraction``: the cohort's size varies).
         rounds: Communication rounds.
         local_epochs: Local epochs per round.
         batch_size: Local mini-batch size.
@@ -155,6 +158,7 @@ class FederationConfig:
 
     num_clients: int = 10
     fraction: float = 1.0
+    sampling: Sampling = "fixed"
     rounds: int = 100
     local_epochs: int = 5
     batch_size: int = 128
@@ -239,7 +243,9 @@ class ValidationConfig:
 
     Attributes:
         max_norm_ratio: Reject an update whose weights moved, per local step, more than this
-            many times the median of the round's other updates (0 = no norm check).
+            many times the median of the round's other updates (0 = no norm check). Unset in a
+            config file, it is 10, or 0 when ``privacy.dp`` is on (one client's update must not
+            decide whether another's is averaged: that breaks DP's sensitivity bound).
         min_peers: The norm check needs at least this many other updates in the round.
     """
 
@@ -290,13 +296,17 @@ class PrivacyConfig:
         target_epsilon: The privacy budget; the run stops, before the round that would exceed
             it, with one sentence (0 = no budget).
         delta: The delta of (epsilon, delta).
-        weighting: ``uniform`` (every update counts the same: DP-FedAvg's sensitivity holds) or
-            ``batches`` (FedAvg's batch-count weights; the noise scales with the largest weight
-            and the weights themselves, i.e. the client sizes, are taken to be public).
+        weighting: ``uniform`` (every update counts the same) or ``batches`` (a client's weight
+            is ``min(batches, weight_cap) / weight_cap``; needs ``weight_cap``).
+        weight_cap: The public cap on a client's weight, in local mini-batches (``weighting =
+            "batches"``): with it every weight is at most 1, so the sensitivity stays ``C``.
         target_quantile: gamma, the fraction of updates that should fall within the clip norm.
         clip_lr: eta, the geometric learning rate of the clip norm.
         count_noise_multiplier: sigma_b, the noise on the count of updates within the norm;
             unset means m / 20 (m: clients per round), Andrew et al.'s recommendation.
+        reproducible_noise: Draw the noise and the cohort from the run seed instead of a secret
+            (for tests only: anyone with ``config.toml`` can then regenerate the noise and
+            subtract it, so the run is not private; its summary and the CLI say so).
     """
 
     dp: Literal["off", "fixed", "adaptive"] = "off"
@@ -305,9 +315,11 @@ class PrivacyConfig:
     target_epsilon: float = 0.0
     delta: float = 1e-5
     weighting: Literal["uniform", "batches"] = "uniform"
+    weight_cap: float = 0.0
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise_multiplier: float | None = None
+    reproducible_noise: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -368,6 +380,7 @@ def load(
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    _private_defaults(raw)
     config = from_dict(Config, raw, where="")
     validate(config)
     return config
@@ -591,7 +604,7 @@ def validate(config: Config) -> None:
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {config.device!r}.",
         ),
     ]
-    checks += _privacy_checks(config.privacy)
+    checks += _privacy_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -600,9 +613,21 @@ def validate(config: Config) -> None:
     parse_backends(config.tracking.backends)
 
 
-def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
+def _private_defaults(raw: dict[str, Any]) -> None:
+    """Fill in the defaults that depend on ``privacy.dp``: with DP on, the norm check
+    (``validation.max_norm_ratio``) is off unless the config sets it."""
+    privacy = raw.get("privacy")
+    validation = raw.get("validation", {})
+    if not isinstance(privacy, Mapping) or privacy.get("dp", "off") == "off":
+        return
+    if isinstance(validation, Mapping) and "max_norm_ratio" not in validation:
+        raw["validation"] = {**validation, "max_norm_ratio": 0.0}
+
+
+def _privacy_checks(config: Config) -> list[tuple[bool, str]]:
     """Checks of the ``[privacy]`` table: the ranges always (a value out of range is a mistake
     even while DP is off), how the settings combine when DP is on."""
+    dp = config.privacy
     noise = dp.noise_multiplier
     ranges = [
         (dp.clip_norm >= 0, "privacy.clip_norm must be >= 0 (0 means no clipping)."),
@@ -611,6 +636,7 @@ def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
         (0 < dp.delta < 1, "privacy.delta must be in (0, 1)."),
         (0 < dp.target_quantile < 1, "privacy.target_quantile must be in (0, 1)."),
         (dp.clip_lr >= 0, "privacy.clip_lr must be >= 0."),
+        (dp.weight_cap >= 0, "privacy.weight_cap must be >= 0 (0 means no cap)."),
         (
             dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
             "privacy.count_noise_multiplier must be > 0.",
@@ -633,6 +659,24 @@ def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
         (
             dp.dp != "adaptive" or dp.clip_norm > 0,
             "adaptive clipping needs an initial privacy.clip_norm > 0.",
+        ),
+        (
+            config.validation.max_norm_ratio == 0,
+            "the norm check (validation.max_norm_ratio) lets one client's update decide whether "
+            "another's is averaged, which breaks differential privacy's sensitivity bound; set "
+            "validation.max_norm_ratio = 0 with privacy.dp.",
+        ),
+        (
+            dp.weighting != "batches" or dp.weight_cap > 0,
+            "privacy.weighting = 'batches' with differential privacy needs a public cap on the "
+            "weights (privacy.weight_cap, in local batches), or the noise would have to grow with "
+            "the largest client; set it or use privacy.weighting = 'uniform'.",
+        ),
+        (
+            config.faults.min_clients == 1,
+            "faults.min_clients skips a round by the number of replies, which differential "
+            "privacy cannot allow (whether one client replied would decide what is released); "
+            "set faults.min_clients = 1 with privacy.dp.",
         ),
     ]
 
