@@ -18,6 +18,7 @@ from torch import nn
 from fedssd.api import build_experiment, check_setup, load_config
 from fedssd.config import Config
 from fedssd.errors import ConfigError
+from fedssd.federation.accounting import round_charge
 from fedssd.federation.audit import (
     CanaryAggregator,
     audit_bound,
@@ -25,7 +26,7 @@ from fedssd.federation.audit import (
     canary_scores,
     draw_canaries,
 )
-from fedssd.federation.sampling import clients_per_round
+from fedssd.federation.privacy import SecretRandomness
 from fedssd.federation.server import local_keys
 from fedssd.federation.simulator import run_rounds
 from fedssd.runtime import cpu_threads
@@ -79,26 +80,26 @@ def check_auditable(config: Config) -> None:
     """Refuse a config whose mechanism the audit cannot attack soundly.
 
     Raises:
-        ConfigError: DP is off, clients are sampled (the fixed-size cohort is accounted under
-            replace-one adjacency, not the add/remove of a canary), or updates are weighted by
-            their batch counts.
+        ConfigError: DP is off, or the cohort has a fixed size below K (accounted for
+            replacing one client, not for adding or removing one).
     """
-    fed, dp = config.federation, config.privacy
-    if dp.dp == "off":
+    fed = config.federation
+    if config.privacy.dp == "off":
         raise ConfigError(
             "the privacy audit attacks the DP mechanism, but privacy.dp is 'off'; set "
             "privacy.dp = 'fixed' or 'adaptive' (--set privacy.dp=fixed)."
         )
-    if clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction) < fed.num_clients:
+    charge = round_charge(
+        num_clients=fed.num_clients,
+        fraction=fed.fraction,
+        sampling=fed.sampling,
+        noise_multiplier=0.0,
+    )
+    if charge.sampling == "fixed":
         raise ConfigError(
-            f"the privacy audit needs every client in every round (federation.fraction = 1, not "
-            f"{fed.fraction:g}): a sampled cohort of fixed size is accounted for replacing one "
-            "client, which the audit's adding or removing of a canary does not test."
-        )
-    if dp.weighting != "uniform":
-        raise ConfigError(
-            "the privacy audit needs privacy.weighting = 'uniform' (with batch-count weights a "
-            "canary's weight would be its own claim)."
+            f"the privacy audit adds or removes a canary client, which a cohort of fixed size "
+            f"(federation.fraction = {fed.fraction:g}, sampling 'fixed') is not accounted for; "
+            "audit it with federation.sampling = 'poisson' or federation.fraction = 1."
         )
 
 
@@ -145,12 +146,13 @@ def privacy_audit(
     aggregator = CanaryAggregator(
         cfg.privacy,
         num_clients=fed.num_clients,
-        sampled=fed.num_clients,
+        fraction=fed.fraction,
+        sampling=fed.sampling,
         rounds=fed.rounds,
-        seed=cfg.seed,
+        randomness=SecretRandomness(cfg.seed if cfg.privacy.reproducible_noise else None),
         canaries=drawn,
         layout=layout,
-        shared=frozenset(initial) - excluded,
+        audit_seed=seed,
     )
     released = [initial]
 
@@ -161,7 +163,7 @@ def privacy_audit(
     say(
         f"auditing with {canaries} canary clients ({int(drawn.included.sum())} in) beside "
         f"{fed.num_clients} clients, {fed.rounds} rounds, noise multiplier "
-        f"{aggregator.accounting.noise_multiplier:.4g}, audit seed {seed}"
+        f"{aggregator.charge.noise_multiplier:.4g}, audit seed {seed}"
     )
     with cpu_threads(cfg.threads):
         history = run_rounds(
@@ -187,7 +189,7 @@ def privacy_audit(
         guesses=bound.guesses,
         correct=bound.correct,
         rounds=len(history),
-        noise_multiplier=aggregator.accounting.noise_multiplier,
+        noise_multiplier=aggregator.charge.noise_multiplier,
         clip_norm=cfg.privacy.clip_norm,
         dimension=layout.dimension,
         audit_seed=seed,

@@ -23,16 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import special, stats
 
-from fedssd.config import PrivacyConfig
+from fedssd.config import PrivacyConfig, Sampling
 from fedssd.errors import ConfigError
-from fedssd.federation.privacy import PrivateAggregator
+from fedssd.federation.privacy import PrivateAggregator, SecretRandomness
 from fedssd.methods.protocol import ClientUpdate
 from fedssd.seeding import derive_seed, numpy_rng
 
@@ -295,19 +295,25 @@ def canary_update(
 
 
 class CanaryAggregator(PrivateAggregator):
-    """The run's DP-FedAvg aggregator with the included canaries' updates added to each round's
-    accepted updates, before clipping (they are clients like any other to the mechanism).
+    """The run's DP-FedAvg aggregator with the canaries' updates added to each round's accepted
+    updates, before clipping: to the mechanism they are clients like any other.
+
+    A canary whose coin said "in" takes part in every round when every client does, and in each
+    round with probability ``fraction`` under Poisson sampling, drawn from the audit's seed (the
+    same distribution as the real clients' secret cohort, independent of it). A cohort of fixed
+    size below K is not auditable this way (see :func:`fedssd.experiments.audit.
+    check_auditable`).
 
     Args:
         config: The ``[privacy]`` table.
         num_clients: K, the real clients.
-        sampled: The real clients sampled per round (all of them: the audit runs with every
-            client every round).
+        fraction: The sampling fraction.
+        sampling: ``fixed`` (with fraction 1: every client every round) or ``poisson``.
         rounds: The planned rounds.
-        seed: The run seed.
+        randomness: The run's secret (or reproducible) generator.
         canaries: The canaries.
         layout: The audited entries (also those a canary's direction lives in).
-        shared: The state-dict keys a client sends (a canary's state has exactly these).
+        audit_seed: The audit's seed (the canaries' participation under Poisson sampling).
     """
 
     def __init__(
@@ -315,28 +321,45 @@ class CanaryAggregator(PrivateAggregator):
         config: PrivacyConfig,
         *,
         num_clients: int,
-        sampled: int,
+        fraction: float,
+        sampling: Sampling,
         rounds: int,
-        seed: int,
+        randomness: SecretRandomness,
         canaries: Canaries,
         layout: Layout,
-        shared: frozenset[str],
+        audit_seed: int,
     ) -> None:
-        super().__init__(config, num_clients=num_clients, sampled=sampled, rounds=rounds, seed=seed)
+        super().__init__(
+            config,
+            num_clients=num_clients,
+            fraction=fraction,
+            sampling=sampling,
+            rounds=rounds,
+            randomness=randomness,
+        )
         self.canaries = canaries
         self.layout = layout
-        self.shared = shared
+        self.audit_seed = audit_seed
         self.num_clients = num_clients
+
+    def taking_part(self, round_index: int) -> np.ndarray:
+        """The ids of the canaries that send their update in round ``round_index``."""
+        chosen = self.canaries.included
+        if self.charge.sampling == "poisson":
+            draws = numpy_rng(self.audit_seed, AUDIT, 2, round_index).random(len(chosen))
+            chosen = chosen & (draws < self.charge.rate)
+        return np.flatnonzero(chosen)
 
     def aggregate(
         self,
         global_state: State,
         updates: Sequence[ClientUpdate],
         *,
+        keys: Collection[str],
         round_index: int,
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """:meth:`PrivateAggregator.aggregate` of the updates and the included canaries'."""
-        sent = {k: v for k, v in global_state.items() if k in self.shared}
+        """:meth:`PrivateAggregator.aggregate` of the updates and the canaries' of this round."""
+        sent = {k: global_state[k] for k in keys}
         extra = [
             canary_update(
                 sent,
@@ -345,6 +368,8 @@ class CanaryAggregator(PrivateAggregator):
                 norm=self.clip_norm,
                 client_id=self.num_clients + int(i),
             )
-            for i in np.flatnonzero(self.canaries.included)
+            for i in self.taking_part(round_index)
         ]
-        return super().aggregate(global_state, [*updates, *extra], round_index=round_index)
+        return super().aggregate(
+            global_state, [*updates, *extra], keys=keys, round_index=round_index
+        )
