@@ -240,8 +240,8 @@ def draw_canaries(count: int, dimension: int, *, seed: int) -> Canaries:
     """``count`` canaries in a ``dimension``-dimensional update space, from the audit's seed.
 
     The directions are a uniformly random orthonormal set (QR of a Gaussian matrix with the
-    signs fixed): orthogonal canaries do not leak into each other's scores, which only an
-    interference-free design avoids (at most ``dimension`` of them).
+    signs fixed), so that no canary adds anything to another's score (hence at most
+    ``dimension`` of them).
 
     Raises:
         ConfigError: Fewer than 2 canaries, or more than the dimension.
