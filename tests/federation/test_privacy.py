@@ -82,6 +82,10 @@ def _aggregator(
     )
 
 
+def _records(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def _charge(k: int, m: int, z: float, sigma_b: float = 0.0) -> RoundCharge:
     return round_charge(
         num_clients=k,
@@ -544,6 +548,26 @@ def test_a_dp_run_releases_only_what_is_private(
         if path.is_file():
             data = path.read_bytes()
             assert not any(needle in data for needle in needles), path
+
+
+@pytest.mark.slow
+def test_a_poisson_sampled_dp_run_is_accounted_as_such(tmp_path: Path) -> None:
+    sets = [*TINY, "federation.rounds=3", "federation.sampling=poisson", "federation.fraction=0.5"]
+    sets += ["privacy.dp=fixed", "privacy.noise_multiplier=1.0"]
+    run = tmp_path / "run"
+    result = api.train(SMOKE, overrides=sets, out=run, log=None)
+    records = _records(run / "metrics.jsonl")
+    expected = round_charge(num_clients=4, fraction=0.5, sampling="poisson", noise_multiplier=1.0)
+    assert ledger(records) == [expected] * 3
+    assert records[0]["dp_cohort"] == 2.0 and records[0]["dp_noise_std"] == pytest.approx(0.5)
+    reference = dp_accounting.rdp.RdpAccountant()
+    reference.compose(
+        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 3
+    )
+    assert result.summary["dp_epsilon"] == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
+    # The cohorts, drawn from the secret, are known to the server alone.
+    cohorts = [r["clients"] for r in _records(run / SERVER_ONLY_LOG)]
+    assert len(cohorts) == 3 and all(set(c) <= {0, 1, 2, 3} for c in cohorts)
 
 
 @pytest.mark.slow
