@@ -59,9 +59,9 @@ def test_resize_filters_of_the_config_are_the_readers() -> None:
 
 
 def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> None:
-    """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last and
-    method.dsr_dims existed has an identity without them: at their defaults a run still matches
-    it; any other value is part of the identity."""
+    """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last,
+    federation.sampling and method.dsr_dims existed has an identity without them: at their
+    defaults a run still matches it; any other value is part of the identity."""
     from fedssd.experiments.checkpoint import run_identity
 
     current = config.to_dict(load_config(SMOKE))
@@ -70,6 +70,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
         ("data", "resize"),
         ("data", "dirichlet_rule"),
         ("federation", "drop_last"),
+        ("federation", "sampling"),
         ("method", "dsr_dims"),
     ]:
         assert key in current[table]
@@ -79,6 +80,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
         ("data.resize=bilinear-antialias", "data", "resize", "bilinear-antialias"),
         ("data.dirichlet_rule=released", "data", "dirichlet_rule", "released"),
         ("federation.drop_last=true", "federation", "drop_last", True),
+        ("federation.sampling=poisson", "federation", "sampling", "poisson"),
         ("method.dsr_dims=4", "method", "dsr_dims", 4),
     ]:
         changed = run_identity(config.to_dict(load_config(SMOKE, overrides=[override])))

@@ -663,10 +663,12 @@ def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
         "server_state.safetensors",
         "eval",
         "columns.json",
+        str(SERVER_ONLY_SUMMARY),
     )
     moved = [name for name in names if (out_dir / name).exists()]
     target.mkdir()
     for name in moved:
+        (target / name).parent.mkdir(exist_ok=True)
         (out_dir / name).rename(target / name)
     say(f"the {rounds_done}-round run's {', '.join(moved)} moved to {target}")
 

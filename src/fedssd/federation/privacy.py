@@ -290,9 +290,15 @@ class PrivateAggregator:
         rounds left are calibrated, against the budget the ledger leaves.
 
         Raises:
-            ConfigError: The ledger leaves no budget for the rounds left.
+            ConfigError: The ledger leaves no budget for the rounds left, or the records predate
+                the ledger.
         """
         cfg = self.config
+        if any("dp_epsilon" in r and RoundCharge.from_record(r) is None for r in history):
+            raise ConfigError(
+                "this DP run's records were written before the privacy ledger, so what its rounds "
+                "spent cannot be accounted; it cannot be continued privately (start a new run)."
+            )
         self.spent = ledger(history)
         for record in reversed(history):
             if "dp_next_clip_norm" in record:
