@@ -157,7 +157,6 @@ def test_a_photo_run_at_64_px_starts_from_torchvision_weights(
     import numpy as np
     import tomli_w
     from PIL import Image
-
     from tests.models.test_pretrained import torchvision_state
 
     rng = np.random.default_rng(0)

@@ -530,6 +530,16 @@ def validate(config: Config) -> None:
             "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
+        # A built-in dataset keeps its own side (32, or 28 unpadded): only folders are resized,
+        # and a folder evaluated beside a built-in set must come out that side too.
+        (
+            data.name in ("folder", "npz")
+            or data.image_size == 32
+            or (data.image_size == 28 and not data.pad_to_32),
+            f"data.image_size = {data.image_size} sizes the images of a folder, but "
+            f"{data.name}'s images keep their own size (32x32); remove data.image_size or use "
+            "data.name = 'folder'.",
+        ),
         (
             not data.clients or data.partition == "clients",
             "data.clients lists one dataset per client and needs data.partition = 'clients'.",

@@ -99,6 +99,7 @@ def test_extract_features_passes_fewer_large_images_at_once() -> None:
     h, z = extract_features(Pooled(), images, batch_size=8)
     assert seen == [2, 2, 2, 2, 2]
     torch.testing.assert_close(h, images.float().div(255).mean(dim=(2, 3)))
+    torch.testing.assert_close(z, 2 * h)
     seen.clear()
     extract_features(Pooled(), images[:, :, :32, :32], batch_size=8)
     extract_features(Pooled(), images[:, :, :3, :3], batch_size=8)
