@@ -22,7 +22,7 @@ from fedssd import config as config_module
 from fedssd.config import Config
 from fedssd.encoders import check_init_from, warm_start
 from fedssd.errors import ConfigError, DataError
-from fedssd.models import build_model
+from fedssd.models import SSLModel, build_model
 from fedssd.models.pretrained import fedssd_key, identify, to_fedssd, torchvision_key
 
 DEPTHS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3)}
@@ -131,7 +131,7 @@ def model_config(path: Path, *, encoder: str, width: int = 0, projector: bool = 
     return config_module.load({"model": table})
 
 
-def started(path: Path, *, encoder: str, width: int = 0, in_channels: int = 3) -> torch.nn.Module:
+def started(path: Path, *, encoder: str, width: int = 0, in_channels: int = 3) -> SSLModel:
     config = model_config(path, encoder=encoder, width=width)
     torch.manual_seed(0)
     model = build_model(encoder=encoder, in_channels=in_channels, width=width or None)
