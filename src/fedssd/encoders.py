@@ -439,9 +439,17 @@ def read_state_dict(path: Path) -> dict[str, Tensor]:
             text = " ".join(str(error).split())[:160]
             raise DataError(f"{path} is not a readable safetensors file ({text}).") from None
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # torch.load announces a TorchScript archive before refusing it; the refusal says so.
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, OSError, EOFError, ValueError, RuntimeError) as error:
         text = " ".join(str(error).split())[:160]
+        if "TorchScript" in text:
+            raise DataError(
+                f"{path} is a TorchScript file, not a state dict; start from the run folder or "
+                "its .safetensors export (fedssd export --format safetensors)."
+            ) from None
         raise DataError(
             f"{path} is not a PyTorch state dict that torch.load(weights_only=True) can read "
             f"({text})."

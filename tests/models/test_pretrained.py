@@ -9,6 +9,7 @@ functional forward of that architecture to compare fedssd's model against.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -282,6 +283,12 @@ def test_files_that_are_no_resnet_state_dict_are_one_sentence(tmp_path: Path) ->
     assert "not a flat state dict of tensors" in message
     torch.save([1, 2], tmp_path / "list.pt")
     assert "holds a list, not a state dict" in _refusal(tmp_path / "list.pt", encoder="resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript is deprecated
+        traced = torch.jit.trace(torch.nn.Conv2d(3, 4, 3), torch.rand(1, 3, 8, 8))
+        traced.save(str(tmp_path / "scripted.pt"))
+    message = _refusal(tmp_path / "scripted.pt", encoder="resnet18")
+    assert "is a TorchScript file, not a state dict" in message
     (tmp_path / "junk.pth").write_bytes(b"not a zip file at all")
     assert "torch.load(weights_only=True)" in _refusal(tmp_path / "junk.pth", encoder="resnet18")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
