@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from fedssd.api import build_experiment, check_setup, load_config
+from fedssd.api import Experiment, build_experiment, check_setup, load_config, warm_start
 from fedssd.config import Config
 from fedssd.errors import ConfigError
 from fedssd.federation.accounting import round_charge
@@ -138,7 +138,17 @@ def privacy_audit(
     check_setup(cfg)
     seed = secrets.randbits(63) if audit_seed is None else audit_seed
     experiment = build_experiment(cfg, log=say)
-    model, fed = experiment.global_model, cfg.federation
+    warm_start(experiment, log=say)
+    with cpu_threads(cfg.threads):
+        return _audit(experiment, canaries=canaries, seed=seed, confidence=confidence, say=say)
+
+
+def _audit(
+    experiment: Experiment, *, canaries: int, seed: int, confidence: float, say: Log
+) -> AuditReport:
+    """The audit run of a built experiment (see :func:`privacy_audit`)."""
+    cfg, model = experiment.config, experiment.global_model
+    fed = cfg.federation
     excluded = local_keys(model, experiment.method)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     layout = audited_layout(initial, excluded)
@@ -165,18 +175,17 @@ def privacy_audit(
         f"{fed.num_clients} clients, {fed.rounds} rounds, noise multiplier "
         f"{aggregator.charge.noise_multiplier:.4g}, audit seed {seed}"
     )
-    with cpu_threads(cfg.threads):
-        history = run_rounds(
-            global_model=model,
-            client_model=experiment.client_model,
-            method=experiment.method,
-            images=experiment.images,
-            client_indices=experiment.client_indices,
-            schedule=experiment.schedule,
-            settings=experiment.settings,
-            guards=dataclasses.replace(experiment.guards, privacy=aggregator),
-            callbacks=[observe],
-        )
+    history = run_rounds(
+        global_model=model,
+        client_model=experiment.client_model,
+        method=experiment.method,
+        images=experiment.images,
+        client_indices=experiment.client_indices,
+        schedule=experiment.schedule,
+        settings=experiment.settings,
+        guards=dataclasses.replace(experiment.guards, privacy=aggregator),
+        callbacks=[observe],
+    )
     scores = canary_scores(drawn, layout, released)
     bound = audit_bound(scores, drawn.included, delta=cfg.privacy.delta, confidence=confidence)
     return AuditReport(
