@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from fedssd.experiments.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.experiments.sites import site_table
 from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
@@ -791,10 +792,13 @@ def finish_run(
     started: float,
     say: Log,
     evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
+    partition: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
     ``summary.json``; ``views`` None means a federated evaluation on each client's own data
-    (done by ``evaluate`` when given: a Flower server asks its nodes)."""
+    (done by ``evaluate`` when given: a Flower server asks its nodes). ``partition`` is the
+    run's ``partition.json`` content when the server does not hold the clients' data (None:
+    :func:`partition_record` of the experiment's data); the summary's per-site table uses it."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
     model = experiment.global_model
@@ -821,6 +825,12 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
+        "rejected_clients": sum(len(record.get("rejected", {})) for record in history),
+        "sites": site_table(
+            partition if partition is not None else partition_record(cfg, experiment.data),
+            history,
+            evaluation,
+        ),
         **privacy_summary(history),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,

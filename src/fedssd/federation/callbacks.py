@@ -118,7 +118,8 @@ def client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
 
 def progress(name: str, rounds: int, say: Log) -> Callback:
     """A callback printing one line per round with the loss parts and the time left (from the
-    rounds this process ran: a resumed run's earlier rounds took no time here)."""
+    rounds this process ran: a resumed run's earlier rounds took no time here), then one line
+    per client whose update was refused or that failed, naming it and the reason."""
     started = time.perf_counter()
     before: list[int] = []  # rounds done before the first this process reports
 
@@ -136,5 +137,9 @@ def progress(name: str, rounds: int, say: Log) -> Callback:
             f"[{name}] round {done}/{rounds} | loss {record['loss']:.4f} ({parts}){knn} "
             f"| {record['seconds']:.1f}s | eta {eta:.0f}s"
         )
+        for client, reason in record.get("rejected", {}).items():
+            say(f"[{name}] round {done}/{rounds}: rejected the update of client {client}: {reason}")
+        for client, reason in record.get("failed", {}).items():
+            say(f"[{name}] round {done}/{rounds}: client {client} failed: {reason}")
 
     return report

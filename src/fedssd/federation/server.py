@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -95,18 +96,24 @@ class RoundTally:
 
     Attributes:
         expected: The entries an update must hold (the global state without the local keys).
+        measured: The entries the norm check measures (the model's
+            :func:`~fedssd.federation.validate.learned_keys`).
         results: Every local result received (those that trained), in sample order.
         updates: The checked updates, in sample order.
-        failed: Client id -> why its update is not aggregated.
-        movements: Client id -> distance its weights moved per local step, for the norm check;
-            None lets :func:`conclude_round` measure each update from the global state.
+        failed: Client id -> why the client sent no update (a crash, a lost update, a
+            non-finite local loss, too few images to train a batch).
+        rejected: Client id -> why the server refused the update it sent.
+        movements: Client id -> distance its weights moved per local step, for the norm check
+            (recorded for the replies given an ``origin``).
     """
 
     expected: Mapping[str, torch.Tensor]
+    measured: frozenset[str] = frozenset()
     results: list[LocalResult] = dataclasses.field(default_factory=list)
     updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
-    movements: dict[int, float] | None = None
+    rejected: dict[int, str] = dataclasses.field(default_factory=dict)
+    movements: dict[int, float] = dataclasses.field(default_factory=dict)
 
     def receive(
         self,
@@ -127,8 +134,8 @@ class RoundTally:
             result: Its local result.
             state: Gives the trained weights (read only once the cheaper checks pass).
             payload: Gives the method's payload (read only for an accepted update).
-            origin: Where the client's weights started, to measure its movement (recorded in
-                ``movements``); None records nothing.
+            origin: Where the client's weights started, to measure its movement over the
+                ``measured`` entries (recorded in ``movements``); None records nothing.
             device: Where an accepted update's tensors go; None leaves them where they are.
         """
         self.results.append(result)
@@ -139,11 +146,12 @@ class RoundTally:
             self.failed[client_id] = fault_reason(fault)
             return
         if result.num_batches == 0:
+            self.failed[client_id] = "too few images for one batch"
             return
         weights = state()
         reason = check_update(self.expected, weights)
         if reason is not None:
-            self.failed[client_id] = f"rejected: {reason}"
+            self.rejected[client_id] = reason
             return
         extra = payload()
         if device is not None:
@@ -152,8 +160,9 @@ class RoundTally:
         self.updates.append(
             ClientUpdate(client_id, weights, float(result.num_batches), extra, result.loss)
         )
-        if origin is not None and self.movements is not None:
-            self.movements[client_id] = update_distance(origin, weights) / result.num_batches
+        if origin is not None:
+            distance = update_distance(origin, weights, keys=self.measured)
+            self.movements[client_id] = distance / result.num_batches
 
 
 def conclude_round(
@@ -169,6 +178,7 @@ def conclude_round(
     guards: Guards,
     started: float,
     movements: Mapping[int, float] | None = None,
+    rejected: dict[int, str] | None = None,
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
     """The server half of a round once the clients' checked updates are in (shared with the
     Flower strategy): drop norm outliers, stop on divergence, skip a round with too few
@@ -182,11 +192,13 @@ def conclude_round(
         lr: The round's learning rate.
         results: Every client's local result (those that trained), in sample order.
         updates: The checked updates, in sample order.
-        failed: Client id -> reason; outliers are added to it.
+        failed: Client id -> why it sent no update.
         guards: Fault and validation settings.
         started: ``time.perf_counter()`` when the round started.
         movements: Client id -> distance its weights moved in local training, per local step
-            (the norm check's measure); None measures each update from ``global_state``.
+            (the norm check's measure, :attr:`RoundTally.movements`); needed for every update
+            when ``guards.validation.max_norm_ratio`` is not 0.
+        rejected: Client id -> why its update was refused; norm outliers are added to it.
 
     Returns:
         The new global state (None when the round was skipped) and the round's record.
@@ -195,11 +207,8 @@ def conclude_round(
         TrainingDiverged: Every trained client's loss was non-finite, or the aggregate is.
         PrivacyBudgetExhausted: This round would exceed ``privacy.target_epsilon``.
     """
-    if movements is None and guards.validation.max_norm_ratio > 0:
-        movements = {
-            u.client_id: update_distance(global_state, u.state) / u.weight for u in updates
-        }
-    updates = _drop_outliers(updates, movements or {}, guards.validation, failed)
+    rejected = {} if rejected is None else rejected
+    updates = _drop_outliers(updates, movements or {}, guards.validation, rejected)
     trained = [r for r in results if r.num_batches > 0]
     if trained and not any(r.finite for r in trained):
         raise TrainingDiverged(
@@ -226,6 +235,7 @@ def conclude_round(
     record = _round_record(round_index, clients, lr, results)
     record["accepted"] = len(updates)
     record["failed"] = {str(k): v for k, v in sorted(failed.items())}
+    record["rejected"] = {str(k): v for k, v in sorted(rejected.items())}
     record["skipped"] = skipped
     record["seconds"] = time.perf_counter() - started
     if guards.privacy is not None:
@@ -243,9 +253,10 @@ def _drop_outliers(
     updates: list[ClientUpdate],
     movements: Mapping[int, float],
     validation: ValidationConfig,
-    failed: dict[int, str],
+    rejected: dict[int, str],
 ) -> list[ClientUpdate]:
-    """``updates`` without those whose movement per local step is an outlier.
+    """``updates`` without those whose movement per local step is an outlier (recorded in
+    ``rejected``).
 
     Per step, because an honest client with many batches moves further in total (under a
     Dirichlet split, client sizes differ by hundreds of times).
@@ -257,9 +268,10 @@ def _drop_outliers(
         norm_outliers(steps, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
     )
     for i in sorted(outliers):
-        failed[updates[i].client_id] = (
-            f"rejected: update moved {steps[i]:.3g} per local step, more than "
-            f"{validation.max_norm_ratio:g} times the median of the others"
+        others = statistics.median(d for j, d in enumerate(steps) if j != i)
+        rejected[updates[i].client_id] = (
+            f"update moved {steps[i]:.3g} per local step, more than "
+            f"{validation.max_norm_ratio:g} times the median of the others ({others:.3g})"
         )
     return [u for i, u in enumerate(updates) if i not in outliers]
 

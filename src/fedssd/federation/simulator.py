@@ -33,6 +33,7 @@ from fedssd.federation.server import (
     run_callbacks,
 )
 from fedssd.federation.store import ClientStore
+from fedssd.federation.validate import learned_keys
 from fedssd.methods.protocol import Method
 
 # Told after each client's local training: (round index, position, clients this round, result).
@@ -87,9 +88,10 @@ def run_rounds(
 
     Returns:
         ``history`` with one record per round: ``round`` (1-based), ``clients``, ``lr``,
-        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> reason),
-        ``skipped``, ``client_state`` (client id -> the scalars a stateful method keeps, e.g.
-        FedEMA's lambda and mu), ``seconds`` and whatever the callbacks added.
+        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> why it sent no
+        update), ``rejected`` (client id -> why its update was refused), ``skipped``,
+        ``client_state`` (client id -> the scalars a stateful method keeps, e.g. FedEMA's
+        lambda and mu), ``seconds`` and whatever the callbacks added.
 
     Raises:
         TrainingDiverged: Every client that trained in a round had a non-finite loss, or the
@@ -150,7 +152,7 @@ def run_round(
     global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
     keep_local = local_keys(global_model, method)
     expected = {k: v for k, v in global_state.items() if k not in keep_local}
-    tally = RoundTally(expected, movements={})
+    tally = RoundTally(expected, measured=learned_keys(global_model))
     measure = guards.validation.max_norm_ratio > 0  # the norm check's inputs cost a pass
     client_scalars: dict[str, dict[str, float]] = {}
     for position, client_id in enumerate(clients):
@@ -203,6 +205,7 @@ def run_round(
         guards=guards,
         started=start,
         movements=tally.movements,
+        rejected=tally.rejected,
     )
     if new_state is not None:
         global_model.load_state_dict(new_state)

@@ -417,6 +417,7 @@ def run_federation(
             started=started,
             say=log,
             evaluate=on_the_nodes if sites else None,
+            partition=sites_partition(clients) if sites else None,
         )
     except BaseException:
         finish_trackers(trackers, None)
@@ -465,23 +466,26 @@ def no_training_data(config: Config, clients: Mapping[int, Mapping[str, int]]) -
     )
 
 
+def sites_partition(clients: Mapping[int, Mapping[str, int]]) -> dict[str, Any]:
+    """``partition.json`` of a run on the sites' own data: each client's number of images and of
+    labelled images, as its node reported them (no label histogram: the server does not learn
+    the sites' label distributions)."""
+    ids = sorted(clients)
+    return {
+        "scheme": SITES,
+        "sizes": [clients[k]["num-images"] for k in ids],
+        "labelled": [clients[k]["num-labelled"] for k in ids],
+        "label_histogram": [[] for _ in ids],
+    }
+
+
 def write_sites_header(
     out_dir: Path, config: Config, clients: Mapping[int, Mapping[str, int]]
 ) -> None:
-    """``config.toml`` and ``partition.json`` of a run on the sites' own data: each client's
-    number of images and of labelled images, as its node reported them (no label histogram:
-    the server does not learn the sites' label distributions)."""
+    """``config.toml`` and ``partition.json`` (:func:`sites_partition`) of a run on the sites'
+    own data."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
-    ids = sorted(clients)
-    write_json(
-        out_dir / "partition.json",
-        {
-            "scheme": SITES,
-            "sizes": [clients[k]["num-images"] for k in ids],
-            "labelled": [clients[k]["num-labelled"] for k in ids],
-            "label_histogram": [[] for _ in ids],
-        },
-    )
+    write_json(out_dir / "partition.json", sites_partition(clients))
 
 
 def evaluate_on_nodes(

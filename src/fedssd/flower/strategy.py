@@ -37,6 +37,7 @@ from fedssd.federation.server import (
     round_lr,
     run_callbacks,
 )
+from fedssd.federation.validate import learned_keys
 from fedssd.flower import records
 from fedssd.methods.protocol import Method
 from fedssd.methods.server import server_state
@@ -206,7 +207,10 @@ class MethodStrategy(Strategy):
         keep_local = local_keys(self.global_model, self.method)
         expected = {k: v for k, v in current.global_state.items() if k not in keep_local}
         device = next(iter(current.global_state.values())).device
-        tally = RoundTally(expected)
+        tally = RoundTally(expected, measured=learned_keys(self.global_model))
+        # The server cannot see where a stateful method's client started: it measures from the
+        # global model.
+        origin = current.global_state if self.guards.validation.max_norm_ratio > 0 else None
         errors: list[str] = []
         for client_id in current.clients:
             fault = current.faults[client_id]
@@ -226,6 +230,7 @@ class MethodStrategy(Strategy):
                     records.metrics_to_result(reply.content.metric_records[records.RESULT]),
                     functools.partial(_decoded, arrays, records.STATE),
                     functools.partial(_decoded, arrays, records.PAYLOAD),
+                    origin=origin,
                     device=device,
                 )
         sent = sum(1 for c in current.clients if current.faults[c] != "crash")
@@ -244,11 +249,20 @@ class MethodStrategy(Strategy):
             failed=tally.failed,
             guards=self.guards,
             started=current.started,
+            movements=tally.movements,
+            rejected=tally.rejected,
         )
         if new_state is not None:
             self.global_model.load_state_dict(new_state)
         self.history.append(record)
-        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(tally.updates)})
+        metrics = MetricRecord(
+            {
+                "loss": float(record["loss"]),
+                "accepted": int(record["accepted"]),
+                "failed": len(record["failed"]),
+                "rejected": len(record["rejected"]),
+            }
+        )
         return records.to_arrays(self.global_model.state_dict()), metrics
 
     def _rejoin(self, grid: Grid) -> None:
