@@ -79,3 +79,46 @@ def site_table(
                 row[column] = own[column]
         rows.append(row)
     return rows
+
+
+#: The table's columns: the counts, then the metrics a row has (row key -> heading).
+_COUNTS = {
+    "client": "client",
+    "images": "images",
+    "labelled": "labelled",
+    "sampled": "rounds sampled",
+    "aggregated": "aggregated",
+    "failed": "failed",
+    "rejected": "rejected",
+}
+_METRICS = {
+    "knn_acc": "kNN acc %",
+    "uniformity": "-L_unif",
+    "uniformity_z": "-L_unif (z)",
+    "alignment": "L_align",
+    "effective_rank": "eff. rank",
+}
+
+
+def format_site_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """:func:`site_table`'s rows as a Markdown table (kNN in %, other metrics to 3 decimals;
+    ``-`` where a site has no value)."""
+    metrics = [key for key in _METRICS if any(row.get(key) is not None for row in rows)]
+    headings = {**_COUNTS, **{key: _METRICS[key] for key in metrics}}
+    lines = [
+        "| " + " | ".join(headings.values()) + " |",
+        "| " + " | ".join("---" for _ in headings) + " |",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(key, row.get(key)) for key in headings) + " |")
+    return "\n".join(lines)
+
+
+def _cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "knn_acc":
+        return f"{100 * float(value):.2f}"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
