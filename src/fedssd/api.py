@@ -706,6 +706,9 @@ def _run_with_threads(
     threads: int,
 ) -> RunResult:
     cfg, data = experiment.config, experiment.data
+    if resume_from is not None:
+        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
+        started -= resume_from.train_seconds
     tune_malloc()
     views = run_evaluation_views(cfg, data, log=say)
     sizes = [len(p) for p in data.client_indices]
@@ -727,7 +730,9 @@ def _run_with_threads(
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
-        callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+        callbacks.append(
+            checkpointer(cfg, out_dir, experiment.method, store, history, started=started)
+        )
     from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
@@ -856,8 +861,9 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
     """The content of ``partition.json``: the scheme, the clients' sizes and label histogram.
 
     The histogram counts the labelled images only (labels are each site's own for
-    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images and
-    ``class_names`` the classes, when the data names them.
+    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images,
+    ``image_shape`` the ``[channels, height, width]`` of the images and ``class_names`` the
+    classes, when the data names them.
     """
     labels = data.dataset.y_train.numpy()
     parts = [p[labels[p] >= 0] for p in data.client_indices]
@@ -872,6 +878,8 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
         "sizes": [len(p) for p in data.client_indices],
         "label_histogram": histogram.tolist(),
         "labelled": [len(p) for p in parts],
+        # What the model takes (the export card and a later evaluation read it from here).
+        "image_shape": [int(v) for v in data.dataset.x_train.shape[1:]],
     }
     if data.dataset.class_names:
         record["class_names"] = list(data.dataset.class_names)

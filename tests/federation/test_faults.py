@@ -130,6 +130,29 @@ def test_interrupted_and_resumed_run_is_bit_identical(
 
 
 @pytest.mark.slow
+def test_a_resumed_runs_times_count_every_stretch(tmp_path: Path) -> None:
+    """Each checkpoint keeps the training time so far; a resumed run's ``train_seconds`` and
+    ``wall_seconds`` add the stretch before it (here a checkpoint that says 1,000 s)."""
+    run = tmp_path / "run"
+    overrides = [*TINY, "federation.rounds=1", "evaluation.linear_epochs=0"]
+    fedssd.train(SMOKE, overrides=overrides, out=run, log=None)
+    state = list_checkpoints(run)[-1] / "state.json"
+    meta = json.loads(state.read_text())
+    assert 0 < meta["train_seconds"] < 1000
+    meta["train_seconds"] = 1000.0  # digests cover the tensor files only
+    state.write_text(json.dumps(meta))
+    started = time.perf_counter()
+    summary = fedssd.resume(run, rounds=2, log=None).summary
+    this_stretch = time.perf_counter() - started
+    assert 1000 < summary["train_seconds"] <= summary["wall_seconds"] < 1000 + this_stretch
+    assert (
+        1000
+        < json.loads((list_checkpoints(run)[-1] / "state.json").read_text())["train_seconds"]
+        < 1000 + this_stretch
+    )
+
+
+@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
     """The real thing: a separate process killed with SIGKILL mid-run, resumed from the CLI."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -35,8 +35,11 @@ def checkpointer(
     method: Method,
     store: ClientStore,
     history: list[dict[str, Any]],
+    *,
+    started: float,
 ) -> Callback:
-    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end."""
+    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end;
+    ``started`` is the ``time.perf_counter()`` the run's training time counts from."""
     identity = run_identity(config_module.to_dict(config))
     every, rounds = config.checkpoint.every, config.federation.rounds
 
@@ -51,6 +54,7 @@ def checkpointer(
             store=store,
             history=history[:done],
             identity=identity,
+            train_seconds=time.perf_counter() - started,
         )
         save_checkpoint(out_dir, checkpoint, keep=config.checkpoint.keep)
 
