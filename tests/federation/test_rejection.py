@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 import fedssd
+from fedssd.api import load_config
 from fedssd.config import ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
-from fedssd.federation.callbacks import progress
+from fedssd.federation.callbacks import progress, round_callbacks
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.simulator import Guards, Schedule, run_rounds
 from fedssd.federation.validate import learned_keys, norm_outliers, update_distance
@@ -196,6 +197,17 @@ def test_three_honest_sites_are_never_rejected(validation: ValidationConfig) -> 
     history = _run(method, images, indices, rounds=6, guards=Guards(validation=validation))
     assert [r["accepted"] for r in history] == [3] * 6
     assert all(r["rejected"] == {} and r["failed"] == {} for r in history)
+
+
+def test_a_run_too_small_for_the_check_says_so() -> None:
+    said: list[str] = []
+    for clients in (3, 4):
+        cfg = load_config(SMOKE, overrides=[f"federation.num_clients={clients}"])
+        round_callbacks(cfg, None, torch.device("cpu"), None, said.append)
+    assert [line for line in said if "norm check" in line] == [
+        "the update norm check is off: it judges an update against at least 3 others "
+        "(validation.min_peers) and a round samples 3 clients"
+    ]
 
 
 def test_the_stream_names_every_rejected_and_failed_client() -> None:

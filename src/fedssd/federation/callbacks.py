@@ -20,6 +20,7 @@ from fedssd.experiments.checkpoint import Checkpoint, run_identity, save_checkpo
 from fedssd.experiments.outputs import append_jsonl
 from fedssd.federation.client import LocalResult
 from fedssd.federation.evaluate import knn_monitor
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.server import Callback
 from fedssd.federation.simulator import ClientCallback
 from fedssd.federation.store import ClientStore
@@ -71,9 +72,17 @@ def round_callbacks(
     """The round callbacks: the kNN monitor, the metrics file and the progress line.
 
     Without ``views`` (a federated evaluation: no labelled set in one place) the kNN monitor is
-    off, which is said once.
+    off, which is said once; so is a norm check that no round can run (too few clients sampled).
     """
     callbacks: list[Callback] = []
+    checks, fed = config.validation, config.federation
+    sampled = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+    if checks.max_norm_ratio > 0 and sampled <= checks.min_peers:
+        say(
+            f"the update norm check is off: it judges an update against at least "
+            f"{checks.min_peers} others (validation.min_peers) and a round samples {sampled} "
+            "clients"
+        )
     ev = config.evaluation
     if ev.every and views is None:
         say(
