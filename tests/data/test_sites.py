@@ -281,6 +281,7 @@ def test_server_sets_named_folder_and_refused(sites: dict[str, Path], tmp_path: 
     )
 
 
+@pytest.mark.slow
 def test_a_deployment_run_is_evaluated_and_exported_from_its_folder(
     sites: dict[str, Path], fashion: Any, tmp_path: Path
 ) -> None:
