@@ -108,7 +108,7 @@ class RoundTally:
     """
 
     expected: Mapping[str, torch.Tensor]
-    measured: frozenset[str] = frozenset()
+    measured: frozenset[str]
     results: list[LocalResult] = dataclasses.field(default_factory=list)
     updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
