@@ -227,6 +227,13 @@ def test_the_stream_names_every_rejected_and_failed_client() -> None:
     assert lines[2] == "[ssd] round 3/5: client 0 failed: crashed"
     report({**record, "round": 4, "failed": {}, "rejected": {}}, _model())
     assert len(lines) == 4  # a round without either prints its one line
+    # A DP run's cohort stays on the server: the stream counts, the server-only log names.
+    private: list[str] = []
+    progress("ssd", 5, private.append, name_clients=False)(record, _model())
+    assert private[1] == (
+        "[ssd] round 3/5: 1 update(s) rejected, 1 client(s) failed (named in "
+        "server_only/rounds.jsonl)"
+    )
 
 
 @pytest.mark.slow

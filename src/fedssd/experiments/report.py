@@ -900,9 +900,12 @@ def render_markdown(
 
 def _sites_section(folder: Path, summary: Mapping[str, Any]) -> list[str]:
     """``report.md``'s per-site table: ``summary.json``'s, else built from the run's files (a
-    run written before the summary carried it)."""
+    run written before the summary carried it); none for a DP run, which keeps it on the
+    server."""
     rows = summary.get("sites")
     if not isinstance(rows, list):
+        if _config(folder).privacy.dp != "off":
+            return []
         partition = _json(folder / "partition.json")
         if partition is None:
             return []
