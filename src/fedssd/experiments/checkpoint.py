@@ -3,10 +3,11 @@
 A checkpoint is a folder ``<run>/checkpoints/round-NNNNNN/`` holding ``model.safetensors`` (the
 global model), ``server.safetensors`` (the method's server state), ``clients.safetensors`` (the
 client store's tensors) and ``state.json`` (the round, the metrics so far, the client store's
-scalars, what run it belongs to, and the SHA-256 of each tensor file). It is written under a
-temporary name and renamed into place, so the newest complete checkpoint is always intact; older
-ones beyond ``keep`` are then deleted. Loading reads safetensors and JSON only (nothing is
-unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence.
+scalars, what run it belongs to, the training time so far, and the SHA-256 of each tensor
+file). It is written under a temporary name and renamed into place, so the newest complete
+checkpoint is always intact; older ones beyond ``keep`` are then deleted. Loading reads
+safetensors and JSON only (nothing is unpickled) and refuses a truncated, corrupted or foreign
+checkpoint in one sentence.
 
 All random numbers of a run are derived from the run seed and the round (fedssd.seeding), so the
 round number restores every random stream: there is no generator state to save. The exception,
@@ -49,6 +50,8 @@ class Checkpoint:
         store: The client store.
         history: The per-round records so far (the lines of ``metrics.jsonl``).
         identity: What run it belongs to (see :func:`run_identity`).
+        train_seconds: The run's training time up to this checkpoint, over every stretch of a
+            resumed run (0 in a checkpoint written before it was kept).
     """
 
     rounds_done: int
@@ -57,6 +60,7 @@ class Checkpoint:
     store: ClientStore
     history: list[dict[str, Any]]
     identity: dict[str, Any]
+    train_seconds: float = 0.0
 
 
 #: Keys added to the config after checkpoints were first written, with the value that reproduces
@@ -119,6 +123,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
             "clients": checkpoint.store.meta(),
             "sha256": digests,
             "history": checkpoint.history,
+            "train_seconds": checkpoint.train_seconds,
         },
     )
     fsync_path(tmp, best_effort=True)
@@ -182,6 +187,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             store=store,
             history=list(meta["history"]),
             identity=dict(meta["identity"]),
+            train_seconds=float(meta.get("train_seconds", 0.0)),
         )
     except (KeyError, TypeError, ValueError, SafetensorError) as error:
         raise DataError(f"checkpoint {path} is malformed ({error}).") from None
