@@ -22,6 +22,7 @@ from fedssd.experiments.checkpoint import (
     save_checkpoint,
     states_folder,
 )
+from fedssd.federation import store as store_module
 from fedssd.federation.store import (
     ClientStore,
     decode_state,
@@ -98,21 +99,33 @@ def test_a_store_keeps_at_most_capacity_states_in_memory(tmp_path: Path) -> None
     assert store.get(6) is None
 
 
-def test_a_checkpoint_writes_only_the_states_that_changed(tmp_path: Path) -> None:
+def test_a_checkpoint_writes_only_the_states_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written: list[int] = []
+    real = store_module.write_state
+
+    def counted(folder: Path, state: ClientState) -> str:
+        written.append(state.participations)
+        return real(folder, state)
+
+    monkeypatch.setattr(store_module, "write_state", counted)
     store = ClientStore()
     store.spill(states_folder(tmp_path), capacity=3)
     for client_id in range(5):
         store.put(client_id, _state(float(client_id)))
     save_checkpoint(tmp_path, _checkpoint(1, store), keep=1)
     first = _files(states_folder(tmp_path))
-    assert len(first) == 5
+    assert len(first) == 5 and len(written) == 5
+    written.clear()
     for client_id in (1, 2, 4):
         store.get(client_id)  # read, not changed
     for client_id in (0, 3):
         store.put(client_id, _state(10.0 + client_id, round_index=1))
     save_checkpoint(tmp_path, _checkpoint(2, store), keep=1)
     second = _files(states_folder(tmp_path))
-    assert len(second - first) == 2  # the two changed states, nothing else rewritten
+    assert written == [11, 14]  # the two changed states, nothing else rewritten
+    assert len(second - first) == 2
     assert len(second) == 5  # the replaced versions were referenced only by checkpoint 1
     loaded = load_checkpoint(list_checkpoints(tmp_path)[-1]).store
     assert _same(loaded.get(3), _state(13.0, round_index=1))
