@@ -12,10 +12,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +47,18 @@ from fedssd.experiments.checkpoint import (
 )
 from fedssd.experiments.outputs import (
     check_run_dir,
-    jsonable,
     prepare_run_dir,
     save_model,
     write_json,
     write_text_atomic,
 )
-from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
+from fedssd.federation.callbacks import (
+    SERVER_ONLY_SUMMARY,
+    checkpointer,
+    client_progress,
+    rewrite_round_logs,
+    round_callbacks,
+)
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
@@ -63,7 +67,14 @@ from fedssd.federation.evaluate import (
     evaluate_model,
     label_warning,
 )
-from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
+from fedssd.federation.privacy import (
+    check_private_method,
+    make_aggregator,
+    privacy_summary,
+    privacy_warning,
+    release_view,
+    split_summary,
+)
 from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
@@ -157,7 +168,12 @@ def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -
     return resolve(config_module.load(source, overrides))
 
 
-def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
+def check_setup(
+    config: Config,
+    *,
+    sites_on_nodes: bool = False,
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written.
 
@@ -165,6 +181,8 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
         config: The resolved config.
         sites_on_nodes: The run's sites are on Flower nodes (a ServerApp), so the config names
             none of them; otherwise ``data.partition = "clients"`` must say where they are.
+        history: The records of the rounds already run (a resumed or extended run: a DP run's
+            ledger must leave budget for its next round).
     """
     if config.data.name not in DATASET_NAMES:
         raise ConfigError(
@@ -189,7 +207,10 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
     method = build_method(config.method.name, config.method.options, context)
     if config.privacy.dp != "off":
         check_private_method(method)
-        make_aggregator(config)  # a target epsilon no noise can meet fails here
+        # A target epsilon no noise can meet (with what the ledger has spent) fails here.
+        aggregator = make_aggregator(config, history)
+        assert aggregator is not None
+        aggregator.check_budget(len(history))
     from fedssd.tracking import check_tracking
 
     check_tracking(config)
@@ -356,6 +377,7 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             lr=fed.lr,
             lr_schedule=fed.lr_schedule,
             seed=config.seed,
+            sampling=fed.sampling,
         ),
         settings=LocalSettings(
             epochs=fed.local_epochs,
@@ -477,7 +499,7 @@ def resume(
     say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
     point = resume_point(out_dir, rounds=rounds, threads=threads, say=say)
-    check_setup(point.config)
+    check_setup(point.config, history=point.checkpoint.history)
     experiment = build_experiment(point.config, log=say)
     saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=say)
     return _run(
@@ -596,10 +618,7 @@ def restore_checkpoint(
     history = [_as_in_longer_run(record, cfg) for record in saved.history]
     saved = dataclasses.replace(saved, history=history)
     say(f"resuming {out_dir} after round {saved.rounds_done} of {total}")
-    write_text_atomic(
-        out_dir / "metrics.jsonl",
-        "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
-    )
+    rewrite_round_logs(cfg, out_dir, saved.history)
     return saved
 
 
@@ -647,10 +666,12 @@ def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
         "server_state.safetensors",
         "eval",
         "columns.json",
+        str(SERVER_ONLY_SUMMARY),
     )
     moved = [name for name in names if (out_dir / name).exists()]
     target.mkdir()
     for name in moved:
+        (target / name).parent.mkdir(exist_ok=True)
         (out_dir / name).rename(target / name)
     say(f"the {rounds_done}-round run's {', '.join(moved)} moved to {target}")
 
@@ -722,7 +743,7 @@ def _run_with_threads(
         f"fraction {fed.fraction}"
     )
     labels = None if views is None else label_warning(views.train_labels, views.test_labels)
-    for note in (busy_machine_hint(threads), labels):
+    for note in (busy_machine_hint(threads), labels, privacy_warning(cfg)):
         if note is not None:
             say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
@@ -737,7 +758,7 @@ def _run_with_threads(
     from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
-    callbacks += tracker_callbacks(trackers)
+    callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     try:
         result = _rounds_and_finish(
             experiment,
@@ -830,18 +851,21 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
-        **privacy_summary(history),
+        **privacy_summary(history, cfg.privacy),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Results are bit-identical only for the same thread count, so it is recorded.
         "threads": torch.get_num_threads(),
     }
+    summary, server_only = split_summary(summary, cfg.privacy)
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())
         method_state = server_state(experiment.method)
         if method_state:
             save_model(out_dir / "server_state.safetensors", method_state)
         write_json(out_dir / "summary.json", summary)
+        if server_only:
+            write_json(out_dir / SERVER_ONLY_SUMMARY, server_only)
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
 

@@ -12,6 +12,7 @@ names the same TOML file the CLI takes, plus overrides::
     connect-timeout = 300.0                     # seconds to wait for every client's node
     secure-aggregation = false                  # SecAgg+ (fedssd.flower.secagg, docs/privacy.md)
     secagg-clipping-range = 8.0                 # SecAgg+'s quantisation range [-c, c]
+    secagg-client-metrics = false               # SecAgg+ clients also send loss and batches
 
 The server builds the experiment like :func:`fedssd.api.train` (data, model, method, schedule),
 finds which node plays which client id, runs :class:`~fedssd.flower.strategy.MethodStrategy`
@@ -63,6 +64,7 @@ from fedssd.experiments.outputs import (
 )
 from fedssd.federation.callbacks import checkpointer, round_callbacks
 from fedssd.federation.evaluate import combine_client_evaluations
+from fedssd.federation.privacy import privacy_warning, release_view
 from fedssd.federation.store import ClientStore
 from fedssd.flower import records, secagg
 from fedssd.flower.records import SITES
@@ -321,7 +323,12 @@ def run_federation(
     else:
         cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
-    check_setup(cfg, sites_on_nodes=True)
+    check_setup(cfg, sites_on_nodes=True, history=point.checkpoint.history if point else ())
+    warning = privacy_warning(cfg)
+    if warning is not None:
+        log(warning)
+    # What every client receives: the resolved config (it holds no secret: a DP run's secret
+    # generator lives in this process alone).
     text = config_module.dumps(cfg)
     sites = cfg.data.partition == SITES
     if sites:
@@ -362,7 +369,7 @@ def run_federation(
         # saved here is empty.
         callbacks.append(checkpointer(cfg, out_dir, experiment.method, ClientStore(), history))
     trackers = make_trackers(cfg, out_dir, say=log, resume=point is not None)
-    callbacks += tracker_callbacks(trackers)
+    callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     strategy = MethodStrategy(
         global_model=experiment.global_model,
         method=experiment.method,
