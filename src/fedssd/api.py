@@ -41,7 +41,9 @@ from fedssd.experiments.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
+    remove_unreferenced_states,
     run_identity,
+    states_folder,
 )
 from fedssd.experiments.outputs import (
     check_run_dir,
@@ -74,6 +76,7 @@ from fedssd.federation.privacy import (
     release_view,
     split_summary,
 )
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -748,6 +751,10 @@ def _run_with_threads(
         if note is not None:
             say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
+    if out_dir is not None:
+        # About one round's client states stay in memory; the others wait in the run folder.
+        per_round = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+        store.spill(states_folder(out_dir), capacity=per_round)
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
@@ -774,6 +781,8 @@ def _run_with_threads(
         finish_trackers(trackers, None)
         raise
     finish_trackers(trackers, result.summary)
+    if out_dir is not None:
+        remove_unreferenced_states(out_dir)  # states spilled by a run without checkpoints
     return result
 
 

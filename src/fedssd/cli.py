@@ -209,7 +209,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="CPU threads of PyTorch (the config key threads; 0 = PyTorch's default of one per "
-        "core); 1 is much faster when other jobs share the cores",
+        "core); 1 may be faster when other jobs share the cores",
     )
 
 
