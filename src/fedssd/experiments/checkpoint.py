@@ -5,13 +5,13 @@ global model), ``server.safetensors`` (the method's server state), ``clients.saf
 client store's index: each client's id and the SHA-256 of the file holding its state) and
 ``state.json`` (the round, the metrics so far, what run it belongs to, the training time so far,
 and the SHA-256 of each tensor file). The client states themselves are files in
-``<run>/client-states/`` (:mod:`fedssd.federation.store`), shared by the checkpoints that hold the same state: a
-checkpoint writes only the states that changed since the one before it, and files no checkpoint refers to
-any more are deleted after each write. A checkpoint folder is written under a temporary name and
-renamed into place, so the newest complete checkpoint is always intact; older ones beyond
-``keep`` are then deleted. Loading reads safetensors and JSON only (nothing is unpickled) and
-refuses a truncated, corrupted or foreign checkpoint in one sentence; each client state file is
-checked when the run first reads it.
+``<run>/client-states/`` (:mod:`fedssd.federation.store`), shared by the checkpoints that hold the
+same state: a checkpoint writes only the states that changed since the one before it, and files no
+checkpoint refers to any more are deleted after each write. A checkpoint folder is written under a
+temporary name and renamed into place, so the newest complete checkpoint is always intact; older
+ones beyond ``keep`` are then deleted. Loading reads safetensors and JSON only (nothing is
+unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence; each client
+state file is checked when the run first reads it.
 
 Checkpoints of format 1 (every client's tensors in ``clients.safetensors``, their scalars in
 ``state.json``) are still read.
