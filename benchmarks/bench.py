@@ -49,7 +49,6 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedssd.data.augment import SSL_AUGMENT, two_views
-from fedssd.experiments.outputs import append_jsonl
 from fedssd.federation import round as round_module
 from fedssd.federation import server
 from fedssd.federation.client import LocalSettings, local_train
@@ -57,6 +56,7 @@ from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import Method
 from fedssd.models import SSLModel, build_model
+from fedssd.runs.outputs import append_jsonl
 from fedssd.runtime import DESCRIPTION, tune_malloc
 
 # Each run writes here (relative to the folder it runs in; runs/ is not tracked by git) ...

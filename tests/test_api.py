@@ -9,15 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from fedssd.api import check_setup, load_config
+from fedssd.api import check_setup
 from fedssd.config import EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.datasets import ImageDataset
 from fedssd.data.federated import FederatedData
 from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.outputs import check_run_dir, prepare_run_dir
 from fedssd.federation import callbacks
 from fedssd.federation.evaluate import evaluate_model
+from fedssd.runs.outputs import check_run_dir, prepare_run_dir
+from fedssd.runs.resolve import load_config
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 
@@ -140,7 +141,7 @@ def test_load_config_overrides_are_keyword_only_like_train() -> None:
 
 def test_load_run_is_public(tmp_path: Path) -> None:
     import fedssd
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.runs.model import load_run
 
     assert fedssd.load_run is load_run
     result = fedssd.train(SMOKE, overrides=TINY, out=tmp_path / "run", log=None)

@@ -221,7 +221,7 @@ def test_compare_runs_other_methods_from_an_ssd_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from fedssd import config as config_module
-    from fedssd.api import load_config
+    from fedssd.runs.resolve import load_config
 
     saved = tmp_path / "config.toml"  # as a run writes it: every SSD option spelled out
     saved.write_text(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedssd import config
-from fedssd.api import load_config
 from fedssd.errors import ConfigError
+from fedssd.runs.resolve import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs"
 SMOKE = CONFIGS / "smoke.toml"
@@ -62,7 +62,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
     """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last and
     method.dsr_dims existed has an identity without them: at their defaults a run still matches
     it; any other value is part of the identity."""
-    from fedssd.experiments.checkpoint import run_identity
+    from fedssd.runs.checkpoint import run_identity
 
     current = config.to_dict(load_config(SMOKE))
     older = copy.deepcopy(current)

@@ -11,7 +11,7 @@ import torch
 import fedssd
 from fedssd.cli import main
 from fedssd.encoders import export_encoder
-from fedssd.experiments.evaluate import load_run
+from fedssd.runs.model import load_run
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from fedssd.version import __version__
 
 if TYPE_CHECKING:
-    from fedssd.api import RunResult, load_config, resume, train
+    from fedssd.api import RunResult, resume, train
     from fedssd.config import Config
     from fedssd.encoders import load_encoder
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.runs.model import load_run
+    from fedssd.runs.resolve import load_config
 
 __all__ = [
     "Config",
@@ -40,12 +41,12 @@ __all__ = [
 # Where each lazily loaded public name lives.
 _LAZY = {
     "RunResult": "fedssd.api",
-    "load_config": "fedssd.api",
+    "load_config": "fedssd.runs.resolve",
     "resume": "fedssd.api",
     "train": "fedssd.api",
     "Config": "fedssd.config",
     "load_encoder": "fedssd.encoders",
-    "load_run": "fedssd.experiments.evaluate",
+    "load_run": "fedssd.runs.model",
 }
 
 

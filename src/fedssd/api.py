@@ -23,35 +23,17 @@ import numpy as np
 import torch
 
 from fedssd import config as config_module
-from fedssd import presets
 from fedssd.config import Config
 from fedssd.data.augment import AugmentConfig
 from fedssd.data.datasets import DATASET_NAMES
 from fedssd.data.federated import (
     EvaluationViews,
     FederatedData,
-    named_dataset,
     prepare_data,
     run_evaluation_views,
 )
 from fedssd.data.partition import label_histogram
 from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.checkpoint import (
-    Checkpoint,
-    check_model_state,
-    list_checkpoints,
-    load_checkpoint,
-    remove_partial_checkpoints,
-    run_identity,
-)
-from fedssd.experiments.outputs import (
-    check_run_dir,
-    jsonable,
-    prepare_run_dir,
-    save_model,
-    write_json,
-    write_text_atomic,
-)
 from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
@@ -63,11 +45,29 @@ from fedssd.federation.evaluate import (
 )
 from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
-from fedssd.federation.store import ClientStore
-from fedssd.methods import MethodContext, build_method, option_dict
+from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.methods.server import load_server_state, server_state
-from fedssd.models import SSLModel, build_model
+from fedssd.models import SSLModel
+from fedssd.runs.checkpoint import (
+    Checkpoint,
+    check_model_state,
+    list_checkpoints,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    run_identity,
+)
+from fedssd.runs.model import make_model, model_of
+from fedssd.runs.outputs import (
+    check_run_dir,
+    jsonable,
+    prepare_run_dir,
+    save_model,
+    write_json,
+    write_text_atomic,
+)
+from fedssd.runs.resolve import load_config
+from fedssd.runs.store import ClientStore
 from fedssd.runtime import (
     autocast_dtype,
     busy_machine_hint,
@@ -75,7 +75,7 @@ from fedssd.runtime import (
     select_device,
     tune_malloc,
 )
-from fedssd.seeding import EVALUATION, EXTRAS_INIT, MODEL_INIT, derive_seed
+from fedssd.seeding import EVALUATION, EXTRAS_INIT, derive_seed
 
 Log = Callable[[str], None]
 
@@ -99,61 +99,6 @@ class RunResult:
     model: SSLModel
 
 
-def resolve(config: Config) -> Config:
-    """``config`` with the method's options complete and data paths absolute.
-
-    Raises:
-        ConfigError: The method or an option is unknown or out of range.
-    """
-    options = option_dict(config.method.name, config.method.options)
-    data = config.data
-    data = dataclasses.replace(
-        data,
-        path=_absolute(data.path),
-        root=_absolute(data.root),
-        split_file=_absolute(
-            None if data.split_file is None else presets.split_path(data.split_file)
-        ),
-        clients=tuple(str(_absolute(site)) for site in data.clients),
-    )
-    evaluation = config.evaluation
-    if evaluation.data is not None and not named_dataset(evaluation.data):
-        evaluation = dataclasses.replace(evaluation, data=_absolute(evaluation.data))
-    model = config.model
-    if model.init_from is not None:
-        model = dataclasses.replace(model, init_from=_absolute(model.init_from))
-    return dataclasses.replace(
-        config,
-        data=data,
-        evaluation=evaluation,
-        model=model,
-        method=dataclasses.replace(config.method, options=options),
-    )
-
-
-def _absolute(path: str | None) -> str | None:
-    """A path made absolute, so that the saved config reruns from any folder."""
-    return None if path is None else str(Path(path).expanduser().resolve())
-
-
-def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -> Config:
-    """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides.
-
-    Args:
-        config: A :class:`~fedssd.config.Config`, the path of a TOML file, or a preset's name
-            (``demo``, ``paper/cifar10-silo-ssd``; ``fedssd configs`` lists them).
-        overrides: ``dotted.key=value`` strings applied on top (e.g. ``"federation.rounds=5"``).
-
-    Raises:
-        fedssd.errors.ConfigError: The file is missing or a key is unknown, mistyped or out of
-            range, in one sentence.
-    """
-    source = (
-        config_module.to_dict(config) if isinstance(config, Config) else presets.config_path(config)
-    )
-    return resolve(config_module.load(source, overrides))
-
-
 def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written.
@@ -175,7 +120,7 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
             "data.path (a folder with one subfolder per client)."
         )
     with torch.device("meta"):
-        probe = _build_model(config, in_channels=3)
+        probe = model_of(config, in_channels=3)
     context = MethodContext(
         num_clients=config.federation.num_clients,
         feature_dim=probe.feature_dim,
@@ -224,24 +169,6 @@ def federated_evaluation(
             device=device,
         )
     return combine_client_evaluations(per_client)
-
-
-def make_model(config: Config, in_channels: int, device: torch.device) -> SSLModel:
-    """The initial global model, its weights drawn from the run seed alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(derive_seed(config.seed, MODEL_INIT))
-        model = _build_model(config, in_channels=in_channels)
-    return model.to(device)
-
-
-def _build_model(config: Config, *, in_channels: int) -> SSLModel:
-    return build_model(
-        encoder=config.model.encoder,
-        in_channels=in_channels,
-        width=config.model.width or None,
-        projector_hidden=config.model.projector_hidden,
-        projector_out=config.model.projector_out or None,
-    )
 
 
 def final_evaluation(

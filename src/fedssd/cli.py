@@ -20,12 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fedssd import __version__
 from fedssd.errors import ConfigError, FedSSDError, TrainingDiverged
 from fedssd.experiments.tables import format_table
+from fedssd.version import __version__
 
 if TYPE_CHECKING:
-    from fedssd.executors import Executor
+    from fedssd.experiments.executors import Executor
     from fedssd.experiments.grid import Log
     from fedssd.experiments.plan import PlannedRun
 
@@ -346,7 +346,7 @@ def _flower_app(folder: Path, *, overwrite: bool) -> int:
 
 def resume_hint(run_dir: Path) -> str:
     """How to continue an interrupted run: the command and the checkpoint it will start from."""
-    from fedssd.experiments.checkpoint import list_checkpoints
+    from fedssd.runs.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -360,7 +360,8 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, resume, stderr_log, train
+    from fedssd.api import resume, stderr_log, train
+    from fedssd.runs.resolve import load_config
 
     log = None if args.quiet else stderr_log
     if args.resume is not None and args.track:
@@ -402,10 +403,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, resolve, stderr_log, train
+    from fedssd.api import stderr_log, train
     from fedssd.config import MethodConfig
-    from fedssd.experiments.outputs import check_run_dir
     from fedssd.methods import shared_options
+    from fedssd.runs.outputs import check_run_dir
+    from fedssd.runs.resolve import load_config, resolve
 
     args.overrides = _with_tracking(args)
     base = load_config(args.config, overrides=_with_threads(args))
@@ -458,7 +460,7 @@ def _with_threads(args: argparse.Namespace) -> list[str]:
 def write_compare_tables(out: Path, summaries: dict[str, dict[str, Any]]) -> None:
     """``table.md`` (the printed table) and ``results.csv`` (every scalar of each summary, one
     line per method) in a compare folder."""
-    from fedssd.experiments.outputs import write_text_atomic
+    from fedssd.runs.outputs import write_text_atomic
 
     write_text_atomic(out / "table.md", format_table(summaries) + "\n")
     fields = ["method"]
@@ -785,7 +787,7 @@ def _executor(
 ) -> Executor:
     """The executor the command line asks for (checked before any run starts)."""
     from fedssd import config as config_module
-    from fedssd.executors import make_executor, parse_devices
+    from fedssd.experiments.executors import make_executor, parse_devices
 
     devices = parse_devices(getattr(args, "devices", None))
     if devices:

@@ -40,6 +40,8 @@ LrSchedule = Literal["constant", "cosine"]
 DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 ResizeFilter = Literal["box", "bilinear-antialias"]
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")
+"""The names ``tracking.backends`` may list (fedssd.tracking starts them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -595,9 +597,23 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    from fedssd.tracking import parse_backends
-
     parse_backends(config.tracking.backends)
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    """The backend names of ``tracking.backends`` (comma-separated), checked.
+
+    Raises:
+        ConfigError: A name is not tensorboard, wandb or mlflow.
+    """
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in TRACKING_BACKENDS:
+            raise ConfigError(
+                f"tracking.backends names {name!r}; choose from {', '.join(TRACKING_BACKENDS)} "
+                '(comma-separated, e.g. "tensorboard,mlflow").'
+            )
+    return tuple(dict.fromkeys(names))
 
 
 def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:

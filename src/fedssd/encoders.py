@@ -23,6 +23,8 @@ from torch import Tensor, nn
 
 from fedssd.config import Config
 from fedssd.errors import ConfigError, DataError
+from fedssd.runs.model import load_run, make_model
+from fedssd.runs.outputs import write_json
 
 Format = Literal["safetensors", "torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
@@ -63,8 +65,8 @@ def make_card(
     config: Config, model: nn.Module, summary: Mapping[str, Any], *, projector: bool, fmt: str
 ) -> dict[str, Any]:
     """The JSON card of an exported encoder."""
-    from fedssd import __version__
     from fedssd import config as config_module
+    from fedssd.version import __version__
 
     raw = config_module.to_dict(config)
     side = input_size(config)
@@ -117,8 +119,6 @@ def export_encoder(
         DataError: The run folder does not hold a finished run, or the exported file does not
             reproduce the run's features.
     """
-    from fedssd.experiments.evaluate import load_run
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     run_dir = Path(run_dir)
@@ -156,8 +156,6 @@ def export_encoder(
     else:
         _export_onnx(module, example, target, projector=projector)
         card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
-    from fedssd.experiments.outputs import write_json
-
     write_json(card_path, card)
     return target, card_path
 
@@ -328,8 +326,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _model_for(config: Config, tensors: Mapping[str, Tensor]) -> Any:
     """The model ``config`` describes, with the channels its first convolution was trained on."""
-    from fedssd.api import make_model
-
     first = next(v for k, v in tensors.items() if k.startswith("encoder.") and v.dim() == 4)
     return make_model(config, int(first.shape[1]), torch.device("cpu"))
 

@@ -21,7 +21,8 @@ from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation import extract_features, knn_accuracy
 from fedssd.evaluation.finetune import stratified_fraction
-from fedssd.experiments.evaluate import evaluate_run, load_run, result_name
+from fedssd.experiments.evaluate import evaluate_run, result_name
+from fedssd.runs.model import load_run
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 

@@ -24,20 +24,20 @@ from fedssd.cli import main
 from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError, DataError, TrainingDiverged
-from fedssd.experiments.checkpoint import (
+from fedssd.federation.client import LocalSettings
+from fedssd.federation.faults import draw_fault
+from fedssd.federation.simulator import Guards, Schedule, run_rounds
+from fedssd.federation.validate import check_update, norm_outliers, update_distance
+from fedssd.methods import ClientUpdate, MethodContext, build_method
+from fedssd.methods.protocol import ClientState
+from fedssd.models import build_model
+from fedssd.runs.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from fedssd.federation.client import LocalSettings
-from fedssd.federation.faults import draw_fault
-from fedssd.federation.simulator import Guards, Schedule, run_rounds
-from fedssd.federation.store import ClientStore
-from fedssd.federation.validate import check_update, norm_outliers, update_distance
-from fedssd.methods import ClientUpdate, MethodContext, build_method
-from fedssd.methods.protocol import ClientState
-from fedssd.models import build_model
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +271,7 @@ def test_checkpoint_write_is_atomic_and_rotated(
     assert restored is not None and restored.scalars == {"lam": 0.5}
     assert restored.participations == 2 and torch.equal(restored.tensors["t"], torch.arange(4.0))
 
-    import fedssd.experiments.checkpoint as module
+    import fedssd.runs.checkpoint as module
 
     calls = {"n": 0}
     real = module.save_model

@@ -27,6 +27,7 @@ from test_simulation import experiment
 
 from fedssd import api, config
 from fedssd.aggregate import fedavg
+from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError
 from fedssd.federation.client import local_train
 from fedssd.federation.simulator import round_lr
@@ -140,7 +141,7 @@ def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
     tmp_path: Path, experiment: Path, processes: Processes
 ) -> None:
     cfg = config.load(experiment, SETS)
-    sizes = [len(p) for p in api.prepare_data(cfg, log=lambda _m: None).client_indices]
+    sizes = [len(p) for p in prepare_data(cfg, log=lambda _m: None).client_indices]
     expected_all, weights_all = _fedavg_of(cfg, [0, 1, 2])
     expected_two, weights_two = _fedavg_of(cfg, [0, 1])
     # The in-process simulator agrees with the hand-made round (so the comparison is fair).

@@ -30,13 +30,14 @@ pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
-from fedssd.api import build_experiment, load_config, train
+from fedssd.api import build_experiment, train
 from fedssd.errors import ConfigError
-from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.federation.client import LocalResult
 from fedssd.flower import records
 from fedssd.flower.client_app import client_id_of
 from fedssd.methods.protocol import ClientState
+from fedssd.runs.checkpoint import list_checkpoints, load_checkpoint
+from fedssd.runs.resolve import load_config
 from flower_testing import (
     BIN,
     FLOWER_APP,

@@ -20,7 +20,6 @@ from fedssd.errors import ConfigError
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.simulator import Schedule, run_rounds
-from fedssd.federation.store import ClientStore
 from fedssd.methods import METHODS, build_method, resolve_options
 from fedssd.methods.byol_common import (
     divergence,
@@ -34,6 +33,7 @@ from fedssd.methods.fedu import FedU, FedUOptions, dapu_keeps_local
 from fedssd.methods.protocol import ClientHooks, ClientState, ClientUpdate, Method
 from fedssd.models import SSLModel, build_model
 from fedssd.models.heads import mlp_predictor
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 NAMES = ("fedsimclr", "fedsimsiam", "fedbyol", "fedu", "fedema")

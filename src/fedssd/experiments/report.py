@@ -667,7 +667,7 @@ def embed_sample(
     """
     from fedssd.data.federated import prepare_data
     from fedssd.evaluation.features import extract_features
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.runs.model import load_run
 
     config, model = load_run(run_dir)
     key = (config.seed, config.data, config.federation.num_clients)
@@ -829,7 +829,7 @@ def build_report(
         sections.append((setting, figures))
     text = render_markdown(folder, kind, runs, sections)
     report = folder / "report.md"
-    from fedssd.experiments.outputs import write_text_atomic
+    from fedssd.runs.outputs import write_text_atomic
 
     write_text_atomic(report, text)
     return report

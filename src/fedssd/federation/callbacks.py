@@ -16,15 +16,15 @@ from torch import nn
 from fedssd import config as config_module
 from fedssd.config import Config
 from fedssd.data.federated import EvaluationViews
-from fedssd.experiments.checkpoint import Checkpoint, run_identity, save_checkpoint
-from fedssd.experiments.outputs import append_jsonl
 from fedssd.federation.client import LocalResult
 from fedssd.federation.evaluate import knn_monitor
 from fedssd.federation.server import Callback
 from fedssd.federation.simulator import ClientCallback
-from fedssd.federation.store import ClientStore
 from fedssd.methods.protocol import Method
 from fedssd.methods.server import server_state
+from fedssd.runs.checkpoint import Checkpoint, run_identity, save_checkpoint
+from fedssd.runs.outputs import append_jsonl
+from fedssd.runs.store import ClientStore
 
 Log = Callable[[str], None]
 

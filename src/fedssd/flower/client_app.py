@@ -29,7 +29,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, build_experiment, resolve
+from fedssd.api import Experiment, build_experiment
 from fedssd.config import Config
 from fedssd.data.federated import node_data
 from fedssd.errors import ConfigError
@@ -39,6 +39,7 @@ from fedssd.flower import node_state, records
 from fedssd.flower.records import SITES
 from fedssd.flower.secagg import secure_aggregation_mod
 from fedssd.methods.server import load_server_state
+from fedssd.runs.resolve import resolve
 from fedssd.runtime import tune_malloc
 
 if sys.version_info >= (3, 11):

@@ -44,7 +44,6 @@ from fedssd.api import (
     build_experiment,
     check_setup,
     finish_run,
-    load_config,
     restore_checkpoint,
     resume_point,
     warm_start,
@@ -54,19 +53,20 @@ from fedssd.config import Config
 from fedssd.data.datasets import ImageDataset
 from fedssd.data.federated import FederatedData, run_evaluation_views
 from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.outputs import (
+from fedssd.federation.callbacks import checkpointer, round_callbacks
+from fedssd.federation.evaluate import combine_client_evaluations
+from fedssd.flower import records, secagg
+from fedssd.flower.records import SITES
+from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.runs.outputs import (
     FLOWER_FILE,
     check_run_dir,
     prepare_run_dir,
     write_json,
     write_text_atomic,
 )
-from fedssd.federation.callbacks import checkpointer, round_callbacks
-from fedssd.federation.evaluate import combine_client_evaluations
-from fedssd.federation.store import ClientStore
-from fedssd.flower import records, secagg
-from fedssd.flower.records import SITES
-from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.runs.resolve import load_config
+from fedssd.runs.store import ClientStore
 from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
 Log = Callable[[str], None]

@@ -28,8 +28,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedssd.errors import DataError
-from fedssd.experiments.outputs import fsync_path, jsonable, save_model, write_json
-from fedssd.federation.store import ClientStore
+from fedssd.runs.outputs import fsync_path, jsonable, save_model, write_json
+from fedssd.runs.store import ClientStore
 
 FORMAT_VERSION = 1
 FOLDER = "checkpoints"
