@@ -179,7 +179,7 @@ import json, resource, sys, time
 started = time.perf_counter()
 import torch
 from fedssd.flower import client_app
-from fedssd.api import build_experiment
+from fedssd.experiment import build_experiment
 from fedssd.runs.resolve import load_config
 imported = time.perf_counter()
 mode, config, site = sys.argv[1:]

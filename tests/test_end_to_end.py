@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from fedssd import config as config_module
-from fedssd.api import final_evaluation, train
+from fedssd.api import train
 from fedssd.cli import main
 from fedssd.data.federated import prepare_data
+from fedssd.experiment import final_evaluation
 from fedssd.runs.model import make_model
 from fedssd.runs.resolve import load_config
 

@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 from fedssd.version import __version__
 
 if TYPE_CHECKING:
-    from fedssd.api import RunResult, resume, train
+    from fedssd.api import resume, train
     from fedssd.config import Config
     from fedssd.encoders import load_encoder
+    from fedssd.experiment import RunResult
     from fedssd.runs.model import load_run
     from fedssd.runs.resolve import load_config
 
@@ -40,7 +41,7 @@ __all__ = [
 
 # Where each lazily loaded public name lives.
 _LAZY = {
-    "RunResult": "fedssd.api",
+    "RunResult": "fedssd.experiment",
     "load_config": "fedssd.runs.resolve",
     "resume": "fedssd.api",
     "train": "fedssd.api",

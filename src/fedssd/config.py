@@ -493,6 +493,30 @@ def coerce(hint: Any, value: Any, *, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
+def check(config: Config) -> None:
+    """The checks :func:`load` makes, for a :class:`Config` built in Python: the type of every
+    field, then :func:`validate`.
+
+    Raises:
+        ConfigError: A field is of the wrong type or out of range.
+    """
+    _check_fields(config, where="")
+    validate(config)
+
+
+def _check_fields(instance: DataclassInstance, *, where: str) -> None:
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        key = f"{where}.{field.name}" if where else field.name
+        value = getattr(instance, field.name)
+        if isinstance(instance, MethodConfig) and field.name == "options":
+            continue  # the method's own options are checked when the method resolves them
+        if dataclasses.is_dataclass(hints[field.name]) and dataclasses.is_dataclass(value):
+            _check_fields(value, where=key)  # type: ignore[arg-type]
+        else:
+            coerce(hints[field.name], value, key=key)
+
+
 def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
     data, fed, ev, model = config.data, config.federation, config.evaluation, config.model

@@ -92,7 +92,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
 ) -> None:
     """Stop a run after a round (an exception from a callback, in process) and resume it:
     weights and metrics equal the uninterrupted run's."""
-    import fedssd.api as api
+    import fedssd.experiment as session
 
     overrides = [*TINY, *extra]
     whole = fedssd.train(SMOKE, overrides=overrides, out=tmp_path / "whole", log=None)
@@ -106,17 +106,17 @@ def test_interrupted_and_resumed_run_is_bit_identical(
             if record["round"] == at + 1:
                 raise Stop
 
-        original = api.round_callbacks
+        original = session.round_callbacks
 
         def patched(*args: Any, original: Any = original, **kwargs: Any) -> list[Any]:
             return [*original(*args, **kwargs), bomb]
 
-        api.round_callbacks = patched  # type: ignore[assignment]
+        session.round_callbacks = patched  # type: ignore[assignment]
         try:
             with pytest.raises(Stop):
                 fedssd.train(SMOKE, overrides=overrides, out=run, log=None)
         finally:
-            api.round_callbacks = original  # type: ignore[assignment]
+            session.round_callbacks = original  # type: ignore[assignment]
         # The callback ran after the metrics line of round stop_after + 1 but before its checkpoint.
         assert [p.name for p in list_checkpoints(run)][-1] == f"round-{stop_after:06d}"
         assert not (run / "summary.json").exists()

@@ -16,6 +16,7 @@ from fedssd import api, config
 from fedssd.cli import main
 from fedssd.config import PrivacyConfig
 from fedssd.errors import ConfigError
+from fedssd.experiment import check_setup
 from fedssd.federation.privacy import (
     Accounting,
     PrivateAggregator,
@@ -273,7 +274,7 @@ def test_dp_refuses_methods_and_settings_in_one_sentence(sets: list[str], messag
     base = [*TINY, "privacy.dp=fixed", "privacy.target_epsilon=4"]
     with pytest.raises(ConfigError, match=message):
         cfg = config.load(SMOKE, [*base, *sets])
-        api.check_setup(cfg)
+        check_setup(cfg)
 
 
 def test_dp_needs_a_noise_multiplier_or_a_target() -> None:

@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch import nn
 
-from fedssd.api import attach_extras
 from fedssd.cli import main
 from fedssd.data.augment import SSL_AUGMENT, two_views
 from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
+from fedssd.experiment import attach_extras
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.simulator import Schedule, run_rounds

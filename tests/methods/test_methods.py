@@ -71,7 +71,7 @@ def test_every_registered_method_honours_the_protocol(name: str) -> None:
     """Built with default options on a real (tiny) model: a finite scalar loss with gradients,
     named detached parts, an aggregate (the method's or the default FedAvg) that returns every
     entry of the global state, and a server state that loads back."""
-    from fedssd.api import attach_extras
+    from fedssd.experiment import attach_extras
     from fedssd.federation.simulator import local_keys
     from fedssd.methods.protocol import ClientHooks
 

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedssd import api
 from fedssd import config as config_module
 from fedssd.config import Config, MethodConfig
 from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError, FedSSDError
+from fedssd.experiment import check_setup
 from fedssd.experiments.evaluate import LABEL_FRACTIONS
 from fedssd.experiments.grid import COLUMNS_FILE, Column, Grid, Status
 from fedssd.methods import option_dict, shared_options
@@ -62,7 +62,7 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
                     dataclasses.replace(base, method=method),
                     overrides=[*row.overrides, f"seed={grid.seeds[0]}"],
                 )
-                api.check_setup(first)
+                check_setup(first)
             except ConfigError as error:
                 raise ConfigError(f"{here}: {error}") from None
             split = first.data.split_file

@@ -6,4 +6,6 @@
 - :mod:`~fedssd.runs.resolve`: a run's resolved config (:func:`~fedssd.runs.resolve.load_config`).
 - :mod:`~fedssd.runs.model`: a run's model, initial (:func:`~fedssd.runs.model.make_model`) and
   trained (:func:`~fedssd.runs.model.load_run`).
+- :mod:`~fedssd.runs.resume`: where an interrupted or extended run continues from, and the
+  restoring of its checkpoint.
 """

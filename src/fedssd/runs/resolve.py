@@ -58,6 +58,9 @@ def _absolute(path: str | None) -> str | None:
 def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -> Config:
     """A validated, resolved :class:`Config` from a dataclass or a TOML path, with overrides.
 
+    A file is read and parsed once; a :class:`Config` without overrides is checked and
+    resolved as it is (a resolved config comes back unchanged).
+
     Args:
         config: A :class:`~fedssd.config.Config`, the path of a TOML file, or a preset's name
             (``demo``, ``paper/cifar10-silo-ssd``; ``fedssd configs`` lists them).
@@ -67,6 +70,9 @@ def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -
         fedssd.errors.ConfigError: The file is missing or a key is unknown, mistyped or out of
             range, in one sentence.
     """
+    if isinstance(config, Config) and not overrides:
+        config_module.check(config)
+        return resolve(config)
     source = (
         config_module.to_dict(config) if isinstance(config, Config) else presets.config_path(config)
     )
