@@ -72,7 +72,7 @@ nodes."""
 
 @dataclasses.dataclass(frozen=True)
 class RunResult:
-    """What :func:`train` returns.
+    """What a session returns (:func:`run_session`, and so :func:`fedssd.train`).
 
     Attributes:
         config: The fully resolved configuration (method defaults filled in).

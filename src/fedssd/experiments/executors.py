@@ -176,10 +176,6 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or cpu_count()) // max(1, jobs))
 
 
-# A worker process's device, set once by its initializer (one GPU per worker).
-_WORKER_DEVICE: str | None = None
-
-
 def _init_worker(slots: Any, devices: Sequence[str], threads: int) -> None:
     """Pin a fresh worker process to its share of CPU threads and to one GPU of ``devices``.
 
@@ -189,11 +185,9 @@ def _init_worker(slots: Any, devices: Sequence[str], threads: int) -> None:
     """
     import torch
 
-    global _WORKER_DEVICE
     slot = int(slots.get())
     if devices:
         device = devices[slot % len(devices)]
-        _WORKER_DEVICE = device
         os.environ["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(max(1, threads))
