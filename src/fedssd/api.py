@@ -112,7 +112,7 @@ def resume(
     say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
     point = resume_point(out_dir, rounds=rounds, threads=threads, say=say)
-    check_setup(point.config)
+    check_setup(point.config, history=point.checkpoint.history)
     experiment = build_experiment(point.config, log=say)
     saved = restore_checkpoint(
         point, model=experiment.global_model, method=experiment.method, out_dir=out_dir, say=say

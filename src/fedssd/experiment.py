@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,12 @@ from fedssd.data.partition import label_histogram
 from fedssd.encoders import check_init_from
 from fedssd.encoders import warm_start as copy_trained
 from fedssd.errors import ConfigError
-from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
+from fedssd.federation.callbacks import (
+    checkpointer,
+    client_progress,
+    rewrite_round_logs,
+    round_callbacks,
+)
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
@@ -41,7 +46,14 @@ from fedssd.federation.evaluate import (
     evaluate_model,
     label_warning,
 )
-from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
+from fedssd.federation.privacy import (
+    check_private_method,
+    make_aggregator,
+    privacy_summary,
+    privacy_warning,
+    release_view,
+    split_summary,
+)
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import ExtendsModel, Method
@@ -49,7 +61,7 @@ from fedssd.methods.server import server_state
 from fedssd.models import SSLModel
 from fedssd.runs.checkpoint import Checkpoint
 from fedssd.runs.model import make_model, model_of
-from fedssd.runs.outputs import save_model, write_json, write_text_atomic
+from fedssd.runs.outputs import SERVER_ONLY_SUMMARY, save_model, write_json, write_text_atomic
 from fedssd.runs.store import ClientStore
 from fedssd.runtime import (
     autocast_dtype,
@@ -167,6 +179,7 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             lr=fed.lr,
             lr_schedule=fed.lr_schedule,
             seed=config.seed,
+            sampling=fed.sampling,
         ),
         settings=LocalSettings(
             epochs=fed.local_epochs,
@@ -212,7 +225,12 @@ def attach_extras(model: SSLModel, method: Method, *, seed: int) -> None:
         model.extras[name] = module.to(device)
 
 
-def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
+def check_setup(
+    config: Config,
+    *,
+    sites_on_nodes: bool = False,
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written.
 
@@ -220,6 +238,8 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
         config: The resolved config.
         sites_on_nodes: The run's sites are on Flower nodes (a ServerApp), so the config names
             none of them; otherwise ``data.partition = "clients"`` must say where they are.
+        history: The records of the rounds already run (a resumed or extended run: a DP run's
+            ledger must leave budget for its next round).
     """
     if config.data.name not in DATASET_NAMES:
         raise ConfigError(
@@ -244,7 +264,10 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
     method = build_method(config.method.name, config.method.options, context)
     if config.privacy.dp != "off":
         check_private_method(method)
-        make_aggregator(config)  # a target epsilon no noise can meet fails here
+        # A target epsilon no noise can meet (with what the ledger has spent) fails here.
+        aggregator = make_aggregator(config, history)
+        assert aggregator is not None
+        aggregator.check_budget(len(history))
     check_tracking(config)
     if config.model.init_from is not None:
         check_init_from(config, probe)
@@ -282,15 +305,18 @@ def run_session(
     cfg = experiment.config
     views = run_evaluation_views(cfg, experiment.data, log=say)
     labels = None if views is None else label_warning(views.train_labels, views.test_labels)
-    if labels is not None:
-        say(labels)
+    for note in (labels, privacy_warning(cfg)):
+        if note is not None:
+            say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
     history = list(resume_from.history) if resume_from is not None else []
+    if resume_from is not None and out_dir is not None:
+        rewrite_round_logs(cfg, out_dir, history)  # the rounds after the checkpoint are redone
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
         callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
-    callbacks += tracker_callbacks(trackers)
+    callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     try:
         history = loop(callbacks, history, store)
         result = finish_run(
@@ -400,18 +426,21 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
-        **privacy_summary(history),
+        **privacy_summary(history, cfg.privacy),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Results are bit-identical only for the same thread count, so it is recorded.
         "threads": torch.get_num_threads(),
     }
+    summary, server_only = split_summary(summary, cfg.privacy)
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())
         method_state = server_state(experiment.method)
         if method_state:
             save_model(out_dir / "server_state.safetensors", method_state)
         write_json(out_dir / "summary.json", summary)
+        if server_only:
+            write_json(out_dir / SERVER_ONLY_SUMMARY, server_only)
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
 

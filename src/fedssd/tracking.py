@@ -425,17 +425,26 @@ def make_trackers(
     return trackers
 
 
-def tracker_callbacks(trackers: Sequence[Tracker]) -> list[Callback]:
+def tracker_callbacks(
+    trackers: Sequence[Tracker],
+    *,
+    view: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict,
+) -> list[Callback]:
     """Round callbacks sending each round's scalars to the trackers (empty without trackers).
 
     Append them after the kNN monitor, so that its accuracy is in the record they see.
+
+    Args:
+        trackers: The run's trackers.
+        view: What of a record may leave the server (a DP run publishes only part of it,
+            :func:`fedssd.federation.privacy.release_view`).
     """
     if not trackers:
         return []
 
     def report(record: dict[str, Any], _model: nn.Module) -> None:
         step = int(record["round"])
-        scalars = round_scalars(record)
+        scalars = round_scalars(view(record))
         for tracker in trackers:
             tracker.log_round(step, scalars)
 

@@ -5,6 +5,7 @@ monitor, called after each round by the simulator and the Flower strategy
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,12 +19,18 @@ from fedssd.config import Config
 from fedssd.data.federated import EvaluationViews
 from fedssd.federation.client import LocalResult
 from fedssd.federation.evaluate import knn_monitor
+from fedssd.federation.privacy import release_view, withheld
 from fedssd.federation.server import Callback
 from fedssd.federation.simulator import ClientCallback
 from fedssd.methods.protocol import Method
 from fedssd.methods.server import server_state
 from fedssd.runs.checkpoint import Checkpoint, run_identity, save_checkpoint
-from fedssd.runs.outputs import append_jsonl
+from fedssd.runs.outputs import (
+    SERVER_ONLY_LOG,
+    append_jsonl,
+    jsonable,
+    write_text_atomic,
+)
 from fedssd.runs.store import ClientStore
 
 Log = Callable[[str], None]
@@ -93,14 +100,39 @@ def round_callbacks(
             )
         )
     if out_dir is not None:
-        metrics_path = out_dir / "metrics.jsonl"
-
-        def write_record(record: dict[str, Any], _model: nn.Module) -> None:
-            append_jsonl(metrics_path, record)
-
-        callbacks.append(write_record)
+        callbacks.append(round_logger(config, out_dir))
     callbacks.append(progress(config.method.name, config.federation.rounds, say))
     return callbacks
+
+
+def round_logger(config: Config, out_dir: Path) -> Callback:
+    """A callback appending each round's record to ``metrics.jsonl``; in a DP run only its
+    published part there and the rest to the server-only log (:data:`SERVER_ONLY_LOG`)."""
+    view = release_view(config)
+    private = config.privacy.dp != "off"
+    if private:
+        (out_dir / SERVER_ONLY_LOG).parent.mkdir(exist_ok=True)
+
+    def write(record: dict[str, Any], _model: nn.Module) -> None:
+        append_jsonl(out_dir / "metrics.jsonl", view(record))
+        if private:
+            append_jsonl(out_dir / SERVER_ONLY_LOG, withheld(record))
+
+    return write
+
+
+def rewrite_round_logs(config: Config, out_dir: Path, history: list[dict[str, Any]]) -> None:
+    """Rewrite ``metrics.jsonl`` (and a DP run's server-only log) to hold ``history`` alone, as
+    :func:`round_logger` wrote it (a resumed run redoes the rounds after its checkpoint)."""
+    view = release_view(config)
+
+    def lines(records: list[dict[str, Any]]) -> str:
+        return "".join(json.dumps(jsonable(record)) + "\n" for record in records)
+
+    write_text_atomic(out_dir / "metrics.jsonl", lines([view(r) for r in history]))
+    if config.privacy.dp != "off":
+        (out_dir / SERVER_ONLY_LOG).parent.mkdir(exist_ok=True)
+        write_text_atomic(out_dir / SERVER_ONLY_LOG, lines([withheld(r) for r in history]))
 
 
 def client_progress(name: str, rounds: int, say: Log) -> ClientCallback:

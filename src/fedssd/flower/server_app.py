@@ -12,6 +12,7 @@ names the same TOML file the CLI takes, plus overrides::
     connect-timeout = 300.0                     # seconds to wait for every client's node
     secure-aggregation = false                  # SecAgg+ (fedssd.flower.secagg, docs/privacy.md)
     secagg-clipping-range = 8.0                 # SecAgg+'s quantisation range [-c, c]
+    secagg-client-metrics = false               # SecAgg+ clients also send loss and batches
 
 The server builds the experiment like :func:`fedssd.api.train` (data, model, method, schedule),
 finds which node plays which client id and runs the session of :func:`fedssd.experiment.run_session`
@@ -321,7 +322,9 @@ def run_federation(
     else:
         cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
-    check_setup(cfg, sites_on_nodes=True)
+    check_setup(cfg, sites_on_nodes=True, history=point.checkpoint.history if point else ())
+    # What every client receives: the resolved config (it holds no secret: a DP run's secret
+    # generator lives in this process alone).
     text = config_module.dumps(cfg)
     sites = cfg.data.partition == SITES
     if sites:

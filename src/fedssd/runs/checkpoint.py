@@ -9,7 +9,9 @@ ones beyond ``keep`` are then deleted. Loading reads safetensors and JSON only (
 unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence.
 
 All random numbers of a run are derived from the run seed and the round (fedssd.seeding), so the
-round number restores every random stream: there is no generator state to save.
+round number restores every random stream: there is no generator state to save. The exception,
+by design, is a differentially private run's secret generator (fedssd.federation.privacy): it is
+never saved, and a resumed run draws a new secret.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class Checkpoint:
 #: runs' checkpoints still resume (any other value is part of the identity).
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"resize": "box", "dirichlet_rule": "redraw"},
-    "federation": {"drop_last": False},
+    "federation": {"drop_last": False, "sampling": "fixed"},
     "method": {"dsr_dims": 0},
 }
 

@@ -9,7 +9,6 @@ it then ends as a run of that many rounds from the start would.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from fedssd.runs.checkpoint import (
     remove_partial_checkpoints,
     run_identity,
 )
-from fedssd.runs.outputs import jsonable, write_text_atomic
+from fedssd.runs.outputs import SERVER_ONLY_SUMMARY, write_text_atomic
 from fedssd.runs.resolve import load_config
 
 Log = Callable[[str], None]
@@ -121,9 +120,9 @@ def restore_checkpoint(
     point: ResumePoint, *, model: nn.Module, method: Method, out_dir: Path, say: Log
 ) -> Checkpoint:
     """Load a checkpoint's global model into ``model`` and its server state into ``method``,
-    then (only now that everything is checked) set a finished run's outputs aside, rewrite
-    ``config.toml`` for an extension and cut ``metrics.jsonl`` back to the checkpoint's rounds
-    (the rounds after it are redone).
+    then (only now that everything is checked) set a finished run's outputs aside and rewrite
+    ``config.toml`` for an extension. The session that continues the run cuts its round logs
+    back to the checkpoint's rounds (the rounds after it are redone).
 
     Returns:
         The checkpoint, its history as the run being continued records it.
@@ -146,10 +145,6 @@ def restore_checkpoint(
     history = [_as_in_longer_run(record, cfg) for record in saved.history]
     saved = dataclasses.replace(saved, history=history)
     say(f"resuming {out_dir} after round {saved.rounds_done} of {total}")
-    write_text_atomic(
-        out_dir / "metrics.jsonl",
-        "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
-    )
     return saved
 
 
@@ -197,10 +192,12 @@ def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
         "server_state.safetensors",
         "eval",
         "columns.json",
+        str(SERVER_ONLY_SUMMARY),
     )
     moved = [name for name in names if (out_dir / name).exists()]
     target.mkdir()
     for name in moved:
+        (target / name).parent.mkdir(exist_ok=True)
         (out_dir / name).rename(target / name)
     say(f"the {rounds_done}-round run's {', '.join(moved)} moved to {target}")
 
