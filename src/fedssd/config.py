@@ -250,15 +250,18 @@ class ValidationConfig:
     """Server-side checks of each client update (non-finite values, keys and shapes always).
 
     Attributes:
-        max_norm_ratio: Reject an update whose weights moved, per local step, more than this
-            many times the median of the round's other updates (0 = no norm check). Unset in a
-            config file, it is 10, or 0 when ``privacy.dp`` is on (one client's update must not
-            decide whether another's is averaged: that breaks DP's sensitivity bound).
-        min_peers: The norm check needs at least this many other updates in the round.
+        max_norm_ratio: Reject an update whose learned weights (parameters, not BatchNorm's
+            running statistics) moved, per local step, more than this many times the median
+            of the round's other updates (0 = no norm check). Unset in a config file, it is
+            10, or 0 when ``privacy.dp`` is on (one client's update must not decide whether
+            another's is averaged: that breaks DP's sensitivity bound).
+        min_peers: The norm check needs at least this many other updates in the round. Below
+            3 the median of the others is the mean of two, which one slow honest site pulls
+            down far enough to make a fast honest one look like an outlier.
     """
 
     max_norm_ratio: float = 10.0
-    min_peers: int = 2
+    min_peers: int = 3
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from fedssd.config import Config
 from fedssd.errors import ConfigError, DataError
 from fedssd.models.pretrained import identify, to_fedssd, torchvision_key
-from fedssd.runs.model import load_run, make_model
+from fedssd.runs.model import load_run, make_model, recorded_image_shape
 from fedssd.runs.outputs import write_json
 
 Format = Literal["safetensors", "torchscript", "onnx"]
@@ -51,7 +51,8 @@ class EncoderWithProjector(nn.Module):
 
 
 def input_size(config: Config) -> int | None:
-    """The image side the run was trained on (None for an ``npz`` dataset)."""
+    """The image side the run was trained on, as its config implies it (None for an ``npz``
+    dataset; a run's ``partition.json`` records the shape itself)."""
     if config.data.name == "folder":
         return config.data.image_size
     side = _IMAGE_SIZE.get(config.data.name)
@@ -66,22 +67,31 @@ def _in_channels(model: nn.Module) -> int:
 
 
 def make_card(
-    config: Config, model: nn.Module, summary: Mapping[str, Any], *, projector: bool, fmt: str
+    config: Config,
+    model: nn.Module,
+    summary: Mapping[str, Any],
+    *,
+    projector: bool,
+    fmt: str,
+    image: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The JSON card of an exported encoder."""
+    """The JSON card of an exported encoder; ``image`` is the ``(height, width)`` the run
+    recorded (None: the side its config implies, :func:`input_size`)."""
     from fedssd import config as config_module
     from fedssd.version import __version__
 
     raw = config_module.to_dict(config)
     side = input_size(config)
+    height, width = image if image is not None else (side, side)
     outputs = ["features"] + (["embedding"] if projector else [])
     return {
         "format": fmt,
         "fedssd_version": __version__,
         "input": {
-            "shape": ["batch", _in_channels(model), side, side],
+            "shape": ["batch", _in_channels(model), height, width],
             "channels": _in_channels(model),
-            "size": side,
+            # The side of the square images (None when they are not square: see the shape).
+            "size": height if height == width else None,
             "dtype": "float32",
             "value_range": [0.0, 1.0],
             "normalization": "none (pixels / 255, no mean/std)",
@@ -138,10 +148,13 @@ def export_encoder(
         EncoderWithProjector(model.encoder, model.projector) if projector else model.encoder
     )
     module.eval()
-    card = make_card(config, model, summary, projector=projector, fmt=fmt)
+    recorded = recorded_image_shape(run_dir)
+    image = recorded[1:] if recorded is not None else None
+    card = make_card(config, model, summary, projector=projector, fmt=fmt, image=image)
     side = input_size(config) or 32
+    height, width = image if image is not None else (side, side)
     example = torch.rand(
-        batch, _in_channels(model), side, side, generator=torch.Generator().manual_seed(0)
+        batch, _in_channels(model), height, width, generator=torch.Generator().manual_seed(0)
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":

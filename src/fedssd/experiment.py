@@ -54,14 +54,16 @@ from fedssd.federation.privacy import (
     release_view,
     split_summary,
 )
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.methods.server import server_state
 from fedssd.models import SSLModel
-from fedssd.runs.checkpoint import Checkpoint
+from fedssd.runs.checkpoint import Checkpoint, remove_unreferenced_states, states_folder
 from fedssd.runs.model import make_model, model_of
 from fedssd.runs.outputs import SERVER_ONLY_SUMMARY, save_model, write_json, write_text_atomic
+from fedssd.runs.sites import site_table
 from fedssd.runs.store import ClientStore
 from fedssd.runtime import (
     autocast_dtype,
@@ -282,6 +284,7 @@ def run_session(
     started: float,
     say: Log,
     evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
+    partition: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """The life of a built experiment around its rounds, the same for the simulator and Flower:
     the evaluation views, the round callbacks (kNN monitor, ``metrics.jsonl``, progress,
@@ -294,27 +297,39 @@ def run_session(
         out_dir: The run folder, its header written; None writes nothing.
         resume_from: The checkpoint a resumed run continues from (its history and client
             store); None for a new run.
-        started: ``time.perf_counter()`` when the run began (``train_seconds``).
+        started: ``time.perf_counter()`` when this process began the run (``train_seconds``
+            also counts the earlier stretches a resumed run's checkpoint kept).
         say: Progress lines.
         evaluate: The final evaluation of a run without a labelled set on the server, done
             elsewhere (a Flower server asks its nodes); None evaluates here.
+        partition: The run's ``partition.json`` content when the server does not hold the
+            clients' data (None: :func:`partition_record` of the experiment's data).
 
     Returns:
         The result; the files are in ``out_dir``.
     """
-    cfg = experiment.config
+    cfg, fed = experiment.config, experiment.config.federation
+    if resume_from is not None:
+        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
+        started -= resume_from.train_seconds
     views = run_evaluation_views(cfg, experiment.data, log=say)
     labels = None if views is None else label_warning(views.train_labels, views.test_labels)
     for note in (labels, privacy_warning(cfg)):
         if note is not None:
             say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
+    if out_dir is not None:
+        # About one round's client states stay in memory; the others wait in the run folder.
+        per_round = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+        store.spill(states_folder(out_dir), capacity=per_round)
     history = list(resume_from.history) if resume_from is not None else []
     if resume_from is not None and out_dir is not None:
         rewrite_round_logs(cfg, out_dir, history)  # the rounds after the checkpoint are redone
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
-        callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+        callbacks.append(
+            checkpointer(cfg, out_dir, experiment.method, store, history, started=started)
+        )
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
     callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     try:
@@ -327,11 +342,14 @@ def run_session(
             started=started,
             say=say,
             evaluate=evaluate,
+            partition=partition,
         )
     except BaseException:
         finish_trackers(trackers, None)
         raise
     finish_trackers(trackers, result.summary)
+    if out_dir is not None:
+        remove_unreferenced_states(out_dir)  # states spilled by a run without checkpoints
     return result
 
 
@@ -396,10 +414,13 @@ def finish_run(
     started: float,
     say: Log,
     evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
+    partition: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
     ``summary.json``; ``views`` None means a federated evaluation on each client's own data
-    (done by ``evaluate`` when given: a Flower server asks its nodes)."""
+    (done by ``evaluate`` when given: a Flower server asks its nodes). ``partition`` is the
+    run's ``partition.json`` content when the server does not hold the clients' data (None:
+    :func:`partition_record` of the experiment's data); the summary's per-site table uses it."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
     model = experiment.global_model
@@ -426,6 +447,12 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
+        "rejected_clients": sum(len(record.get("rejected", {})) for record in history),
+        "sites": site_table(
+            partition if partition is not None else partition_record(cfg, experiment.data),
+            history,
+            evaluation,
+        ),
         **privacy_summary(history, cfg.privacy),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
@@ -454,8 +481,9 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
     """The content of ``partition.json``: the scheme, the clients' sizes and label histogram.
 
     The histogram counts the labelled images only (labels are each site's own for
-    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images and
-    ``class_names`` the classes, when the data names them.
+    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images,
+    ``image_shape`` the ``[channels, height, width]`` of the images and ``class_names`` the
+    classes, when the data names them.
     """
     labels = data.dataset.y_train.numpy()
     parts = [p[labels[p] >= 0] for p in data.client_indices]
@@ -470,6 +498,8 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
         "sizes": [len(p) for p in data.client_indices],
         "label_histogram": histogram.tolist(),
         "labelled": [len(p) for p in parts],
+        # What the model takes (the export card and a later evaluation read it from here).
+        "image_shape": [int(v) for v in data.dataset.x_train.shape[1:]],
     }
     if data.dataset.class_names:
         record["class_names"] = list(data.dataset.class_names)

@@ -69,6 +69,7 @@ from fedssd.runs.outputs import (
 from fedssd.runs.resolve import load_config
 from fedssd.runs.resume import restore_checkpoint, resume_point
 from fedssd.runs.store import ClientStore
+from fedssd.runtime import cpu_threads
 
 Log = Callable[[str], None]
 
@@ -367,15 +368,19 @@ def run_federation(
         run_key=_run_key(out_dir, fresh=point is None),
         log=log,
     )
-    result = run_session(
-        experiment,
-        rounds,
-        out_dir=out_dir,
-        resume_from=saved,
-        started=started,
-        say=log,
-        evaluate=rounds.evaluate_on_nodes if sites else None,
-    )
+    # The server's share of the work (aggregation, monitor, final evaluation) and the summary's
+    # thread count follow the run's threads setting, as on the nodes.
+    with cpu_threads(cfg.threads):
+        result = run_session(
+            experiment,
+            rounds,
+            out_dir=out_dir,
+            resume_from=saved,
+            started=started,
+            say=log,
+            evaluate=rounds.evaluate_on_nodes if sites else None,
+            partition=sites_partition(clients) if sites else None,
+        )
     assert rounds.strategy is not None  # the session ran its rounds
     return result, rounds.strategy
 
@@ -507,23 +512,28 @@ def no_training_data(config: Config, clients: Mapping[int, Mapping[str, int]]) -
     )
 
 
+def sites_partition(clients: Mapping[int, Mapping[str, int]]) -> dict[str, Any]:
+    """``partition.json`` of a run on the sites' own data: each client's number of images and of
+    labelled images and the images' shape, as its node reported them (no label histogram: the
+    server does not learn the sites' label distributions)."""
+    ids = sorted(clients)
+    first = clients[ids[0]]  # every site's images have one shape (no_training_data checks it)
+    return {
+        "scheme": SITES,
+        "sizes": [clients[k]["num-images"] for k in ids],
+        "labelled": [clients[k]["num-labelled"] for k in ids],
+        "label_histogram": [[] for _ in ids],
+        "image_shape": [first["channels"], first["height"], first["width"]],
+    }
+
+
 def write_sites_header(
     out_dir: Path, config: Config, clients: Mapping[int, Mapping[str, int]]
 ) -> None:
-    """``config.toml`` and ``partition.json`` of a run on the sites' own data: each client's
-    number of images and of labelled images, as its node reported them (no label histogram:
-    the server does not learn the sites' label distributions)."""
+    """``config.toml`` and ``partition.json`` (:func:`sites_partition`) of a run on the sites'
+    own data."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
-    ids = sorted(clients)
-    write_json(
-        out_dir / "partition.json",
-        {
-            "scheme": SITES,
-            "sizes": [clients[k]["num-images"] for k in ids],
-            "labelled": [clients[k]["num-labelled"] for k in ids],
-            "label_histogram": [[] for _ in ids],
-        },
-    )
+    write_json(out_dir / "partition.json", sites_partition(clients))
 
 
 def evaluate_on_nodes(

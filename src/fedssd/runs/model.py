@@ -1,9 +1,11 @@
 """A run's model: the initial global model of a config (its weights from the run seed alone)
-and the trained model of a finished run folder (:func:`load_run`).
+and the trained model of a finished run folder (:func:`load_run`) with the shape of the images it
+takes (:func:`recorded_image_shape`).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -96,6 +98,17 @@ def load_run(run_dir: str | Path) -> tuple[Config, SSLModel]:
             )
     model.load_state_dict(tensors, strict=False)
     return config, model.eval()
+
+
+def recorded_image_shape(run_dir: Path) -> tuple[int, int, int] | None:
+    """The ``(channels, height, width)`` of the images a run trained on, as its
+    ``partition.json`` records it (None for a run written before it did, or without the file)."""
+    try:
+        shape = json.loads((run_dir / "partition.json").read_text(encoding="utf-8"))["image_shape"]
+        channels, height, width = (int(v) for v in shape)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return channels, height, width
 
 
 def _read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
