@@ -88,7 +88,7 @@ class ScalingConfig:
     images_per_client: int = 64
     batch_size: int = 64
     pool_images: int = 4096
-    encoder: SmallEncoder = SmallEncoder()
+    encoder: SmallEncoder = dataclasses.field(default_factory=SmallEncoder)
     method: str = "fedema"
     in_memory_clients: int | None = 1_000
     split_clients: int = 10_000

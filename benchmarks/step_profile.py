@@ -1,4 +1,5 @@
-"""Where the time of one SSD local step goes, beside the bare forward + backward it is compared with.
+"""Where the time of one SSD local step goes, beside the bare forward + backward it is
+compared with.
 
 Run ``python -m benchmarks.step_profile [--threads N] [--reps R]``. The step is the one
 ``train_efficiency`` times (:mod:`benchmarks.bench`): the small encoder, SSD with every term, a
