@@ -57,12 +57,13 @@ from safetensors.torch import load_file
 import deployment_walkthrough as walkthrough
 from fedssd import api, config
 from fedssd.aggregate import fedavg
-from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
+from fedssd.experiment import build_experiment
 from fedssd.federation.client import local_train
 from fedssd.federation.simulator import round_lr
 from fedssd.flower import secagg
 from fedssd.flower.node_state import load_client_state
 from fedssd.flower.strategy import OFFLINE
+from fedssd.runs.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.seeding import CLIENT, generator
 from flower_testing import Processes
 
@@ -548,7 +549,7 @@ def _fedavg_of(
 ) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Round ``round_index`` of the in-process simulator from ``start``, restricted to
     ``clients``, and their weights (numbers of batches)."""
-    experiment = api.build_experiment(cfg, log=lambda _m: None)
+    experiment = build_experiment(cfg, log=lambda _m: None)
     settings = dataclasses.replace(
         experiment.settings, lr=round_lr(experiment.schedule, round_index)
     )
@@ -611,7 +612,7 @@ def test_secure_aggregation_survives_a_site_dropping_out(deployment: Deployment)
     assert second["failed"] == {"2": "dropped out of secure aggregation"}
     cfg = config.load(experiment, [*sets, deployment.sites()])
     sizes = [300, 300, 300]
-    initial = api.build_experiment(cfg, log=lambda _m: None).global_model.state_dict()
+    initial = build_experiment(cfg, log=lambda _m: None).global_model.state_dict()
     # Round 1: every site answered; the checkpoint after it holds FedAvg of the three.
     expected, weights = _fedavg_of(cfg, [0, 1, 2], initial, 0)
     bound = _quantisation_bound(cfg, sizes, weights)

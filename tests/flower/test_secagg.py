@@ -15,8 +15,9 @@ pytest.importorskip("flwr")
 
 from test_simulation import experiment
 
-from fedssd import api, config
+from fedssd import config
 from fedssd.errors import ConfigError
+from fedssd.experiment import build_experiment
 from fedssd.flower import secagg
 
 __all__ = ["experiment"]  # a fixture used by name
@@ -41,7 +42,7 @@ def test_secure_aggregation_refuses_what_needs_each_update(
 ) -> None:
     base = ["method.name=ssd", "validation.max_norm_ratio=0"]
     cfg = config.load(experiment, [*base, *sets])
-    built = api.build_experiment(cfg, log=lambda _m: None)
+    built = build_experiment(cfg, log=lambda _m: None)
     with pytest.raises(ConfigError, match=message):
         secagg.check_secure_aggregation(cfg, built.method)
 
@@ -49,7 +50,7 @@ def test_secure_aggregation_refuses_what_needs_each_update(
 def test_secure_aggregation_accepts_fedavg_methods(experiment: Path) -> None:
     for name in ("ssd", "fedalignuniform", "fedsimclr", "fedbyol", "hsd"):
         cfg = config.load(experiment, [f"method.name={name}", "validation.max_norm_ratio=0"])
-        built = api.build_experiment(cfg, log=lambda _m: None)
+        built = build_experiment(cfg, log=lambda _m: None)
         secagg.check_secure_aggregation(cfg, built.method)
 
 

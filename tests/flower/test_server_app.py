@@ -17,10 +17,11 @@ from flwr.server.superlink.linkstate.utils import create_message_error_unavailab
 from flwr.supercore.task_identity import TaskIdentity
 from test_simulation import experiment
 
-from fedssd.api import build_experiment, load_config
 from fedssd.errors import ConfigError
+from fedssd.experiment import build_experiment
 from fedssd.flower import server_app
 from fedssd.flower.strategy import OFFLINE, MethodStrategy
+from fedssd.runs.resolve import load_config
 
 __all__ = ["experiment"]  # a fixture used by name
 
