@@ -161,6 +161,9 @@ from pathlib import Path
 
 name, at, when, *argv = sys.argv[1:]
 signum = signal.Signals[name]
+# Ctrl-C in a terminal reaches a process that handles SIGINT; a shell starts its background jobs
+# (nohup, `make test &`) with SIGINT ignored, which this process would inherit.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 replace = os.replace
 
 
