@@ -105,8 +105,10 @@ class ModelConfig:
     """Encoder and projector.
 
     Attributes:
-        encoder: ``resnet18`` (the paper's CIFAR ResNet-18) or ``small_cnn`` (fast on a CPU).
-        width: Base channel width (0 = the encoder's default: 64 for ResNet-18, 32 for the CNN).
+        encoder: ``resnet18`` (the paper's CIFAR ResNet-18), ``resnet8`` or ``resnet20`` (the
+            thin CIFAR ResNets of He et al.) or ``small_cnn`` (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for ResNet-18, 16 for ResNet-8
+            and ResNet-20, 32 for the CNN).
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
@@ -521,7 +523,8 @@ def validate(config: Config) -> None:
         ),
         (
             data.name != "folder" or data.path is not None or data.partition == "clients",
-            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
+            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images or a tar archive "
+            "of one.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
         (
