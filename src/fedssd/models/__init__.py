@@ -11,13 +11,23 @@ from collections.abc import Callable
 from torch import Tensor, nn
 
 from fedssd.errors import ConfigError
-from fedssd.models.backbones import ResNet18Cifar, SmallCNN
+from fedssd.models.backbones import ResNet18Cifar, ResNetCifarThin, SmallCNN, resnet8, resnet20
 from fedssd.models.heads import mlp_projector
 
-__all__ = ["ENCODERS", "ResNet18Cifar", "SSLModel", "SmallCNN", "build_model", "mlp_projector"]
+__all__ = [
+    "ENCODERS",
+    "ResNet18Cifar",
+    "ResNetCifarThin",
+    "SSLModel",
+    "SmallCNN",
+    "build_model",
+    "mlp_projector",
+]
 
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "resnet18": ResNet18Cifar,
+    "resnet8": resnet8,
+    "resnet20": resnet20,
     "small_cnn": SmallCNN,
 }
 
@@ -71,10 +81,11 @@ def build_model(
     """Build an encoder by name with the SSD projector on top.
 
     Args:
-        encoder: A key of ``ENCODERS`` (``"resnet18"`` or ``"small_cnn"``).
+        encoder: A key of ``ENCODERS`` (``"resnet18"``, ``"resnet8"``, ``"resnet20"`` or
+            ``"small_cnn"``).
         in_channels: Image channels.
         width: First-stage width of the encoder; ``None`` keeps the encoder's default
-            (64 for ResNet-18, 32 for the small CNN).
+            (64 for ResNet-18, 16 for ResNet-8 and ResNet-20, 32 for the small CNN).
         projector_hidden: Hidden width of the projector.
         projector_out: Embedding dimension; ``None`` means the encoder's feature dimension.
 
