@@ -59,9 +59,9 @@ def test_resize_filters_of_the_config_are_the_readers() -> None:
 
 
 def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> None:
-    """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last and
-    method.dsr_dims existed has an identity without them: at their defaults a run still matches
-    it; any other value is part of the identity."""
+    """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last,
+    federation.sampling and method.dsr_dims existed has an identity without them: at their
+    defaults a run still matches it; any other value is part of the identity."""
     from fedssd.experiments.checkpoint import run_identity
 
     current = config.to_dict(load_config(SMOKE))
@@ -70,6 +70,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
         ("data", "resize"),
         ("data", "dirichlet_rule"),
         ("federation", "drop_last"),
+        ("federation", "sampling"),
         ("method", "dsr_dims"),
     ]:
         assert key in current[table]
@@ -79,6 +80,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
         ("data.resize=bilinear-antialias", "data", "resize", "bilinear-antialias"),
         ("data.dirichlet_rule=released", "data", "dirichlet_rule", "released"),
         ("federation.drop_last=true", "federation", "drop_last", True),
+        ("federation.sampling=poisson", "federation", "sampling", "poisson"),
         ("method.dsr_dims=4", "method", "dsr_dims", 4),
     ]:
         changed = run_identity(config.to_dict(load_config(SMOKE, overrides=[override])))
@@ -236,3 +238,12 @@ def test_every_method_has_its_paper_protocol_configs() -> None:
             check_setup(cfg)
             assert cfg.method.name == name and cfg.data.name == "cifar10"
             assert (cfg.federation.num_clients, cfg.federation.fraction) == (clients, fraction)
+
+
+def test_image_size_resizes_folders_and_is_refused_for_a_built_in_dataset() -> None:
+    for size in (32, 64, 128, 224):
+        assert config.load(None, ["data.name='folder'", "data.path='x'", f"data.image_size={size}"])
+    assert config.load(None, ["data.name='cifar10'", "data.image_size=32"])
+    assert config.load(None, ["data.pad_to_32=false", "data.image_size=28"])
+    with pytest.raises(ConfigError, match=r"cifar10's images keep their own size"):
+        config.load(None, ["data.name='cifar10'", "data.image_size=224"])

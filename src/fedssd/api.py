@@ -12,10 +12,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +41,25 @@ from fedssd.experiments.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
+    remove_unreferenced_states,
     run_identity,
+    states_folder,
 )
 from fedssd.experiments.outputs import (
     check_run_dir,
-    jsonable,
     prepare_run_dir,
     save_model,
     write_json,
     write_text_atomic,
 )
-from fedssd.federation.callbacks import checkpointer, client_progress, round_callbacks
+from fedssd.experiments.sites import site_table
+from fedssd.federation.callbacks import (
+    SERVER_ONLY_SUMMARY,
+    checkpointer,
+    client_progress,
+    rewrite_round_logs,
+    round_callbacks,
+)
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.evaluate import (
     client_evaluation,
@@ -61,7 +68,15 @@ from fedssd.federation.evaluate import (
     evaluate_model,
     label_warning,
 )
-from fedssd.federation.privacy import check_private_method, make_aggregator, privacy_summary
+from fedssd.federation.privacy import (
+    check_private_method,
+    make_aggregator,
+    privacy_summary,
+    privacy_warning,
+    release_view,
+    split_summary,
+)
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -154,7 +169,12 @@ def load_config(config: Config | str | Path, *, overrides: Sequence[str] = ()) -
     return resolve(config_module.load(source, overrides))
 
 
-def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
+def check_setup(
+    config: Config,
+    *,
+    sites_on_nodes: bool = False,
+    history: Sequence[Mapping[str, Any]] = (),
+) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written.
 
@@ -162,6 +182,8 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
         config: The resolved config.
         sites_on_nodes: The run's sites are on Flower nodes (a ServerApp), so the config names
             none of them; otherwise ``data.partition = "clients"`` must say where they are.
+        history: The records of the rounds already run (a resumed or extended run: a DP run's
+            ledger must leave budget for its next round).
     """
     if config.data.name not in DATASET_NAMES:
         raise ConfigError(
@@ -186,7 +208,10 @@ def check_setup(config: Config, *, sites_on_nodes: bool = False) -> None:
     method = build_method(config.method.name, config.method.options, context)
     if config.privacy.dp != "off":
         check_private_method(method)
-        make_aggregator(config)  # a target epsilon no noise can meet fails here
+        # A target epsilon no noise can meet (with what the ledger has spent) fails here.
+        aggregator = make_aggregator(config, history)
+        assert aggregator is not None
+        aggregator.check_budget(len(history))
     from fedssd.tracking import check_tracking
 
     check_tracking(config)
@@ -353,6 +378,7 @@ def build_experiment(config: Config, *, log: Log, data: FederatedData | None = N
             lr=fed.lr,
             lr_schedule=fed.lr_schedule,
             seed=config.seed,
+            sampling=fed.sampling,
         ),
         settings=LocalSettings(
             epochs=fed.local_epochs,
@@ -474,7 +500,7 @@ def resume(
     say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
     point = resume_point(out_dir, rounds=rounds, threads=threads, say=say)
-    check_setup(point.config)
+    check_setup(point.config, history=point.checkpoint.history)
     experiment = build_experiment(point.config, log=say)
     saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=say)
     return _run(
@@ -593,10 +619,7 @@ def restore_checkpoint(
     history = [_as_in_longer_run(record, cfg) for record in saved.history]
     saved = dataclasses.replace(saved, history=history)
     say(f"resuming {out_dir} after round {saved.rounds_done} of {total}")
-    write_text_atomic(
-        out_dir / "metrics.jsonl",
-        "".join(json.dumps(jsonable(record)) + "\n" for record in saved.history),
-    )
+    rewrite_round_logs(cfg, out_dir, saved.history)
     return saved
 
 
@@ -644,10 +667,12 @@ def _set_aside(out_dir: Path, rounds_done: int, say: Log) -> None:
         "server_state.safetensors",
         "eval",
         "columns.json",
+        str(SERVER_ONLY_SUMMARY),
     )
     moved = [name for name in names if (out_dir / name).exists()]
     target.mkdir()
     for name in moved:
+        (target / name).parent.mkdir(exist_ok=True)
         (out_dir / name).rename(target / name)
     say(f"the {rounds_done}-round run's {', '.join(moved)} moved to {target}")
 
@@ -705,6 +730,9 @@ def _run_with_threads(
     threads: int,
 ) -> RunResult:
     cfg, data = experiment.config, experiment.data
+    if resume_from is not None:
+        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
+        started -= resume_from.train_seconds
     tune_malloc()
     views = run_evaluation_views(cfg, data, log=say)
     sizes = [len(p) for p in data.client_indices]
@@ -719,18 +747,24 @@ def _run_with_threads(
         f"fraction {fed.fraction}"
     )
     labels = None if views is None else label_warning(views.train_labels, views.test_labels)
-    for note in (busy_machine_hint(threads), labels):
+    for note in (busy_machine_hint(threads), labels, privacy_warning(cfg)):
         if note is not None:
             say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
+    if out_dir is not None:
+        # About one round's client states stay in memory; the others wait in the run folder.
+        per_round = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+        store.spill(states_folder(out_dir), capacity=per_round)
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
-        callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+        callbacks.append(
+            checkpointer(cfg, out_dir, experiment.method, store, history, started=started)
+        )
     from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
-    callbacks += tracker_callbacks(trackers)
+    callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     try:
         result = _rounds_and_finish(
             experiment,
@@ -747,6 +781,8 @@ def _run_with_threads(
         finish_trackers(trackers, None)
         raise
     finish_trackers(trackers, result.summary)
+    if out_dir is not None:
+        remove_unreferenced_states(out_dir)  # states spilled by a run without checkpoints
     return result
 
 
@@ -791,10 +827,13 @@ def finish_run(
     started: float,
     say: Log,
     evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
+    partition: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
     ``summary.json``; ``views`` None means a federated evaluation on each client's own data
-    (done by ``evaluate`` when given: a Flower server asks its nodes)."""
+    (done by ``evaluate`` when given: a Flower server asks its nodes). ``partition`` is the
+    run's ``partition.json`` content when the server does not hold the clients' data (None:
+    :func:`partition_record` of the experiment's data); the summary's per-site table uses it."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
     model = experiment.global_model
@@ -821,18 +860,27 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
-        **privacy_summary(history),
+        "rejected_clients": sum(len(record.get("rejected", {})) for record in history),
+        "sites": site_table(
+            partition if partition is not None else partition_record(cfg, experiment.data),
+            history,
+            evaluation,
+        ),
+        **privacy_summary(history, cfg.privacy),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
         # Results are bit-identical only for the same thread count, so it is recorded.
         "threads": torch.get_num_threads(),
     }
+    summary, server_only = split_summary(summary, cfg.privacy)
     if out_dir is not None:
         save_model(out_dir / "model.safetensors", model.state_dict())
         method_state = server_state(experiment.method)
         if method_state:
             save_model(out_dir / "server_state.safetensors", method_state)
         write_json(out_dir / "summary.json", summary)
+        if server_only:
+            write_json(out_dir / SERVER_ONLY_SUMMARY, server_only)
     return RunResult(config=cfg, history=history, summary=summary, out_dir=out_dir, model=model)
 
 
@@ -846,8 +894,9 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
     """The content of ``partition.json``: the scheme, the clients' sizes and label histogram.
 
     The histogram counts the labelled images only (labels are each site's own for
-    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images and
-    ``class_names`` the classes, when the data names them.
+    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images,
+    ``image_shape`` the ``[channels, height, width]`` of the images and ``class_names`` the
+    classes, when the data names them.
     """
     labels = data.dataset.y_train.numpy()
     parts = [p[labels[p] >= 0] for p in data.client_indices]
@@ -862,6 +911,8 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
         "sizes": [len(p) for p in data.client_indices],
         "label_histogram": histogram.tolist(),
         "labelled": [len(p) for p in parts],
+        # What the model takes (the export card and a later evaluation read it from here).
+        "image_shape": [int(v) for v in data.dataset.x_train.shape[1:]],
     }
     if data.dataset.class_names:
         record["class_names"] = list(data.dataset.class_names)

@@ -39,6 +39,7 @@ Partition = Literal["iid", "dirichlet", "pathological", "file", "clients"]
 LrSchedule = Literal["constant", "cosine"]
 DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Sampling = Literal["fixed", "poisson"]
 ResizeFilter = Literal["box", "bilinear-antialias"]
 
 
@@ -105,15 +106,19 @@ class ModelConfig:
     """Encoder and projector.
 
     Attributes:
-        encoder: ``resnet18`` (the paper's CIFAR ResNet-18), ``resnet8`` or ``resnet20`` (the
-            thin CIFAR ResNets of He et al.) or ``small_cnn`` (fast on a CPU).
-        width: Base channel width (0 = the encoder's default: 64 for ResNet-18, 16 for ResNet-8
-            and ResNet-20, 32 for the CNN).
+        encoder: ``resnet18`` (the paper's CIFAR ResNet-18: a 3x3 stride-1 stem for 32x32
+            images), ``resnet34`` or ``resnet50`` with the same stem; ``resnet18_imagenet``,
+            ``resnet34_imagenet`` or ``resnet50_imagenet`` (the ImageNet stem: 7x7 stride-2
+            convolution and max-pool, for larger images and ImageNet weights); ``resnet8`` or
+            ``resnet20`` (the thin CIFAR ResNets of He et al.); or ``small_cnn`` (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for ResNet-18/34/50, 16 for
+            ResNet-8 and ResNet-20, 32 for the CNN).
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
         init_from: Start from a trained encoder instead of the seed's random weights: a run
-            folder or a file ``fedssd export`` wrote (warm start, transfer across datasets;
+            folder or a file ``fedssd export`` wrote (warm start, transfer across datasets), or
+            a torchvision or timm ResNet state dict (``.pth``, ``.pt``, ``.safetensors``;
             docs/export.md). Unset: random initialisation.
         init_projector: With ``init_from``, also copy the projector (default: encoder only).
     """
@@ -142,6 +147,8 @@ class FederationConfig:
     Attributes:
         num_clients: Number of clients K.
         fraction: Fraction of clients sampled each round (1.0 = cross-silo).
+        sampling: ``fixed`` (``round(fraction * K)`` clients without replacement) or ``poisson``
+            (each client independently with probability ``fraction``: the cohort's size varies).
         rounds: Communication rounds.
         local_epochs: Local epochs per round.
         batch_size: Local mini-batch size.
@@ -157,6 +164,7 @@ class FederationConfig:
 
     num_clients: int = 10
     fraction: float = 1.0
+    sampling: Sampling = "fixed"
     rounds: int = 100
     local_epochs: int = 5
     batch_size: int = 128
@@ -181,7 +189,8 @@ class EvaluationConfig:
         linear_batch_size: Batch size of the linear probe.
         metrics_samples: Largest sample (over all clients) for uniformity and effective rank.
         metrics_per_client: Largest sample per client for per-client and inter-client uniformity.
-        batch_size: Batch size of feature extraction.
+        batch_size: Batch size of feature extraction, in 32x32 images (larger images go in
+            proportionally fewer per forward pass).
         data: A labelled evaluation set the server owns: an ``.npz`` file, a folder with one
             subfolder per class, or the name of a built-in dataset (its official test split).
             When set, the kNN monitor, the linear probe and the representation metrics use it
@@ -240,13 +249,18 @@ class ValidationConfig:
     """Server-side checks of each client update (non-finite values, keys and shapes always).
 
     Attributes:
-        max_norm_ratio: Reject an update whose weights moved, per local step, more than this
-            many times the median of the round's other updates (0 = no norm check).
-        min_peers: The norm check needs at least this many other updates in the round.
+        max_norm_ratio: Reject an update whose learned weights (parameters, not BatchNorm's
+            running statistics) moved, per local step, more than this many times the median
+            of the round's other updates (0 = no norm check). Unset in a config file, it is
+            10, or 0 when ``privacy.dp`` is on (one client's update must not decide whether
+            another's is averaged: that breaks DP's sensitivity bound).
+        min_peers: The norm check needs at least this many other updates in the round. Below
+            3 the median of the others is the mean of two, which one slow honest site pulls
+            down far enough to make a fast honest one look like an outlier.
     """
 
     max_norm_ratio: float = 10.0
-    min_peers: int = 2
+    min_peers: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,13 +306,17 @@ class PrivacyConfig:
         target_epsilon: The privacy budget; the run stops, before the round that would exceed
             it, with one sentence (0 = no budget).
         delta: The delta of (epsilon, delta).
-        weighting: ``uniform`` (every update counts the same: DP-FedAvg's sensitivity holds) or
-            ``batches`` (FedAvg's batch-count weights; the noise scales with the largest weight
-            and the weights themselves, i.e. the client sizes, are taken to be public).
+        weighting: ``uniform`` (every update counts the same) or ``batches`` (a client's weight
+            is ``min(batches, weight_cap) / weight_cap``; needs ``weight_cap``).
+        weight_cap: The public cap on a client's weight, in local mini-batches (``weighting =
+            "batches"``): with it every weight is at most 1, so the sensitivity stays ``C``.
         target_quantile: gamma, the fraction of updates that should fall within the clip norm.
         clip_lr: eta, the geometric learning rate of the clip norm.
         count_noise_multiplier: sigma_b, the noise on the count of updates within the norm;
             unset means m / 20 (m: clients per round), Andrew et al.'s recommendation.
+        reproducible_noise: Draw the noise and the cohort from the run seed instead of a secret
+            (for tests only: anyone with ``config.toml`` can then regenerate the noise and
+            subtract it, so the run is not private; its summary and the CLI say so).
     """
 
     dp: Literal["off", "fixed", "adaptive"] = "off"
@@ -307,9 +325,11 @@ class PrivacyConfig:
     target_epsilon: float = 0.0
     delta: float = 1e-5
     weighting: Literal["uniform", "batches"] = "uniform"
+    weight_cap: float = 0.0
     target_quantile: float = 0.5
     clip_lr: float = 0.2
     count_noise_multiplier: float | None = None
+    reproducible_noise: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +390,7 @@ def load(
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(raw, key, value)
+    _private_defaults(raw)
     config = from_dict(Config, raw, where="")
     validate(config)
     return config
@@ -527,6 +548,16 @@ def validate(config: Config) -> None:
             "of one.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
+        # A built-in dataset keeps its own side (32, or 28 unpadded): only folders are resized,
+        # and a folder evaluated beside a built-in set must come out that side too.
+        (
+            data.name in ("folder", "npz")
+            or data.image_size == 32
+            or (data.image_size == 28 and not data.pad_to_32),
+            f"data.image_size = {data.image_size} sizes the images of a folder, but "
+            f"{data.name}'s images keep their own size (32x32); remove data.image_size or use "
+            "data.name = 'folder'.",
+        ),
         (
             not data.clients or data.partition == "clients",
             "data.clients lists one dataset per client and needs data.partition = 'clients'.",
@@ -594,7 +625,7 @@ def validate(config: Config) -> None:
             f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {config.device!r}.",
         ),
     ]
-    checks += _privacy_checks(config.privacy)
+    checks += _privacy_checks(config)
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
@@ -603,9 +634,21 @@ def validate(config: Config) -> None:
     parse_backends(config.tracking.backends)
 
 
-def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
+def _private_defaults(raw: dict[str, Any]) -> None:
+    """Fill in the defaults that depend on ``privacy.dp``: with DP on, the norm check
+    (``validation.max_norm_ratio``) is off unless the config sets it."""
+    privacy = raw.get("privacy")
+    validation = raw.get("validation", {})
+    if not isinstance(privacy, Mapping) or privacy.get("dp", "off") == "off":
+        return
+    if isinstance(validation, Mapping) and "max_norm_ratio" not in validation:
+        raw["validation"] = {**validation, "max_norm_ratio": 0.0}
+
+
+def _privacy_checks(config: Config) -> list[tuple[bool, str]]:
     """Checks of the ``[privacy]`` table: the ranges always (a value out of range is a mistake
     even while DP is off), how the settings combine when DP is on."""
+    dp = config.privacy
     noise = dp.noise_multiplier
     ranges = [
         (dp.clip_norm >= 0, "privacy.clip_norm must be >= 0 (0 means no clipping)."),
@@ -614,6 +657,7 @@ def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
         (0 < dp.delta < 1, "privacy.delta must be in (0, 1)."),
         (0 < dp.target_quantile < 1, "privacy.target_quantile must be in (0, 1)."),
         (dp.clip_lr >= 0, "privacy.clip_lr must be >= 0."),
+        (dp.weight_cap >= 0, "privacy.weight_cap must be >= 0 (0 means no cap)."),
         (
             dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
             "privacy.count_noise_multiplier must be > 0.",
@@ -636,6 +680,24 @@ def _privacy_checks(dp: PrivacyConfig) -> list[tuple[bool, str]]:
         (
             dp.dp != "adaptive" or dp.clip_norm > 0,
             "adaptive clipping needs an initial privacy.clip_norm > 0.",
+        ),
+        (
+            config.validation.max_norm_ratio == 0,
+            "the norm check (validation.max_norm_ratio) lets one client's update decide whether "
+            "another's is averaged, which breaks differential privacy's sensitivity bound; set "
+            "validation.max_norm_ratio = 0 with privacy.dp.",
+        ),
+        (
+            dp.weighting != "batches" or dp.weight_cap > 0,
+            "privacy.weighting = 'batches' with differential privacy needs a public cap on the "
+            "weights (privacy.weight_cap, in local batches), or the noise would have to grow with "
+            "the largest client; set it or use privacy.weighting = 'uniform'.",
+        ),
+        (
+            config.faults.min_clients == 1,
+            "faults.min_clients skips a round by the number of replies, which differential "
+            "privacy cannot allow (whether one client replied would decide what is released); "
+            "set faults.min_clients = 1 with privacy.dp.",
         ),
     ]
 

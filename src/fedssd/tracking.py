@@ -95,7 +95,8 @@ def check_tracking(config: Config) -> None:
 
 def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a round's record worth a curve: every numeric entry but the round itself,
-    plus the counts of sampled, accepted and failed clients and whether it was skipped."""
+    plus the counts of sampled, accepted, failed and rejected clients and whether it was
+    skipped."""
     scalars = {
         key: float(value) for key, value in record.items() if key != "round" and _is_number(value)
     }
@@ -103,6 +104,8 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         scalars["sampled_clients"] = float(len(record["clients"]))
     if isinstance(record.get("failed"), Mapping):
         scalars["failed_clients"] = float(len(record["failed"]))
+    if isinstance(record.get("rejected"), Mapping):
+        scalars["rejected_clients"] = float(len(record["rejected"]))
     if "accepted" in record:
         scalars["accepted_clients"] = scalars.pop("accepted", 0.0)
     if isinstance(record.get("skipped"), bool):
@@ -441,17 +444,26 @@ def make_trackers(
     return trackers
 
 
-def tracker_callbacks(trackers: Sequence[Tracker]) -> list[Callback]:
+def tracker_callbacks(
+    trackers: Sequence[Tracker],
+    *,
+    view: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict,
+) -> list[Callback]:
     """Round callbacks sending each round's scalars to the trackers (empty without trackers).
 
     Append them after the kNN monitor, so that its accuracy is in the record they see.
+
+    Args:
+        trackers: The run's trackers.
+        view: What of a record may leave the server (a DP run publishes only part of it,
+            :func:`fedssd.federation.privacy.release_view`).
     """
     if not trackers:
         return []
 
     def report(record: dict[str, Any], _model: nn.Module) -> None:
         step = int(record["round"])
-        scalars = round_scalars(record)
+        scalars = round_scalars(view(record))
         for tracker in trackers:
             tracker.log_round(step, scalars)
 

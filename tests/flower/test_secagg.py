@@ -17,6 +17,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,11 +171,12 @@ def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
         )  # fmt: skip
     app = _flower_app(tmp_path / "app")
 
-    def run(name: str, drop: int) -> Path:
+    def run(name: str, drop: int, client_metrics: bool) -> Path:
         out = tmp_path / name
         run_config = (
             f'config="{experiment}" out="{out}" overrides="{" ".join(SETS)}" '
-            f"secure-aggregation=true test-drop-client={drop}"
+            f"secure-aggregation=true test-drop-client={drop} "
+            f"secagg-client-metrics={str(client_metrics).lower()}"
         )
         done = subprocess.run(
             [str(BIN / "flwr"), "run", str(app), "test", "--stream", "--run-config", run_config],
@@ -190,20 +192,24 @@ def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
         assert (out / "summary.json").exists(), done.stdout[-3000:] + processes.log("superlink")
         return out
 
-    # (1) Every node answers: FedAvg of all three, to the quantisation tolerance.
-    out = run("secure", drop=-1)
+    # (1) Every node answers: FedAvg of all three, to the quantisation tolerance. The clients
+    # send no loss and no batch count in the clear (the default).
+    out = run("secure", drop=-1, client_metrics=False)
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["secure_aggregation"] is True
     assert record["accepted"] == 3 and record["failed"] == {}
+    assert record["loss"] is None and record["samples"] == {}
     tolerance = _quantisation_tolerance(cfg, sizes, weights_all)
     assert tolerance < 1e-5  # 3 clients, c = 8, Q = 2^22: a few 1e-6
     _assert_close(expected_all, out / "model.safetensors", tolerance)
 
     # (2) Client 2 drops out after the key exchange: the others' shares unmask the sum of 0 and 1.
-    out = run("dropout", drop=2)
+    # Here the run config asks the clients for their loss and batch count.
+    out = run("dropout", drop=2, client_metrics=True)
     (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert record["accepted"] == 2
     assert record["failed"] == {"2": "dropped out of secure aggregation"}
+    assert math.isfinite(record["loss"]) and sorted(record["samples"]) == ["0", "1"]
     _assert_close(
         expected_two, out / "model.safetensors", _quantisation_tolerance(cfg, sizes, weights_two)
     )
@@ -224,6 +230,7 @@ def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
         (["faults.drop=0.1"], "simulated faults"),
         (["privacy.dp=fixed", "privacy.noise_multiplier=1"], "central differential privacy"),
         (["federation.num_clients=2"], "at least 3 clients"),
+        (["federation.sampling=poisson", "federation.fraction=0.5"], "Poisson sampling"),
     ],
 )
 def test_secure_aggregation_refuses_what_needs_each_update(
@@ -241,3 +248,45 @@ def test_secure_aggregation_accepts_fedavg_methods(experiment: Path) -> None:
         cfg = config.load(experiment, [f"method.name={name}", "validation.max_norm_ratio=0"])
         built = api.build_experiment(cfg, log=lambda _m: None)
         secagg.check_secure_aggregation(cfg, built.method)
+
+
+def test_the_quantised_sum_never_wraps_the_modulus() -> None:
+    """Each client's entries are quantised to [0, Q]; SecAgg+ adds them modulo 2^32. With
+    Q = 2^22, 1,100 clients at the top of the range would wrap (the sum would come back small);
+    the levels are lowered for such a cohort so that it cannot."""
+    from flwr.common.secure_aggregation.quantization import dequantize, quantize
+
+    assert secagg.quantization_levels(3) == secagg.quantization_levels(1023) == 2**22
+    for cohort in (3, 1023, 1024, 1100, 10_000, 100_000):
+        levels = secagg.quantization_levels(cohort)
+        assert cohort * levels < secagg.MODULUS_RANGE
+        # Lowered no further than needed.
+        assert levels == 2**22 or cohort * (levels + 1) >= secagg.MODULUS_RANGE
+    cohort, c = 1100, 8.0
+    top = [np.full(4, c)]
+
+    def unmasked_mean(levels: int) -> float:
+        total = sum(quantize(top, c, levels)[0].astype(np.int64) for _ in range(cohort))
+        wrapped = np.mod(total, secagg.MODULUS_RANGE)
+        # Flower's dequantisation of a sum of ``cohort`` shifted entries.
+        value = dequantize([wrapped], c, levels)[0] - (cohort - 1) * c
+        return float(value[0]) / cohort
+
+    assert unmasked_mean(2**22) < 0  # wrapped: the mean of +8s comes back negative
+    assert unmasked_mean(secagg.quantization_levels(cohort)) == pytest.approx(c, abs=1e-3)
+
+
+def test_a_client_sends_no_loss_or_batch_count_unless_asked() -> None:
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    fitres = FitRes(
+        status=Status(code=Code.OK, message=""),
+        parameters=ndarrays_to_parameters([np.zeros(2)]),
+        num_examples=7,
+        metrics={"client-id": 1, "num-batches": 7, "loss": 0.5, "secagg-clipped": False},
+    )
+    content = compat.fitres_to_recorddict(fitres, keep_input=True)
+    secagg._withhold_metrics(content)
+    back = compat.recorddict_to_fitres(content, keep_input=True)
+    assert back.num_examples == 0 and back.metrics == {"secagg-clipped": False}

@@ -1,17 +1,17 @@
 """The in-process federated simulator: the round loop.
 
-sample clients -> for each: :func:`~fedssd.federation.round.client_round` (load the global
-weights into one reused client model, the method's client hooks, train locally), the server's
-checks of its reply (:class:`~fedssd.federation.server.RoundTally`) -> the method's aggregate
-(FedAvg by default, :func:`~fedssd.federation.server.conclude_round`) -> callbacks (evaluate,
-log, checkpoint, progress). The loop never learns a method's name.
+:func:`~fedssd.federation.server.open_round` (cohort, learning rate, faults) -> for each client:
+:func:`~fedssd.federation.round.client_round` (load the global weights into one reused client
+model, the method's client hooks, train locally), the server's checks of its reply
+(:class:`~fedssd.federation.server.RoundTally`) -> the method's aggregate (FedAvg by default, or
+the DP mechanism; :func:`~fedssd.federation.server.conclude_round`) -> callbacks (evaluate, log,
+checkpoint, progress). The loop never learns a method's name.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,16 +19,14 @@ import torch
 from torch import nn
 
 from fedssd.federation.client import LocalResult, LocalSettings
-from fedssd.federation.faults import draw_fault
 from fedssd.federation.round import client_round
-from fedssd.federation.sampling import sample_clients, shuffled_order
 from fedssd.federation.server import (
     Callback,
     Guards,
-    RoundTally,
     Schedule,
     conclude_round,
     local_keys,
+    open_round,
     round_lr,
     run_callbacks,
 )
@@ -87,9 +85,10 @@ def run_rounds(
 
     Returns:
         ``history`` with one record per round: ``round`` (1-based), ``clients``, ``lr``,
-        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> reason),
-        ``skipped``, ``client_state`` (client id -> the scalars a stateful method keeps, e.g.
-        FedEMA's lambda and mu), ``seconds`` and whatever the callbacks added.
+        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> why it sent no
+        update), ``rejected`` (client id -> why its update was refused), ``skipped``,
+        ``client_state`` (client id -> the scalars a stateful method keeps, e.g. FedEMA's
+        lambda and mu), ``seconds`` and whatever the callbacks added.
 
     Raises:
         TrainingDiverged: Every client that trained in a round had a non-finite loss, or the
@@ -102,8 +101,6 @@ def run_rounds(
     if guards.privacy is not None:
         guards.privacy.restore(history)
     for round_index in range(start_round, schedule.rounds):
-        if guards.privacy is not None:
-            guards.privacy.check_budget(round_index)  # before the clients spend time training
         record = run_round(
             round_index,
             global_model=global_model,
@@ -137,26 +134,15 @@ def run_round(
     on_client: ClientCallback | None,
 ) -> dict[str, Any]:
     """One round (see :func:`run_rounds`); returns its record."""
-    start = time.perf_counter()
-    clients = sample_clients(
-        num_clients=schedule.num_clients,
-        fraction=schedule.fraction,
-        round_index=round_index,
-        seed=schedule.seed,
-        shuffle=shuffled_order(method),
+    plan = open_round(
+        round_index, global_model=global_model, method=method, schedule=schedule, guards=guards
     )
-    lr = round_lr(schedule, round_index)
-    round_settings = dataclasses.replace(settings, lr=lr)
-    global_state = {k: v.detach().clone() for k, v in global_model.state_dict().items()}
-    keep_local = local_keys(global_model, method)
-    expected = {k: v for k, v in global_state.items() if k not in keep_local}
-    tally = RoundTally(expected, movements={})
+    round_settings = dataclasses.replace(settings, lr=plan.lr)
     measure = guards.validation.max_norm_ratio > 0  # the norm check's inputs cost a pass
+    tally = plan.tally(measure=measure)
     client_scalars: dict[str, dict[str, float]] = {}
-    for position, client_id in enumerate(clients):
-        fault = draw_fault(
-            guards.faults, seed=schedule.seed, round_index=round_index, client_id=client_id
-        )
+    for position, client_id in enumerate(plan.clients):
+        fault = plan.faults[client_id]
         if fault == "crash":
             tally.failed[client_id] = "crashed"
             continue
@@ -165,7 +151,7 @@ def run_round(
             method,
             images,
             client_indices[client_id],
-            global_state=global_state,
+            global_state=plan.global_state,
             stored=store.get(client_id),
             settings=round_settings,
             seed=schedule.seed,
@@ -174,7 +160,7 @@ def run_round(
             position=position,
             measure_origin=measure,
             on_trained=(
-                functools.partial(on_client, round_index, position, len(clients))
+                functools.partial(on_client, round_index, position, len(plan.clients))
                 if on_client is not None
                 else None
             ),
@@ -189,21 +175,9 @@ def run_round(
             reply.result,
             functools.partial(dict, reply.state or {}),
             functools.partial(dict, reply.payload),
-            origin=(expected if reply.origin is None else reply.origin) if measure else None,
+            origin=(plan.expected if reply.origin is None else reply.origin) if measure else None,
         )
-    new_state, record = conclude_round(
-        round_index,
-        method=method,
-        global_state=global_state,
-        clients=clients,
-        lr=lr,
-        results=tally.results,
-        updates=tally.updates,
-        failed=tally.failed,
-        guards=guards,
-        started=start,
-        movements=tally.movements,
-    )
+    new_state, record = conclude_round(plan, tally, method=method, guards=guards)
     if new_state is not None:
         global_model.load_state_dict(new_state)
     if client_scalars:

@@ -15,9 +15,10 @@ secure run drives the same fedssd round logic through :class:`SecAggStrategy`, a
 that shares the :class:`~fedssd.flower.strategy.MethodStrategy`'s model, method, schedule,
 callbacks and history:
 
-- ``configure_fit`` sends each sampled client the global state (as legacy ``Parameters``, in
-  state-dict order) and its task (round, learning rate, client id, position, the method's server
-  state) in the ``FitIns`` config.
+- ``configure_fit`` opens the round with the simulator's
+  :func:`~fedssd.federation.server.open_round` and sends each sampled client the global state (as
+  legacy ``Parameters``, in state-dict order) and its task (round, learning rate, client id,
+  position, the method's server state) in the ``FitIns`` config.
 - On the node, :func:`secure_aggregation_mod` hands SecAgg+ messages to ``secaggplus_mod``,
   whose masked-vector stage calls the ordinary fedssd ``train`` handler through a translation:
   the legacy ``FitIns`` becomes the usual fedssd task, the reply becomes a ``FitRes`` whose
@@ -29,25 +30,28 @@ callbacks and history:
   vector; the server unmasks ``sum(w x)`` and ``sum(w)`` together and divides, so it gets
   exactly FedAvg's weighted mean without seeing any one ``w x``.
 - Quantisation: each entry of ``(w / max_weight) * delta`` is clipped to ``[-c, c]`` (run config
-  ``secagg-clipping-range``, default 8) and stochastically rounded to one of ``Q = 2^22`` levels;
-  per entry the mean's error is at most ``n * (2c / Q) / sum_k(w_k / max_weight)``. A client whose
-  scaled update leaves ``[-c, c]`` says so (one flag, not its values) and the round stops with
-  one sentence instead of silently aggregating clipped values.
+  ``secagg-clipping-range``, default 8) and stochastically rounded to one of ``Q`` levels
+  (:func:`quantization_levels`: ``2^22``, lowered for cohorts of 1,024 clients or more so that
+  the sum never wraps Flower's ``2^32`` modulus); per entry the mean's error is at most
+  ``n * (2c / Q) / sum_k(w_k / max_weight)``. A client whose scaled update leaves ``[-c, c]``
+  says so (one flag, not its values) and the round stops with one sentence instead of silently
+  aggregating clipped values.
 - ``aggregate_fit`` receives only the unmasked mean (Flower gives every result the same
-  aggregated parameters) plus each client's loss and batch count, and concludes the round
-  exactly like the simulator (divergence checks, the round record, callbacks, checkpoints).
+  aggregated parameters) and the range flags; each client's loss and batch count only when the
+  run config sets ``secagg-client-metrics = true`` (:func:`secure_aggregation_mod` removes them
+  from the reply otherwise). It concludes the round like the simulator
+  (:func:`~fedssd.federation.server.conclude_round`: the round record, callbacks, checkpoints).
 
 Refused before the run (:func:`check_secure_aggregation`): methods whose server step reads each
 update (L-DAWA, FedU2, Orchestra, FedEMA: they implement ``aggregate``), the server's per-update
-norm check (``validation.max_norm_ratio``), simulated faults, and central DP (its clipping needs
-each update on the server).
+norm check (``validation.max_norm_ratio``), simulated faults, Poisson sampling (the cohort must
+have a fixed size), and central DP (its clipping needs each update on the server).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -79,8 +83,14 @@ from safetensors.torch import save as save_bytes
 from fedssd.config import Config
 from fedssd.errors import ConfigError, TrainingDiverged
 from fedssd.federation.client import LocalResult
-from fedssd.federation.sampling import clients_per_round, sample_clients, shuffled_order
-from fedssd.federation.server import conclude_round, local_keys, round_lr, run_callbacks
+from fedssd.federation.sampling import clients_per_round
+from fedssd.federation.server import (
+    RoundPlan,
+    client_weight,
+    conclude_round,
+    open_round,
+    run_callbacks,
+)
 from fedssd.flower import records
 from fedssd.flower.strategy import MethodStrategy
 from fedssd.methods.protocol import Aggregates, ClientUpdate, Method
@@ -91,8 +101,22 @@ _KEYS = "state-keys"
 _SENT = "sent-keys"
 _METHOD = "method-state"
 _CLIPPED = "secagg-clipped"
+# Where Flower's legacy FitRes keeps its metrics and example count in a reply.
+_FIT_METRICS = "fitres.metrics"
+_FIT_EXAMPLES = "fitres.num_examples"
+# The Flower run config key that lets the clients send their loss and batch count in the clear.
+CLIENT_METRICS = "secagg-client-metrics"
 CLIPPING_RANGE = 8.0
 QUANTIZATION_RANGE = 2**22
+# Flower's SecAgg+ adds the quantised vectors modulo 2^32.
+MODULUS_RANGE = 2**32
+
+
+def quantization_levels(cohort: int) -> int:
+    """SecAgg+'s quantisation levels for a cohort of ``cohort`` clients: ``2^22``, lowered so
+    that the sum of ``cohort`` quantised entries (each in ``[0, levels]``) and of their weights
+    stays below the modulus ``2^32`` and never wraps (from 1,024 clients on)."""
+    return min(QUANTIZATION_RANGE, (MODULUS_RANGE - 1) // max(1, cohort))
 
 
 def check_secure_aggregation(config: Config, method: Method) -> None:
@@ -124,6 +148,12 @@ def check_secure_aggregation(config: Config, method: Method) -> None:
             "central differential privacy (privacy.dp) clips each update on the server, which "
             "secure aggregation hides; turn one of them off."
         )
+    if fed.sampling == "poisson" and fed.fraction < 1:
+        raise ConfigError(
+            "secure aggregation sizes its quantisation and its dropout recovery for a fixed "
+            "cohort, but Poisson sampling varies it from round to round; set "
+            "federation.sampling = 'fixed'."
+        )
     if clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction) < 3:
         raise ConfigError(
             "secure aggregation needs at least 3 clients per round (SecAgg+ reconstructs a "
@@ -151,7 +181,7 @@ class SecAggStrategy(LegacyStrategy):
 
     def __init__(self, inner: MethodStrategy) -> None:
         self.inner = inner
-        self._round: tuple[int, list[int], float, dict[str, torch.Tensor], float] | None = None
+        self._round: RoundPlan | None = None
 
     def __repr__(self) -> str:
         return "SecAggStrategy(fedssd)"
@@ -165,28 +195,26 @@ class SecAggStrategy(LegacyStrategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         """One ``FitIns`` per sampled client: the global state and the fedssd task."""
-        inner, round_index = self.inner, server_round - 1
-        clients = sample_clients(
-            num_clients=inner.schedule.num_clients,
-            fraction=inner.schedule.fraction,
-            round_index=round_index,
-            seed=inner.schedule.seed,
-            shuffle=shuffled_order(inner.method),
+        inner = self.inner
+        plan = open_round(
+            server_round - 1,
+            global_model=inner.global_model,
+            method=inner.method,
+            schedule=inner.schedule,
+            guards=inner.guards,
         )
         client_manager.wait_for(len(inner.nodes), timeout=600)
         proxies = {proxy.node_id: proxy for proxy in client_manager.all().values()}
-        lr = round_lr(inner.schedule, round_index)
-        global_state = {k: v.detach().clone() for k, v in inner.global_model.state_dict().items()}
-        self._round = (round_index, clients, lr, global_state, time.perf_counter())
-        keep_local = local_keys(inner.global_model, inner.method)
+        self._round = plan
+        global_state = plan.global_state
         arrays = ndarrays_to_parameters([v.cpu().numpy() for v in global_state.values()])
         method_state = server_state(inner.method)
         shared: dict[str, Any] = {
             "experiment": inner.experiment_text,
-            "round": round_index,
-            "lr": lr,
+            "round": plan.index,
+            "lr": plan.lr,
             _KEYS: json.dumps(list(global_state)),
-            _SENT: json.dumps([k for k in global_state if k not in keep_local]),
+            _SENT: json.dumps(list(plan.expected)),
             _METHOD: save_bytes({k: v.cpu().contiguous() for k, v in method_state.items()}),
         }
         return [
@@ -194,7 +222,7 @@ class SecAggStrategy(LegacyStrategy):
                 proxies[inner.nodes[client_id]],
                 FitIns(arrays, {**shared, "client-id": client_id, "position": position}),
             )
-            for position, client_id in enumerate(clients)
+            for position, client_id in enumerate(plan.clients)
         ]
 
     def aggregate_fit(
@@ -209,10 +237,9 @@ class SecAggStrategy(LegacyStrategy):
             TrainingDiverged: A client's scaled update left the quantisation range, or the
                 aggregate is not finite (see :func:`conclude_round`).
         """
-        inner = self.inner
-        if self._round is None or self._round[0] != server_round - 1:
+        inner, plan = self.inner, self._round
+        if plan is None or plan.index != server_round - 1:
             raise RuntimeError("aggregate_fit was called without configure_fit")
-        round_index, clients, lr, global_state, started = self._round
         node_to_client = {node: client for client, node in inner.nodes.items()}
         replied: dict[int, FitRes] = {}
         for proxy, fitres in results:
@@ -225,34 +252,28 @@ class SecAggStrategy(LegacyStrategy):
                 "and would be aggregated clipped; raise the run config's secagg-clipping-range "
                 "(the last good checkpoint, if any, is kept)."
             )
-        local_results = [_result_of(replied[c]) for c in clients if c in replied]
-        failed = {c: "dropped out of secure aggregation" for c in clients if c not in replied}
-        contributing = [c for c in clients if c in replied and replied[c].num_examples > 0]
-        updates: list[ClientUpdate] = []
+        tally = plan.tally()
+        tally.failed.update(
+            {c: "dropped out of secure aggregation" for c in plan.clients if c not in replied}
+        )
+        # Clients send their loss and batch count only when the run config asks for them;
+        # without them every client in the sum counts as contributing.
+        told = {c: _result_of(replied[c]) for c in plan.clients if c in replied}
+        tally.results.extend(result for result in told.values() if result is not None)
+        contributing = [
+            c for c in plan.clients if c in replied and (told[c] is None or replied[c].num_examples)
+        ]
         if contributing:
             mean = parameters_to_ndarrays(next(iter(replied.values())).parameters)
-            keep_local = local_keys(inner.global_model, inner.method)
-            keys = [k for k in global_state if k not in keep_local]
             state: dict[str, torch.Tensor] = {}
-            for key, delta in zip(keys, mean, strict=True):
-                base = global_state[key]
+            for key, delta in zip(plan.expected, mean, strict=True):
+                base = plan.global_state[key]
                 change = torch.from_numpy(np.asarray(delta)).double().reshape(base.shape)
                 moved = base.double() + change.to(base.device)
                 state[key] = (moved if base.is_floating_point() else moved.round()).to(base.dtype)
             # One update standing for the unmasked mean: FedAvg of it alone is itself.
-            updates = [ClientUpdate(-1, state, 1.0)]
-        new_state, record = conclude_round(
-            round_index,
-            method=inner.method,
-            global_state=global_state,
-            clients=clients,
-            lr=lr,
-            results=local_results,
-            updates=updates,
-            failed=failed,
-            guards=inner.guards,
-            started=started,
-        )
+            tally.updates.append(ClientUpdate(-1, state, 1.0))
+        new_state, record = conclude_round(plan, tally, method=inner.method, guards=inner.guards)
         record["accepted"] = len(contributing)
         record["secure_aggregation"] = True
         if new_state is not None:
@@ -282,9 +303,11 @@ class SecAggStrategy(LegacyStrategy):
         return None
 
 
-def _result_of(fitres: FitRes) -> LocalResult:
-    """The client's local result from its ``FitRes`` metrics."""
+def _result_of(fitres: FitRes) -> LocalResult | None:
+    """The client's local result from its ``FitRes`` metrics (None: it sent none)."""
     metrics = {k: v for k, v in fitres.metrics.items() if k != _CLIPPED}
+    if not metrics:
+        return None
     return records.metrics_to_result(MetricRecord(metrics))  # type: ignore[arg-type]
 
 
@@ -305,6 +328,8 @@ def run_secure(
         clipping_range: ``c``: scaled update entries must lie in ``[-c, c]``.
         timeout: Seconds to wait for each stage's replies (None: no limit).
     """
+    schedule = strategy.schedule
+    cohort = clients_per_round(num_clients=schedule.num_clients, fraction=schedule.fraction)
     context = LegacyContext(
         Context(
             run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
@@ -318,7 +343,7 @@ def run_secure(
             reconstruction_threshold=0.5,  # half of them (at least 2) recover a dropout
             max_weight=float(max_weight),
             clipping_range=clipping_range,
-            quantization_range=QUANTIZATION_RANGE,
+            quantization_range=quantization_levels(cohort),
             timeout=timeout,
         )
     )
@@ -335,12 +360,29 @@ def run_secure(
 
 
 def secure_aggregation_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """A ClientApp mod: SecAgg+ for messages that carry its configs, nothing for the others."""
+    """A ClientApp mod: SecAgg+ for messages that carry its configs, nothing for the others.
+
+    The reply of the masked-vector stage keeps, in the clear, only the range flag: the client's
+    batch count (SecAgg+ has already put it into the masked vector) and its loss are removed
+    unless the run config sets ``secagg-client-metrics = true``.
+    """
     from flwr.client.mod import secaggplus_mod
 
     if RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, ctxt)
-    return secaggplus_mod(msg, ctxt, _translated(call_next))
+    reply = secaggplus_mod(msg, ctxt, _translated(call_next))
+    if not bool(ctxt.run_config.get(CLIENT_METRICS, False)):
+        _withhold_metrics(reply.content)
+    return reply
+
+
+def _withhold_metrics(content: RecordDict) -> None:
+    """Drop a masked-vector reply's clear-text metrics and batch count (the range flag stays)."""
+    metrics = content.config_records.get(_FIT_METRICS)
+    if metrics is None:
+        return
+    content.config_records[_FIT_METRICS] = ConfigRecord({_CLIPPED: metrics.get(_CLIPPED, False)})
+    content.metric_records[_FIT_EXAMPLES] = MetricRecord({"num_examples": 0})
 
 
 def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Message]:
@@ -370,9 +412,9 @@ def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Me
         deltas = [np.zeros(tuple(global_state[k].shape), dtype=np.float64) for k in sent]
         if records.STATE in content.array_records:
             state = records.from_arrays(content.array_records[records.STATE])
-            weight = int(
-                records.metrics_to_result(content.metric_records[records.RESULT]).num_batches
-            )
+            result = records.metrics_to_result(content.metric_records[records.RESULT])
+            # FedAvg's weight (central DP, with its own weights, is refused with SecAgg+).
+            weight = int(client_weight(result.num_batches, None))
             deltas = [(state[k].double() - global_state[k].double()).numpy() for k in sent]
         # As 1-d at least: Flower's dequantisation shifts each array in place, which a 0-d array
         # (BatchNorm's batch counter) does not survive.

@@ -12,9 +12,7 @@ in-process simulator's.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,16 +23,13 @@ from flwr.serverapp.strategy import Strategy
 from torch import nn
 
 from fedssd.errors import FedSSDError
-from fedssd.federation.faults import Fault, draw_fault
-from fedssd.federation.sampling import sample_clients, shuffled_order
 from fedssd.federation.server import (
     Callback,
     Guards,
-    RoundTally,
+    RoundPlan,
     Schedule,
     conclude_round,
-    local_keys,
-    round_lr,
+    open_round,
     run_callbacks,
 )
 from fedssd.flower import records
@@ -48,18 +43,6 @@ Identify = Callable[[Grid, Sequence[int]], Mapping[int, int]]
 
 class ClientsFailed(FedSSDError):
     """Every client sent to in a round answered with an error (a broken node setup)."""
-
-
-@dataclasses.dataclass
-class _Round:
-    """What the strategy remembers between sending a round's tasks and reading the replies."""
-
-    index: int
-    clients: list[int]
-    lr: float
-    global_state: dict[str, torch.Tensor]
-    faults: dict[int, Fault | None]
-    started: float
 
 
 def _decoded(arrays: Mapping[str, ArrayRecord], key: str) -> dict[str, torch.Tensor]:
@@ -122,7 +105,9 @@ class MethodStrategy(Strategy):
         self.run_key = run_key
         self.identify = identify
         self._asked: set[int] = set()
-        self._round: _Round | None = None
+        self._round: RoundPlan | None = None
+        if guards.privacy is not None:
+            guards.privacy.restore(self.history)
 
     def summary(self) -> None:
         """Log the run's shape."""
@@ -138,36 +123,25 @@ class MethodStrategy(Strategy):
         round_index = self.start_round + server_round - 1
         if self.identify is not None:
             self._rejoin(grid)
-        clients = sample_clients(
-            num_clients=self.schedule.num_clients,
-            fraction=self.schedule.fraction,
-            round_index=round_index,
-            seed=self.schedule.seed,
-            shuffle=shuffled_order(self.method),
+        plan = open_round(
+            round_index,
+            global_model=self.global_model,
+            method=self.method,
+            schedule=self.schedule,
+            guards=self.guards,
         )
-        lr = round_lr(self.schedule, round_index)
-        global_state = {k: v.detach().clone() for k, v in self.global_model.state_dict().items()}
-        faults = {
-            client_id: draw_fault(
-                self.guards.faults,
-                seed=self.schedule.seed,
-                round_index=round_index,
-                client_id=client_id,
-            )
-            for client_id in clients
-        }
-        self._round = _Round(round_index, clients, lr, global_state, faults, time.perf_counter())
-        global_record = records.to_arrays(global_state)
+        self._round = plan
+        global_record = records.to_arrays(plan.global_state)
         method_record = records.to_arrays(server_state(self.method))
         messages = []
-        for position, client_id in enumerate(clients):
-            if faults[client_id] == "crash":
+        for position, client_id in enumerate(plan.clients):
+            if plan.faults[client_id] == "crash":
                 continue
             task = ConfigRecord(
                 {
                     "experiment": self.experiment_text,
                     "round": round_index,
-                    "lr": lr,
+                    "lr": plan.lr,
                     "client-id": client_id,
                     "position": position,
                     "run-key": self.run_key,
@@ -203,10 +177,8 @@ class MethodStrategy(Strategy):
             sender = self._node_to_client.get(message.metadata.src_node_id)
             if sender is not None:
                 by_client[sender] = message
-        keep_local = local_keys(self.global_model, self.method)
-        expected = {k: v for k, v in current.global_state.items() if k not in keep_local}
         device = next(iter(current.global_state.values())).device
-        tally = RoundTally(expected)
+        tally = current.tally()
         errors: list[str] = []
         for client_id in current.clients:
             fault = current.faults[client_id]
@@ -233,22 +205,18 @@ class MethodStrategy(Strategy):
             raise ClientsFailed(
                 f"every client failed in round {server_round}; the first said: {errors[0]}"
             )
-        new_state, record = conclude_round(
-            current.index,
-            method=self.method,
-            global_state=current.global_state,
-            clients=current.clients,
-            lr=current.lr,
-            results=tally.results,
-            updates=tally.updates,
-            failed=tally.failed,
-            guards=self.guards,
-            started=current.started,
-        )
+        new_state, record = conclude_round(current, tally, method=self.method, guards=self.guards)
         if new_state is not None:
             self.global_model.load_state_dict(new_state)
         self.history.append(record)
-        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(tally.updates)})
+        metrics = MetricRecord(
+            {
+                "loss": float(record["loss"]),
+                "accepted": int(record["accepted"]),
+                "failed": len(record["failed"]),
+                "rejected": len(record["rejected"]),
+            }
+        )
         return records.to_arrays(self.global_model.state_dict()), metrics
 
     def _rejoin(self, grid: Grid) -> None:
