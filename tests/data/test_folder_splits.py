@@ -92,8 +92,9 @@ def test_a_run_trains_on_train_and_evaluates_on_test(tmp_path: Path) -> None:
     assert views is not None
     assert views.train_images.shape[0] == 7 and views.test_labels.tolist() == [0, 1, 1, 2]
     assert partition_record(cfg, data)["class_names"] == ["cat", "dog", "emu"]
-    # The server's own evaluation set split into train/ and test/ keeps its two splits.
-    server = load_config(SMOKE, overrides=["data.image_size=8", f"evaluation.data={folder}"])
+    # The server's own evaluation set split into train/ and test/ keeps its two splits (read at
+    # the side of the run's dataset, Fashion-MNIST's 32).
+    server = load_config(SMOKE, overrides=[f"evaluation.data={folder}"])
     views = server_evaluation_views(server, log=lambda _m: None)
     assert views is not None
     assert views.train_images.shape[0] == 7 and views.test_images.shape[0] == 4
