@@ -251,3 +251,22 @@ def test_the_whole_archive_as_data_path(whole_photos: tuple[Path, Path]) -> None
     assert any("using the 60000 decoded images" in line for line in logs), logs
     assert np.array_equal(cached.images[:50_000], dataset.x_train.numpy())
     assert np.array_equal(cached.images[50_000:], dataset.x_test.numpy())
+
+
+@pytest.mark.slow
+def test_the_photos_preset_beats_the_untrained_encoder(subset: Path) -> None:
+    # The cifar10-photos preset shortened: its model, method and protocol for 10 rounds on the
+    # 2,000 training photos of the part, against the same encoder untrained (one round at
+    # learning rate 1e-12: the seed's random weights, BatchNorm statistics of the photos). On
+    # the development machine: linear probe 34.4% against 21.4%, kNN 31.2% against 27.2% on the
+    # 500 test photos (about a minute of CPU time for both runs).
+    common = [f"data.path={subset}", "threads=1", "checkpoint.every=0"]
+    trained = train("cifar10-photos", overrides=[*common, "federation.rounds=10"], log=None)
+    untrained = train(
+        "cifar10-photos",
+        overrides=[*common, "federation.rounds=1", "federation.lr=1e-12"],
+        log=None,
+    )
+    probe = (trained.summary["linear_probe_acc"], untrained.summary["linear_probe_acc"])
+    assert probe[0] >= probe[1] + 0.08, probe
+    assert trained.summary["knn_acc"] > untrained.summary["knn_acc"]
