@@ -62,7 +62,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedssd.data.fetch import Log, _silent, temporary_sibling
+from fedssd.data.fetch import Log, _silent, default_root, temporary_sibling
 from fedssd.errors import DataError
 
 __all__ = [
@@ -431,8 +431,6 @@ def _sha256(path: Path) -> str:
 def _cache_places(source: Path, cache_root: Path | None, *, archive: bool) -> list[Path]:
     """Where the cache of ``source`` may live: inside a folder, else under the data root (an
     archive: only under the data root)."""
-    from fedssd.data.datasets import default_root
-
     base = cache_root if cache_root is not None else default_root()
     key = hashlib.sha256(str(source.resolve()).encode("utf-8")).hexdigest()[:16]
     shared = base / "folder-cache" / key
