@@ -14,12 +14,13 @@ import pytest
 from PIL import Image
 
 import fedssd.data.folder as folder_module
-from fedssd.api import load_config, partition_record
+from fedssd.api import load_config
 from fedssd.data.datasets import load_dataset, locate_dataset
 from fedssd.data.federated import prepare_data, run_evaluation_views, server_evaluation_views
 from fedssd.data.folder import CACHE_DIR, read_image_folder, scan_folder
 from fedssd.data.sites import load_site
 from fedssd.errors import DataError
+from fedssd.experiment import partition_record
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 TRAIN = {"cat": 3, "dog": 2, "emu": 2}

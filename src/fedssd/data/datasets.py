@@ -55,7 +55,7 @@ from fedssd.data.fetch import (
     temporary_sibling,
     verify_file,
 )
-from fedssd.data.folder import read_image_folder
+from fedssd.data.folder import is_archive, read_image_folder
 from fedssd.errors import ConfigError, DataError
 
 __all__ = [
@@ -310,8 +310,6 @@ def locate_dataset(
         candidate = Path(path).expanduser() if path is not None else None
         return candidate if candidate is not None and candidate.is_file() else None
     if name == "folder":
-        from fedssd.data.folder import is_archive
-
         candidate = Path(path).expanduser() if path is not None else None
         if candidate is None:
             return None
