@@ -53,7 +53,7 @@ TINY = [
     "federation.rounds=2",
     "federation.batch_size=32",
     "evaluation.every=0",
-    "evaluation.linear_epochs=2",
+    "evaluation.linear_epochs=0",
     "evaluation.metrics_samples=200",
     "evaluation.metrics_per_client=50",
 ]
@@ -418,6 +418,38 @@ def test_calibrated_noise_meets_the_target_and_no_less_would(sampled: int, targe
     assert more == pytest.approx(z, rel=2e-3)
     with pytest.raises(ConfigError, match="cannot be continued"):
         calibrate_noise([charge.with_noise(z)] * 9, charge, 1, target, DELTA)
+
+
+def test_a_calibration_or_an_epsilon_asked_again_is_not_recomputed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run asks the accountant the same questions several times (the setup check and each
+    aggregator calibrate; the budget check, the round's record and the summary take the same
+    epsilon): each is computed once, and the answer is the same."""
+    calls: list[str] = []
+    calibrate, compose = dp_accounting.calibrate_dp_mechanism, dp_accounting.rdp.RdpAccountant
+
+    def counted_calibrate(*args: object, **kwargs: object) -> float:
+        calls.append("calibrate")
+        return calibrate(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_accountant(*args: object, **kwargs: object) -> object:
+        calls.append("accountant")
+        return compose(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism", counted_calibrate)
+    charge = _charge(10, 10, 0.0)
+    target = 3.217  # a question no other test asks
+    first = calibrate_noise([], charge, 7, target, DELTA)
+    assert calls == ["calibrate"]
+    assert calibrate_noise((), charge, 7, target, DELTA) == first
+    assert calls == ["calibrate"]
+    monkeypatch.setattr(dp_accounting.rdp, "RdpAccountant", counted_accountant)
+    spent = [charge.with_noise(first)] * 7
+    eps = ledger_epsilon(spent, DELTA)
+    assert calls == ["calibrate", "accountant"]
+    assert ledger_epsilon(tuple(spent), DELTA) == eps <= target
+    assert calls == ["calibrate", "accountant"]
 
 
 # ----------------------------------------------------------------------------- refusals
