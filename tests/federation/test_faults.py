@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -152,40 +152,81 @@ def test_a_resumed_runs_times_count_every_stretch(tmp_path: Path) -> None:
     )
 
 
-@pytest.mark.slow
-def test_sigkill_at_a_random_moment_then_resume_is_bit_identical(tmp_path: Path) -> None:
-    """The real thing: a separate process killed with SIGKILL mid-run, resumed from the CLI."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+# The CLI with a signal sent to itself at a fixed point of the run, so that no test races the
+# process: at the os.replace that moves checkpoint folder argv[1] into place, SIGKILL comes just
+# before it (the checkpoint's files are written but the write is cut short), any other signal
+# just after (a run stopped between rounds).
+SIGNAL_AT_CHECKPOINT = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from fedssd.cli import main
+
+    folder, signum = sys.argv[1], int(sys.argv[2])
+    replace = os.replace
+
+    def replace_and_signal(src, dst, *args, **kwargs):
+        target = Path(dst)
+        if target.name == folder and target.parent.name == "checkpoints":
+            if signum == 9:
+                os.kill(os.getpid(), signum)
+            replace(src, dst, *args, **kwargs)
+            os.kill(os.getpid(), signum)
+            return
+        replace(src, dst, *args, **kwargs)
+
+    os.replace = replace_and_signal
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+SIGNALLED = [*TINY, "federation.rounds=4"]
+
+
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-round CLI run that the signalled runs are resumed to."""
+    whole = tmp_path_factory.mktemp("signals") / "whole"
     command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
-    command += _sets([*TINY, "federation.rounds=8"])
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    subprocess.run([*command, "--out", str(whole)], env=env, check=True, capture_output=True)
-    process = subprocess.Popen(
-        [*command, "--out", str(killed)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    command += [*_sets(SIGNALLED), "--out", str(whole)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return whole
+
+
+def _signalled_run(out: Path, folder: str, signum: int) -> subprocess.CompletedProcess[str]:
+    """The 4-round CLI run into ``out`` with ``signum`` sent at checkpoint ``folder``."""
+    command = ["train", "--config", SMOKE, "--quiet", *_sets(SIGNALLED), "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_CHECKPOINT, folder, str(signum), *command],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    try:
-        deadline = time.monotonic() + 300
-        while not list_checkpoints(killed) and time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.02)
-        time.sleep(random.uniform(0.0, 1.0))  # an arbitrary moment after the first checkpoint
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait(timeout=60)
-    # At most a second after its first of 8 checkpoints, the run cannot have finished.
-    assert not (killed / "summary.json").exists(), "the run finished before SIGKILL arrived"
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_checkpoint_write_then_resume_is_bit_identical(
+    tmp_path: Path, whole_run: Path
+) -> None:
+    """The real thing: a separate process killed with SIGKILL while it writes the checkpoint of
+    round 3 (its files written, the folder not yet in place), resumed from the CLI."""
+    killed = tmp_path / "killed"
+    done = _signalled_run(killed, "round-000003", signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert [c.name for c in list_checkpoints(killed)] == ["round-000001", "round-000002"]
+    assert list((killed / "checkpoints").glob(".tmp-round-000003-*")), "no write was cut short"
+    assert not (killed / "summary.json").exists()
     result = subprocess.run(
         [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(killed), "--quiet"],
-        env=env,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    _same_weights(whole, killed)
-    assert _records(killed) == _records(whole)
+    assert not list((killed / "checkpoints").glob(".tmp-*"))
+    _same_weights(whole_run, killed)
+    assert _records(killed) == _records(whole_run)
 
 
 def test_resume_refuses_bad_folders_and_checkpoints(
@@ -614,34 +655,21 @@ def test_checkpoint_does_not_unpickle(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identical(
-    tmp_path: Path,
+    tmp_path: Path, whole_run: Path
 ) -> None:
-    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) after the first checkpoint: exit
-    143 / 130 with the resume command and its checkpoint; resuming finishes the run exactly."""
+    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) right after the checkpoint of round
+    2: exit 143 / 130 with the resume command and its checkpoint; resuming finishes the run
+    exactly."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
-    command += _sets([*TINY, "federation.rounds=8"])
-    whole = tmp_path / "whole"
-    subprocess.run([*command, "--out", str(whole)], env=env, check=True, capture_output=True)
     for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
         stopped = tmp_path / signum.name
-        process = subprocess.Popen(
-            [*command, "--out", str(stopped)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 300
-        while not list_checkpoints(stopped) and time.monotonic() < deadline:
-            assert process.poll() is None, "the run ended before it could be stopped"
-            time.sleep(0.02)
-        process.send_signal(signum)
-        _, err = process.communicate(timeout=120)
-        assert process.returncode == code, err
+        done = _signalled_run(stopped, "round-000002", signum)
+        err = done.stderr
+        assert done.returncode == code, err
         assert not (stopped / "summary.json").exists(), "the run finished before the signal"
         assert "Traceback" not in err
         newest = list_checkpoints(stopped)[-1].name
+        assert newest == "round-000002"
         assert f"stopped by {signum.name}" in err
         assert f"fedssd train --resume {stopped} (from checkpoint {newest}" in err, err
         result = subprocess.run(
@@ -651,8 +679,8 @@ def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identic
             text=True,
         )
         assert result.returncode == 0, result.stderr
-        _same_weights(whole, stopped)
-        assert _records(stopped) == _records(whole)
+        _same_weights(whole_run, stopped)
+        assert _records(stopped) == _records(whole_run)
 
 
 @pytest.mark.slow
