@@ -323,7 +323,12 @@ def run_federation(
     else:
         cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
-    check_setup(cfg, sites_on_nodes=True, history=point.checkpoint.history if point else ())
+    check_setup(
+        cfg,
+        sites_on_nodes=True,
+        history=point.checkpoint.history if point else (),
+        secure_aggregation=settings.secure_aggregation,
+    )
     warning = privacy_warning(cfg)
     if warning is not None:
         log(warning)
@@ -407,6 +412,7 @@ def run_federation(
                 max_weight=secagg.max_batches(cfg, sizes),
                 clipping_range=settings.secagg_clipping_range,
                 timeout=settings.round_timeout,
+                log=log,
             )
         elif remaining > 0:
             strategy.start(
