@@ -45,10 +45,11 @@ lint: $(STAMP)  ## ruff and mypy
 	$(PY) -m ruff format --check src tests
 	$(PY) -m mypy
 
-bench: $(STAMP)  ## measure training efficiency, round overhead, DataLoader speed-up, GPU, scaling (minutes)
+bench: $(STAMP)  ## measure training efficiency, round overhead, DataLoader speed-up, GPU, a busy machine, scaling to 10,000 clients (minutes)
 	$(PY) -m benchmarks.bench
+	$(PY) -m benchmarks.scaling
 
-bench-quick: $(STAMP)  ## the same benchmark at reduced sizes (under 2 minutes on 2 CPU cores)
+bench-quick: $(STAMP)  ## the same benchmark at reduced sizes, without the 10,000 clients (under 2 minutes on 2 CPU cores)
 	$(PY) -m benchmarks.bench --quick
 
 clean:  ## remove the virtual environment and run outputs

@@ -238,3 +238,12 @@ def test_every_method_has_its_paper_protocol_configs() -> None:
             check_setup(cfg)
             assert cfg.method.name == name and cfg.data.name == "cifar10"
             assert (cfg.federation.num_clients, cfg.federation.fraction) == (clients, fraction)
+
+
+def test_image_size_resizes_folders_and_is_refused_for_a_built_in_dataset() -> None:
+    for size in (32, 64, 128, 224):
+        assert config.load(None, ["data.name='folder'", "data.path='x'", f"data.image_size={size}"])
+    assert config.load(None, ["data.name='cifar10'", "data.image_size=32"])
+    assert config.load(None, ["data.pad_to_32=false", "data.image_size=28"])
+    with pytest.raises(ConfigError, match=r"cifar10's images keep their own size"):
+        config.load(None, ["data.name='cifar10'", "data.image_size=224"])

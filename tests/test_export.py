@@ -135,3 +135,64 @@ def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
         ["train", "--config", str(SMOKE), "--out", str(out), "--set", "model.init_from=/nope"]
     )
     assert code == 2 and "neither a finished run folder" in capsys.readouterr().err
+
+
+def test_the_card_of_a_folder_run_gives_the_image_size() -> None:
+    from fedssd import config as config_module
+    from fedssd.encoders import input_size
+
+    folder = config_module.load({"data": {"name": "folder", "path": "x", "image_size": 96}})
+    assert input_size(folder) == 96
+    assert input_size(config_module.load({"data": {"name": "cifar10"}})) == 32
+    assert input_size(config_module.load({"data": {"name": "npz", "path": "x.npz"}})) is None
+
+
+@pytest.mark.slow
+def test_a_photo_run_at_64_px_starts_from_torchvision_weights(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An ImageNet-stem ResNet on 64x64 photos, started from a torchvision-named file: the run
+    trains, its card gives the size, and a file of another width is refused in one sentence
+    before the run folder exists."""
+    import numpy as np
+    import tomli_w
+    from PIL import Image
+    from tests.models.test_pretrained import torchvision_state
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "photos" / label).mkdir(parents=True)
+        for i in range(24):
+            pixels = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "photos" / label / f"{i}.png")
+    torch.save(torchvision_state("resnet18", width=4), tmp_path / "resnet18.pth")
+    torch.save(torchvision_state("resnet18", width=8), tmp_path / "wide.pth")
+    raw = {
+        "seed": 3,
+        "data": {"name": "folder", "path": str(tmp_path / "photos"), "partition": "iid"},
+        "model": {"encoder": "resnet18_imagenet", "width": 4, "projector_hidden": 32},
+        "federation": {"num_clients": 2, "rounds": 1, "local_epochs": 1, "batch_size": 16},
+        "evaluation": {
+            "knn_k": 5,
+            "linear_epochs": 2,
+            "metrics_samples": 40,
+            "metrics_per_client": 20,
+        },
+    }
+    config = tmp_path / "photos.toml"
+    config.write_text(tomli_w.dumps(raw))
+    sets = ["--set", "data.image_size=64", "--quiet"]
+    out = tmp_path / "run"
+    start = ["train", "--config", str(config), "--out", str(out), *sets, "--set"]
+    assert main([*start, f"model.init_from={str(tmp_path / 'resnet18.pth')!r}"]) == 0
+    _, card_path = export_encoder(out, "safetensors")
+    card = json.loads(card_path.read_text())
+    assert card["input"]["shape"] == ["batch", 3, 64, 64] and card["feature_dim"] == 32
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    start[4] = str(refused)
+    assert main([*start, f"model.init_from={str(tmp_path / 'wide.pth')!r}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds conv1.weight of shape (8, 3, 7, 7)" in err, err
+    assert "fit model.encoder = 'resnet18_imagenet' with model.width = 8." in err
+    assert not refused.exists()

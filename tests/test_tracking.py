@@ -229,17 +229,19 @@ def test_round_scalars_count_clients() -> None:
         "clients": [0, 1, 2],
         "lr": 0.1,
         "loss": 1.5,
-        "accepted": 2,
+        "accepted": 1,
         "failed": {"2": "crashed"},
+        "rejected": {"1": "update moved ..."},
         "skipped": False,
         "client_state": {"0": {"lambda": 0.5}},
     }
     assert tracking.round_scalars(record) == {
         "lr": 0.1,
         "loss": 1.5,
-        "accepted_clients": 2.0,
+        "accepted_clients": 1.0,
         "sampled_clients": 3.0,
         "failed_clients": 1.0,
+        "rejected_clients": 1.0,
         "skipped": 0.0,
     }
 

@@ -11,14 +11,22 @@ Public names:
     Config: The experiment configuration (a frozen dataclass).
     RunResult: What :func:`train` returns.
 
-The heavy modules load on first use, so ``import fedssd`` stays cheap.
+The heavy modules load on first use, so ``import fedssd`` stays cheap. Importing fedssd sets
+OpenMP's wait policy for PyTorch's CPU threads unless the environment already chooses one
+(:mod:`fedssd.openmp`): it must happen before PyTorch loads, and every entry point imports this
+package first.
 """
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
+from fedssd.openmp import apply_defaults
+
 __version__ = "0.1.0"
+
+apply_defaults(os.environ)
 
 if TYPE_CHECKING:
     from fedssd.api import RunResult, load_config, resume, train

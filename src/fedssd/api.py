@@ -41,7 +41,9 @@ from fedssd.experiments.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     remove_partial_checkpoints,
+    remove_unreferenced_states,
     run_identity,
+    states_folder,
 )
 from fedssd.experiments.outputs import (
     check_run_dir,
@@ -50,6 +52,7 @@ from fedssd.experiments.outputs import (
     write_json,
     write_text_atomic,
 )
+from fedssd.experiments.sites import site_table
 from fedssd.federation.callbacks import (
     SERVER_ONLY_SUMMARY,
     checkpointer,
@@ -74,6 +77,7 @@ from fedssd.federation.privacy import (
     release_view,
     split_summary,
 )
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.simulator import Callback, Guards, Schedule, run_rounds
 from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method, option_dict
@@ -731,6 +735,9 @@ def _run_with_threads(
     threads: int,
 ) -> RunResult:
     cfg, data = experiment.config, experiment.data
+    if resume_from is not None:
+        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
+        started -= resume_from.train_seconds
     tune_malloc()
     views = run_evaluation_views(cfg, data, log=say)
     sizes = [len(p) for p in data.client_indices]
@@ -749,10 +756,16 @@ def _run_with_threads(
         if note is not None:
             say(note)
     store = resume_from.store if resume_from is not None else ClientStore()
+    if out_dir is not None:
+        # About one round's client states stay in memory; the others wait in the run folder.
+        per_round = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+        store.spill(states_folder(out_dir), capacity=per_round)
     history = list(resume_from.history) if resume_from is not None else []
     callbacks = round_callbacks(cfg, views, experiment.device, out_dir, say)
     if out_dir is not None and cfg.checkpoint.every:
-        callbacks.append(checkpointer(cfg, out_dir, experiment.method, store, history))
+        callbacks.append(
+            checkpointer(cfg, out_dir, experiment.method, store, history, started=started)
+        )
     from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
     trackers = make_trackers(cfg, out_dir, say=say, resume=resume_from is not None)
@@ -773,6 +786,8 @@ def _run_with_threads(
         finish_trackers(trackers, None)
         raise
     finish_trackers(trackers, result.summary)
+    if out_dir is not None:
+        remove_unreferenced_states(out_dir)  # states spilled by a run without checkpoints
     return result
 
 
@@ -817,10 +832,13 @@ def finish_run(
     started: float,
     say: Log,
     evaluate: Callable[[SSLModel], dict[str, Any]] | None = None,
+    partition: Mapping[str, Any] | None = None,
 ) -> RunResult:
     """Evaluate the final global model and write ``model.safetensors``, the server state and
     ``summary.json``; ``views`` None means a federated evaluation on each client's own data
-    (done by ``evaluate`` when given: a Flower server asks its nodes)."""
+    (done by ``evaluate`` when given: a Flower server asks its nodes). ``partition`` is the
+    run's ``partition.json`` content when the server does not hold the clients' data (None:
+    :func:`partition_record` of the experiment's data); the summary's per-site table uses it."""
     cfg = experiment.config
     train_seconds = time.perf_counter() - started
     model = experiment.global_model
@@ -847,6 +865,12 @@ def finish_run(
         "rounds": cfg.federation.rounds,
         "skipped_rounds": sum(1 for record in history if record.get("skipped")),
         "failed_clients": sum(len(record.get("failed", {})) for record in history),
+        "rejected_clients": sum(len(record.get("rejected", {})) for record in history),
+        "sites": site_table(
+            partition if partition is not None else partition_record(cfg, experiment.data),
+            history,
+            evaluation,
+        ),
         **privacy_summary(history, cfg.privacy),
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - started,
@@ -875,8 +899,9 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
     """The content of ``partition.json``: the scheme, the clients' sizes and label histogram.
 
     The histogram counts the labelled images only (labels are each site's own for
-    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images and
-    ``class_names`` the classes, when the data names them.
+    ``partition = "clients"``); ``labelled`` gives each client's number of labelled images,
+    ``image_shape`` the ``[channels, height, width]`` of the images and ``class_names`` the
+    classes, when the data names them.
     """
     labels = data.dataset.y_train.numpy()
     parts = [p[labels[p] >= 0] for p in data.client_indices]
@@ -891,6 +916,8 @@ def partition_record(config: Config, data: FederatedData) -> dict[str, Any]:
         "sizes": [len(p) for p in data.client_indices],
         "label_histogram": histogram.tolist(),
         "labelled": [len(p) for p in parts],
+        # What the model takes (the export card and a later evaluation read it from here).
+        "image_shape": [int(v) for v in data.dataset.x_train.shape[1:]],
     }
     if data.dataset.class_names:
         record["class_names"] = list(data.dataset.class_names)

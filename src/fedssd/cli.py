@@ -198,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(commands)
     add_sweep_parser(commands)
     add_report_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 
@@ -208,7 +209,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="CPU threads of PyTorch (the config key threads; 0 = PyTorch's default of one per "
-        "core); 1 is much faster when other jobs share the cores",
+        "core); 1 may be faster when other jobs share the cores",
     )
 
 
@@ -299,6 +300,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_export(args)
     if args.command == "report":
         return run_report(args)
+    if args.command == "privacy-audit":
+        return run_privacy_audit(args)
     if args.command == "configs":
         return _configs(args.name)
     if args.command == "flower-app":
@@ -898,6 +901,89 @@ def run_export(args: argparse.Namespace) -> int:
 
     target, card = export_encoder(args.run, args.fmt, projector=args.projector, out=args.out)
     print(f"{args.fmt} written to {target}; card {card}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- fedssd privacy-audit
+
+
+def add_audit_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add ``fedssd privacy-audit`` to the CLI's sub-command action."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        "privacy-audit",
+        help="bound a DP config's epsilon from below with one training run and canary clients",
+        description=(
+            "Train the configured DP federation once more, in memory, with canary clients "
+            "beside the real ones (each in the run with probability 1/2, sending a fixed random "
+            "direction at the clip norm), guess from every round's global model which canaries "
+            "took part, and print the empirical lower bound on epsilon this gives (Steinke, Nasr, "
+            "Jagielski 2023) beside the accountant's epsilon. Nothing is written unless --json "
+            "is given. docs/privacy.md, section Auditing."
+        ),
+    )
+    parser.add_argument(
+        "source",
+        metavar="RUN_OR_CONFIG",
+        help="a run folder (its config.toml), a TOML experiment file or a preset's name",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set privacy.target_epsilon=4 (repeatable)",
+    )
+    parser.add_argument(
+        "--canaries", type=int, default=1000, metavar="M", help="canary clients (default 1000)"
+    )
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=0.95,
+        metavar="P",
+        help="confidence of the lower bound (default 0.95)",
+    )
+    parser.add_argument(
+        "--audit-seed",
+        type=int,
+        metavar="N",
+        help="seed of the canaries' coins and directions (default: a fresh one, printed)",
+    )
+    add_threads_option(parser)
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON")
+    parser.add_argument("--quiet", action="store_true", help="print no progress lines")
+    return parser
+
+
+def run_privacy_audit(args: argparse.Namespace) -> int:
+    """``fedssd privacy-audit``: returns the exit code (user errors raise FedSSDError)."""
+    from fedssd.api import stderr_log
+    from fedssd.experiments.audit import privacy_audit
+    from fedssd.experiments.outputs import write_json
+
+    report = privacy_audit(
+        args.source,
+        overrides=_with_threads(args),
+        canaries=args.canaries,
+        audit_seed=args.audit_seed,
+        confidence=args.confidence,
+        log=None if args.quiet else stderr_log,
+    )
+    print(
+        f"empirical epsilon lower bound: {report.epsilon_lower_bound:.3f} "
+        f"({report.confidence:.0%} confidence; {report.correct} of {report.guesses} guesses "
+        f"right, {report.canaries} canaries, {report.included} in)"
+    )
+    print(
+        f"accountant's epsilon:          {report.accountant_epsilon:.3f} "
+        f"(delta {report.delta:g}, {report.rounds} rounds, noise multiplier "
+        f"{report.noise_multiplier:.4g}, clip norm {report.clip_norm:g})"
+    )
+    print(f"audit seed:                    {report.audit_seed}")
+    if args.json is not None:
+        write_json(args.json, dataclasses.asdict(report))
+        print(f"report written to {args.json}")
     return 0
 
 

@@ -106,13 +106,18 @@ class ModelConfig:
     """Encoder and projector.
 
     Attributes:
-        encoder: ``resnet18`` (the paper's CIFAR ResNet-18) or ``small_cnn`` (fast on a CPU).
-        width: Base channel width (0 = the encoder's default: 64 for ResNet-18, 32 for the CNN).
+        encoder: ``resnet18`` (the paper's CIFAR ResNet-18: a 3x3 stride-1 stem for 32x32
+            images), ``resnet34`` or ``resnet50`` with the same stem; ``resnet18_imagenet``,
+            ``resnet34_imagenet`` or ``resnet50_imagenet`` (the ImageNet stem: 7x7 stride-2
+            convolution and max-pool, for larger images and ImageNet weights); or ``small_cnn``
+            (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for the ResNets, 32 for the CNN).
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
         init_from: Start from a trained encoder instead of the seed's random weights: a run
-            folder or a file ``fedssd export`` wrote (warm start, transfer across datasets;
+            folder or a file ``fedssd export`` wrote (warm start, transfer across datasets), or
+            a torchvision or timm ResNet state dict (``.pth``, ``.pt``, ``.safetensors``;
             docs/export.md). Unset: random initialisation.
         init_projector: With ``init_from``, also copy the projector (default: encoder only).
     """
@@ -183,7 +188,8 @@ class EvaluationConfig:
         linear_batch_size: Batch size of the linear probe.
         metrics_samples: Largest sample (over all clients) for uniformity and effective rank.
         metrics_per_client: Largest sample per client for per-client and inter-client uniformity.
-        batch_size: Batch size of feature extraction.
+        batch_size: Batch size of feature extraction, in 32x32 images (larger images go in
+            proportionally fewer per forward pass).
         data: A labelled evaluation set the server owns: an ``.npz`` file, a folder with one
             subfolder per class, or the name of a built-in dataset (its official test split).
             When set, the kNN monitor, the linear probe and the representation metrics use it
@@ -242,15 +248,18 @@ class ValidationConfig:
     """Server-side checks of each client update (non-finite values, keys and shapes always).
 
     Attributes:
-        max_norm_ratio: Reject an update whose weights moved, per local step, more than this
-            many times the median of the round's other updates (0 = no norm check). Unset in a
-            config file, it is 10, or 0 when ``privacy.dp`` is on (one client's update must not
-            decide whether another's is averaged: that breaks DP's sensitivity bound).
-        min_peers: The norm check needs at least this many other updates in the round.
+        max_norm_ratio: Reject an update whose learned weights (parameters, not BatchNorm's
+            running statistics) moved, per local step, more than this many times the median
+            of the round's other updates (0 = no norm check). Unset in a config file, it is
+            10, or 0 when ``privacy.dp`` is on (one client's update must not decide whether
+            another's is averaged: that breaks DP's sensitivity bound).
+        min_peers: The norm check needs at least this many other updates in the round. Below
+            3 the median of the others is the mean of two, which one slow honest site pulls
+            down far enough to make a fast honest one look like an outlier.
     """
 
     max_norm_ratio: float = 10.0
-    min_peers: int = 2
+    min_peers: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -547,6 +556,16 @@ def validate(config: Config) -> None:
             "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
+        # A built-in dataset keeps its own side (32, or 28 unpadded): only folders are resized,
+        # and a folder evaluated beside a built-in set must come out that side too.
+        (
+            data.name in ("folder", "npz")
+            or data.image_size == 32
+            or (data.image_size == 28 and not data.pad_to_32),
+            f"data.image_size = {data.image_size} sizes the images of a folder, but "
+            f"{data.name}'s images keep their own size (32x32); remove data.image_size or use "
+            "data.name = 'folder'.",
+        ),
         (
             not data.clients or data.partition == "clients",
             "data.clients lists one dataset per client and needs data.partition = 'clients'.",

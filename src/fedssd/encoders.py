@@ -12,6 +12,7 @@ Models are only ever read from safetensors (never pickles), so loading one canno
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from fedssd.config import Config
 from fedssd.errors import ConfigError, DataError
+from fedssd.models.pretrained import identify, to_fedssd, torchvision_key
 
 Format = Literal["safetensors", "torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
@@ -47,7 +49,10 @@ class EncoderWithProjector(nn.Module):
 
 
 def input_size(config: Config) -> int | None:
-    """The image side the run was trained on (None for an ``npz`` dataset)."""
+    """The image side the run was trained on, as its config implies it (None for an ``npz``
+    dataset; a run's ``partition.json`` records the shape itself)."""
+    if config.data.name == "folder":
+        return config.data.image_size
     side = _IMAGE_SIZE.get(config.data.name)
     if side == 28 and config.data.pad_to_32:
         return 32
@@ -60,22 +65,31 @@ def _in_channels(model: nn.Module) -> int:
 
 
 def make_card(
-    config: Config, model: nn.Module, summary: Mapping[str, Any], *, projector: bool, fmt: str
+    config: Config,
+    model: nn.Module,
+    summary: Mapping[str, Any],
+    *,
+    projector: bool,
+    fmt: str,
+    image: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """The JSON card of an exported encoder."""
+    """The JSON card of an exported encoder; ``image`` is the ``(height, width)`` the run
+    recorded (None: the side its config implies, :func:`input_size`)."""
     from fedssd import __version__
     from fedssd import config as config_module
 
     raw = config_module.to_dict(config)
     side = input_size(config)
+    height, width = image if image is not None else (side, side)
     outputs = ["features"] + (["embedding"] if projector else [])
     return {
         "format": fmt,
         "fedssd_version": __version__,
         "input": {
-            "shape": ["batch", _in_channels(model), side, side],
+            "shape": ["batch", _in_channels(model), height, width],
             "channels": _in_channels(model),
-            "size": side,
+            # The side of the square images (None when they are not square: see the shape).
+            "size": height if height == width else None,
             "dtype": "float32",
             "value_range": [0.0, 1.0],
             "normalization": "none (pixels / 255, no mean/std)",
@@ -117,7 +131,7 @@ def export_encoder(
         DataError: The run folder does not hold a finished run, or the exported file does not
             reproduce the run's features.
     """
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.experiments.evaluate import load_run, recorded_image_shape
 
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
@@ -134,10 +148,13 @@ def export_encoder(
         EncoderWithProjector(model.encoder, model.projector) if projector else model.encoder
     )
     module.eval()
-    card = make_card(config, model, summary, projector=projector, fmt=fmt)
+    recorded = recorded_image_shape(run_dir)
+    image = recorded[1:] if recorded is not None else None
+    card = make_card(config, model, summary, projector=projector, fmt=fmt, image=image)
     side = input_size(config) or 32
+    height, width = image if image is not None else (side, side)
     example = torch.rand(
-        batch, _in_channels(model), side, side, generator=torch.Generator().manual_seed(0)
+        batch, _in_channels(model), height, width, generator=torch.Generator().manual_seed(0)
     )
     target.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "safetensors":
@@ -337,26 +354,32 @@ def _model_for(config: Config, tensors: Mapping[str, Tensor]) -> Any:
 # ----------------------------------------------------------------------------- warm start
 
 
+PRETRAINED_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
 def check_init_from(config: Config, _probe: nn.Module | None = None) -> None:
     """Refuse a ``model.init_from`` that names nothing loadable (before any file is written).
 
     Raises:
-        ConfigError: Not a run folder with a model, nor a safetensors file.
+        ConfigError: Not a run folder with a model, nor a ``.safetensors``, ``.pth`` or ``.pt``
+            file.
     """
     source = Path(str(config.model.init_from))
     if source.is_dir() and (source / "model.safetensors").is_file():
         return
-    if source.is_file() and source.suffix == ".safetensors":
+    if source.is_file() and source.suffix in PRETRAINED_SUFFIXES:
         return
     raise ConfigError(
         f"model.init_from = {str(source)!r} is neither a finished run folder (with "
-        "model.safetensors) nor a .safetensors file fedssd export wrote."
+        "model.safetensors), a .safetensors file fedssd export wrote, nor a torchvision or timm "
+        "ResNet state dict (.pth, .pt or .safetensors)."
     )
 
 
 def warm_start(model: nn.Module, config: Config, *, log: Any = None) -> None:
     """Copy the trained encoder (and, with ``model.init_projector``, projector) named by
-    ``model.init_from`` into ``model``.
+    ``model.init_from`` into ``model``: a fedssd run or export, or the ImageNet-pretrained
+    weights of a torchvision or timm ResNet.
 
     Raises:
         ConfigError: The source is not loadable.
@@ -364,6 +387,9 @@ def warm_start(model: nn.Module, config: Config, *, log: Any = None) -> None:
     """
     check_init_from(config)
     source = Path(str(config.model.init_from))
+    if not _fedssd_source(source):
+        _start_from_pretrained(model, config, source, log=log)
+        return
     _, tensors = read_encoder_source(source)
     parts = ("encoder.", "projector.") if config.model.init_projector else ("encoder.",)
     own = model.state_dict()
@@ -394,6 +420,130 @@ def warm_start(model: nn.Module, config: Config, *, log: Any = None) -> None:
     if log is not None:
         which = "encoder and projector" if config.model.init_projector else "encoder"
         log(f"starting from the trained {which} of {source}")
+
+
+def _fedssd_source(path: Path) -> bool:
+    """A run folder or a file fedssd export wrote (its tensors are named ``encoder.*``)."""
+    if path.is_dir():
+        return True
+    if path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            return any(key.startswith("encoder.") for key in handle.keys())  # noqa: SIM118
+    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+        text = " ".join(str(error).split())[:160]
+        raise DataError(f"{path} is not a readable safetensors file ({text}).") from None
+
+
+def read_state_dict(path: Path) -> dict[str, Tensor]:
+    """The tensors of a ``.safetensors`` file, or of a ``.pth``/``.pt`` state dict read with
+    ``torch.load(weights_only=True)`` (tensors and plain containers only, so reading cannot run
+    code).
+
+    Raises:
+        DataError: Unreadable, or not a flat mapping of names to tensors.
+    """
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as handle:
+                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            text = " ".join(str(error).split())[:160]
+            raise DataError(f"{path} is not a readable safetensors file ({text}).") from None
+    try:
+        with warnings.catch_warnings():
+            # torch.load announces a TorchScript archive before refusing it; the refusal says so.
+            warnings.simplefilter("ignore", UserWarning)
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, OSError, EOFError, ValueError, RuntimeError) as error:
+        text = " ".join(str(error).split())[:160]
+        if "TorchScript" in text:
+            raise DataError(
+                f"{path} is a TorchScript file, not a state dict; start from the run folder or "
+                "its .safetensors export (fedssd export --format safetensors)."
+            ) from None
+        raise DataError(
+            f"{path} is not a PyTorch state dict that torch.load(weights_only=True) can read "
+            f"({text})."
+        ) from None
+    if not isinstance(loaded, Mapping):
+        raise DataError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict; save the model's "
+            "state_dict() (names -> tensors)."
+        )
+    for key, value in loaded.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise DataError(
+                f"{path} holds {key!r} -> {type(value).__name__}, not a flat state dict of "
+                "tensors; save the model's state_dict() alone (not a training checkpoint)."
+            )
+    return dict(loaded)
+
+
+def _start_from_pretrained(model: nn.Module, config: Config, source: Path, *, log: Any) -> None:
+    """Copy a torchvision or timm ResNet's weights (their classifier ``fc`` dropped) into
+    the encoder; refuse a file that does not fit, naming the encoder it would fit."""
+    if config.model.init_projector:
+        raise DataError(
+            f"model.init_projector = true but {source} is a torchvision or timm state dict, "
+            "which holds no projector; set model.init_projector = false."
+        )
+    state = read_state_dict(source)
+    names, unknown = to_fedssd(state)
+    shape = identify(state)
+    encoder = model.get_submodule("encoder")
+    own = encoder.state_dict()
+    channels = _in_channels(encoder)
+    differ = shape is not None and shape.in_channels != channels
+    here = _describe(config.model.encoder, config.model.width, channels if differ else None)
+    fits = (
+        "these weights are no ResNet-18, 34 or 50 of torchvision or timm"
+        if shape is None
+        else "these weights fit "
+        + _describe(shape.encoder, shape.width, shape.in_channels if differ else None)
+    )
+    if unknown:
+        raise DataError(
+            f"model.init_from {source} holds {unknown[0]}, which is no key of a torchvision or "
+            f"timm ResNet (conv1, bn1, layer1-4, fc); {fits}."
+        )
+    # The first misfit in the file's (or the model's) order, which is the network's order.
+    extra = [theirs for ours, theirs in names.items() if ours not in own]
+    # Checkpoints saved before PyTorch 0.4.1 (torchvision's first ResNet weights among them)
+    # lack BatchNorm's num_batches_tracked; the model keeps its own count then.
+    missing = [k for k in own if k not in names and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise DataError(f"model.init_from {source} holds {extra[0]}, which {here} lacks; {fits}.")
+    if missing:
+        raise DataError(
+            f"model.init_from {source} lacks {torchvision_key(missing[0])}, which {here} needs; "
+            f"{fits}."
+        )
+    for ours, theirs in names.items():
+        if tuple(state[theirs].shape) != tuple(own[ours].shape):
+            raise DataError(
+                f"model.init_from {source} holds {theirs} of shape {tuple(state[theirs].shape)} "
+                f"where {here} has {tuple(own[ours].shape)}; {fits}."
+            )
+    device = next(encoder.parameters()).device
+    encoder.load_state_dict(
+        {ours: state[theirs].to(device) for ours, theirs in names.items()}, strict=False
+    )
+    if log is not None:
+        log(f"starting the encoder from the pretrained ResNet weights of {source}")
+
+
+def _describe(encoder: str, width: int, channels: int | None) -> str:
+    """``model.encoder = 'resnet50_imagenet'``, with a width other than the default and, when
+    given, the image channels."""
+    words = f"model.encoder = {encoder!r}"
+    if width not in (0, 64):
+        words += f" with model.width = {width}"
+    if channels is None:
+        return words
+    colour = " (data.rgb = true)" if channels == 3 else ""
+    return f"{words} on {channels}-channel images{colour}"
 
 
 __all__ = [

@@ -14,7 +14,8 @@ heap after tensors are freed.
 Set the environment variable ``FEDSSD_TUNE_MALLOC=0`` to leave the allocator as it is.
 
 :func:`cpu_threads` applies the config's ``threads`` (PyTorch's intra-op threads) for the length
-of a run and :func:`busy_machine_hint` says when more threads than free cores are likely.
+of a run and :func:`busy_machine_hint` says when more threads than free cores are likely. How the
+threads wait is set before PyTorch loads, by :mod:`fedssd.openmp`.
 """
 
 from __future__ import annotations
@@ -94,10 +95,10 @@ def cpu_threads(threads: int) -> Iterator[int]:
 def busy_machine_hint(threads: int) -> str | None:
     """A hint to use fewer threads when the 1-minute load average already fills every core.
 
-    More busy threads than cores make PyTorch's threads wait for each other: on the 2-core
-    development machine with two other busy processes, the smoke config took 15 s at 2 threads and
-    8 s at 1 (README, "Threads"). The load is only advice: the thread count, which results depend
-    on, never follows it.
+    More busy threads than cores make PyTorch's threads wait for each other. Threads that sleep
+    while they wait (:mod:`fedssd.openmp`) cost far less than spinning ones, but a thread that
+    has no core still holds up the others (README, "Threads"). The load is only advice: the thread
+    count, which results depend on, never follows it.
 
     Args:
         threads: The threads the run will use.
@@ -114,7 +115,7 @@ def busy_machine_hint(threads: int) -> str | None:
         return None
     return (
         f"note: the load average ({load:.1f}) already fills the {cores} CPU cores; if other jobs "
-        f"share them, --threads 1 (config key threads) can be much faster than {threads} threads."
+        f"share them, --threads 1 (config key threads) may be faster than {threads} threads."
     )
 
 

@@ -95,7 +95,8 @@ def check_tracking(config: Config) -> None:
 
 def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
     """The numbers of a round's record worth a curve: every numeric entry but the round itself,
-    plus the counts of sampled, accepted and failed clients and whether it was skipped."""
+    plus the counts of sampled, accepted, failed and rejected clients and whether it was
+    skipped."""
     scalars = {
         key: float(value) for key, value in record.items() if key != "round" and _is_number(value)
     }
@@ -103,6 +104,8 @@ def round_scalars(record: Mapping[str, Any]) -> dict[str, float]:
         scalars["sampled_clients"] = float(len(record["clients"]))
     if isinstance(record.get("failed"), Mapping):
         scalars["failed_clients"] = float(len(record["failed"]))
+    if isinstance(record.get("rejected"), Mapping):
+        scalars["rejected_clients"] = float(len(record["rejected"]))
     if "accepted" in record:
         scalars["accepted_clients"] = scalars.pop("accepted", 0.0)
     if isinstance(record.get("skipped"), bool):

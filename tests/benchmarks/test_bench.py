@@ -32,6 +32,18 @@ TINY = bench.BenchConfig(
     gpu_steps=1,
     gpu_clients=2,
     gpu_compile=False,
+    busy_reps=1,
+    busy_overrides=(
+        "federation.rounds=1",
+        "data.train_subset=200",
+        "data.test_subset=100",
+        "model.width=4",
+        "evaluation.every=0",
+        "evaluation.linear_epochs=0",
+        "evaluation.metrics_samples=100",
+        "evaluation.metrics_per_client=20",
+    ),
+    busy_compare=False,
 )
 
 
@@ -48,9 +60,14 @@ def test_quick_mode_writes_every_figure(tmp_path: Path, monkeypatch: pytest.Monk
         "speedup_vs_dataloader",
         "scaling",
         "gpu",
+        "busy_machine",
         "machine",
     ):
         assert key in results, key
+    busy = results["busy_machine_detail"]["fedssd"]
+    assert results["busy_machine"] == busy["busy_over_idle"]
+    (idle,), (loaded,) = busy["idle_train_s"], busy["busy_train_s"]
+    assert busy["busy_over_idle"] == pytest.approx(loaded / idle)
     assert results["machine"]["torch"] == torch.__version__
     assert results["train_efficiency"] > 0 and results["speedup_vs_dataloader"] > 0
     for key in ("round_overhead", "round_overhead_small_clients"):

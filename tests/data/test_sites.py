@@ -29,6 +29,7 @@ from fedssd.federation.evaluate import (
     combine_client_evaluations,
     view_alignment,
 )
+from helpers import one_sentence
 
 TINY = {
     "seed": 3,
@@ -278,3 +279,44 @@ def test_server_sets_named_folder_and_refused(sites: dict[str, Path], tmp_path: 
     assert (
         server_evaluation_views(load_config(fedssd.config.load(_config(sites))), log=print) is None
     )
+
+
+@pytest.mark.slow
+def test_a_deployment_run_is_evaluated_and_exported_from_its_folder(
+    sites: dict[str, Path], fashion: Any, tmp_path: Path
+) -> None:
+    """The server of a deployment holds none of the sites' images and its config names none:
+    ``fedssd eval`` needs a labelled set (said in one sentence) and works with one, and the
+    export card gives the images' size, both from the shape ``partition.json`` records."""
+    from fedssd import config as config_module
+    from fedssd.encoders import export_encoder
+    from fedssd.experiments.evaluate import evaluate_run
+
+    raw = _config(sites)
+    raw["federation"]["rounds"] = 1
+    run = tmp_path / "run"
+    fedssd.train(fedssd.config.load(raw), out=run, log=None)
+    del raw["data"]["clients"]  # as the coordinator's config.toml has it
+    (run / "config.toml").write_text(config_module.dumps(load_config(fedssd.config.load(raw))))
+    assert json.loads((run / "partition.json").read_text())["image_shape"] == [3, 32, 32]
+    with pytest.raises(fedssd.errors.ConfigError, match="--eval-data folder") as refused:
+        evaluate_run(run, "knn", log=None)
+    assert one_sentence(str(refused.value))
+    labelled = tmp_path / "labelled"
+    for label in range(3):
+        (labelled / str(label)).mkdir(parents=True)
+        for i in np.flatnonzero(fashion.y_test.numpy() == label)[:10]:
+            image = fashion.x_test[i, 0].numpy()
+            Image.fromarray(image).save(labelled / str(label) / f"{i}.png")
+    result = evaluate_run(run, "knn", eval_data="folder", eval_path=str(labelled), log=None)
+    assert 0 <= result["knn_acc"] <= 1 and result["train_images"] + result["test_images"] == 30
+    _, card_path = export_encoder(run, "safetensors")
+    card = json.loads(card_path.read_text())
+    assert card["input"]["size"] == 32 and card["input"]["shape"] == ["batch", 3, 32, 32]
+    # A run folder from before the shape was recorded: one sentence, not a search for the sites.
+    partition = json.loads((run / "partition.json").read_text())
+    del partition["image_shape"]
+    (run / "partition.json").write_text(json.dumps(partition))
+    with pytest.raises(fedssd.errors.DataError, match="image_shape") as unknown:
+        evaluate_run(run, "knn", eval_data="folder", eval_path=str(labelled), log=None)
+    assert one_sentence(str(unknown.value))

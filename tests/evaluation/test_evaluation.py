@@ -85,6 +85,28 @@ def test_extract_features_uses_eval_mode_and_restores_mode(training: bool) -> No
     torch.testing.assert_close(z, z_ref)
 
 
+def test_extract_features_passes_fewer_large_images_at_once() -> None:
+    """The batch size counts 32x32 images: 64x64 images go a quarter as many per pass."""
+    seen: list[int] = []
+
+    class Pooled(nn.Module):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            seen.append(x.shape[0])
+            h = x.mean(dim=(2, 3))
+            return h, 2 * h
+
+    images = torch.randint(0, 256, (10, 3, 64, 64), dtype=torch.uint8)
+    h, z = extract_features(Pooled(), images, batch_size=8)
+    assert seen == [2, 2, 2, 2, 2]
+    torch.testing.assert_close(h, images.float().div(255).mean(dim=(2, 3)))
+    torch.testing.assert_close(z, 2 * h)
+    seen.clear()
+    extract_features(Pooled(), images[:, :, :32, :32], batch_size=8)
+    extract_features(Pooled(), images[:, :, :3, :3], batch_size=8)
+    extract_features(Pooled(), images[:3], batch_size=1)
+    assert seen == [8, 2, 8, 2, 1, 1, 1]
+
+
 def test_extract_features_restores_mode_after_error() -> None:
     model = _TinySSL().train()
     with pytest.raises(RuntimeError):

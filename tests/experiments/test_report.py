@@ -4,6 +4,7 @@ tiny run and a real tiny sweep."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -122,6 +123,20 @@ def test_report_of_a_single_run(tmp_path: Path, capsys: pytest.CaptureFixture[st
     )
     assert "| ssd |" in text  # the final evaluation table
     assert "200 training images" in text  # the embedding sample's size
+    # The per-site table: one row per client, as summary.json has it.
+    summary = json.loads((run / "summary.json").read_text())
+    table = text.split("## Sites", 1)[1]
+    assert table.count("\n| ") == 2 + 4  # heading, rule and the 4 clients
+    for site in summary["sites"]:
+        assert site["sampled"] == site["aggregated"] == 2 and site["images"] > 0
+        counts = f"| {site['client']} | {site['images']} | {site['labelled']} | 2 | 2 | 0 | 0 |"
+        assert counts in table
+        assert f"{site['uniformity']:.3f}" in table
+    # A run written before summary.json carried the table gets the same one from its files.
+    del summary["sites"]
+    (run / "summary.json").write_text(json.dumps(summary))
+    again = report.render_markdown(run, "run", report.find_runs(run)[1], [])
+    assert again.split("## Sites")[1].strip() == table.split("### ")[0].strip()
 
 
 @pytest.mark.slow

@@ -7,11 +7,15 @@ import torch
 from torch import nn
 
 from fedssd.errors import ConfigError
-from fedssd.models import ENCODERS, ResNet18Cifar, SmallCNN, SSLModel, build_model, mlp_projector
+from fedssd.models import ENCODERS, ResNet, SmallCNN, SSLModel, build_model, mlp_projector
 
 # The CIFAR ResNet-18 with a 512 -> 10 classifier has 11,173,962 parameters; without the
 # classifier's 512 * 10 + 10 that leaves this many.
 RESNET18_CIFAR_PARAMETERS = 11_173_962 - (512 * 10 + 10)
+
+
+def cifar_resnet18(*, in_channels: int = 3, width: int = 64) -> ResNet:
+    return ENCODERS["resnet18"](in_channels=in_channels, width=width)  # type: ignore[return-value]
 
 
 def count(module: nn.Module) -> int:
@@ -34,7 +38,10 @@ def resnet18_parameters_by_hand(in_channels: int, width: int) -> int:
 
 
 def test_encoder_registry_names() -> None:
-    assert set(ENCODERS) == {"resnet18", "small_cnn"}
+    assert set(ENCODERS) == {
+        "small_cnn",
+        *(f"resnet{depth}{stem}" for depth in (18, 34, 50) for stem in ("", "_imagenet")),
+    }
 
 
 def test_resnet18_shapes() -> None:
@@ -66,7 +73,7 @@ def test_small_cnn_shapes(
 
 
 def test_resnet18_has_stride_one_3x3_stem_and_no_max_pool() -> None:
-    encoder = ResNet18Cifar()
+    encoder = cifar_resnet18()
     stem = encoder.stem[0]
     assert isinstance(stem, nn.Conv2d)
     assert (stem.kernel_size, stem.stride, stem.padding) == ((3, 3), (1, 1), (1, 1))
@@ -79,8 +86,53 @@ def test_resnet18_has_stride_one_3x3_stem_and_no_max_pool() -> None:
 
 def test_resnet18_parameter_count() -> None:
     assert resnet18_parameters_by_hand(3, 64) == RESNET18_CIFAR_PARAMETERS == 11_168_832
-    assert count(ResNet18Cifar()) == RESNET18_CIFAR_PARAMETERS
-    assert count(ResNet18Cifar(in_channels=1, width=16)) == resnet18_parameters_by_hand(1, 16)
+    assert count(cifar_resnet18()) == RESNET18_CIFAR_PARAMETERS
+    assert count(cifar_resnet18(in_channels=1, width=16)) == resnet18_parameters_by_hand(1, 16)
+
+
+def test_imagenet_stem_is_a_7x7_stride_2_convolution_and_a_max_pool() -> None:
+    encoder = ENCODERS["resnet18_imagenet"](width=8)
+    conv, _, _, pool = encoder.stem
+    assert isinstance(conv, nn.Conv2d) and isinstance(pool, nn.MaxPool2d)
+    assert (conv.kernel_size, conv.stride, conv.padding) == ((7, 7), (2, 2), (3, 3))
+    assert (pool.kernel_size, pool.stride, pool.padding) == (3, 2, 1)
+    # 224 / 4 after the stem, / 8 more over the stages: a 7x7 map, as in He et al. (Table 1).
+    stem = encoder.stem(torch.randn(1, 3, 224, 224))
+    assert stem.shape == (1, 8, 56, 56)
+    assert encoder.stages(stem).shape == (1, 64, 7, 7)
+
+
+@pytest.mark.parametrize(
+    ("encoder", "feature_dim", "blocks"),
+    [
+        ("resnet18_imagenet", 512, 8),
+        ("resnet34_imagenet", 512, 16),
+        ("resnet50_imagenet", 2048, 16),
+        ("resnet50", 2048, 16),
+    ],
+)
+def test_resnet_depths_and_feature_widths_flow_to_the_projector(
+    encoder: str, feature_dim: int, blocks: int
+) -> None:
+    with torch.device("meta"):
+        model = build_model(encoder=encoder, projector_out=None)
+    assert (model.feature_dim, model.embed_dim) == (feature_dim, feature_dim)
+    assert model.projector[0].in_features == feature_dim
+    stages = model.encoder.stages
+    assert sum(len(stage) for stage in stages) == blocks
+    # Bottlenecks put the stride on the 3x3 convolution (torchvision's and timm's layout).
+    first = stages[1][0]
+    strided = [name for name, m in first.named_modules() if getattr(m, "stride", None) == (2, 2)]
+    assert strided[0] == ("conv1" if feature_dim == 512 else "conv2")
+
+
+@pytest.mark.parametrize("size", [32, 64, 224])
+def test_imagenet_resnets_take_images_of_any_size(size: int) -> None:
+    for name in ("resnet18_imagenet", "resnet50_imagenet"):
+        model = build_model(encoder=name, width=4, projector_hidden=16, projector_out=8).eval()
+        h, z = model(torch.rand(2, 3, size, size))
+        assert h.shape == (2, model.feature_dim) and z.shape == (2, 8)
+        assert torch.isfinite(h).all()
 
 
 def test_small_cnn_structure() -> None:
@@ -125,7 +177,7 @@ def test_model_forward_is_encoder_then_projector_without_normalisation() -> None
 
 def test_unknown_encoder_raises_config_error_naming_choices() -> None:
     with pytest.raises(ConfigError, match=r"resnet18.*small_cnn"):
-        build_model(encoder="resnet50")
+        build_model(encoder="resnet101")
 
 
 def test_channels_last_and_bf16_autocast() -> None:

@@ -54,6 +54,30 @@ def _sorted_parts(parts: list[np.ndarray]) -> list[np.ndarray]:
     return [np.sort(part).astype(np.int64) for part in parts]
 
 
+def _piece_sizes(cuts: np.ndarray, total: int) -> np.ndarray:
+    """The sizes of the pieces ``np.split`` makes of ``total`` items at the sorted ``cuts``."""
+    bounds = np.clip(np.concatenate(([0], cuts, [total])), 0, total)
+    return np.diff(bounds).astype(np.int64)
+
+
+def _assemble(
+    owners: list[np.ndarray], shuffled: list[np.ndarray], num_clients: int
+) -> list[np.ndarray]:
+    """Each client's sorted part of a split that gives ``shuffled[c][i]`` to client
+    ``owners[c][i]``: one sort for all clients instead of a concatenation per client, which took
+    most of a second for 10,000 clients."""
+    owner = np.concatenate(owners).astype(np.int64)
+    index = np.concatenate(shuffled).astype(np.int64)
+    ordered = index[np.lexsort((index, owner))]
+    counts = np.bincount(owner, minlength=num_clients)
+    return np.split(ordered, np.cumsum(counts)[:-1])
+
+
+def _owners(sizes: np.ndarray) -> np.ndarray:
+    """Client k owns the k-th piece of these ``sizes``."""
+    return np.repeat(np.arange(sizes.shape[0]), sizes)
+
+
 def iid(labels: np.ndarray, *, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
     """A uniformly random split into ``num_clients`` parts whose sizes differ by at most one.
 
@@ -115,15 +139,14 @@ def dirichlet(
         )
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(max_tries):
-        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        sizes, shuffled = [], []
         for members in by_class:
             shares = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(shares)[:-1] * members.shape[0]).astype(np.int64)
-            for client, piece in enumerate(np.split(rng.permutation(members), cuts)):
-                parts[client].append(piece)
-        merged = [np.concatenate(pieces) for pieces in parts]
-        if min(part.shape[0] for part in merged) >= min_size:
-            return _sorted_parts(merged)
+            sizes.append(_piece_sizes(cuts, members.shape[0]))
+            shuffled.append(rng.permutation(members))
+        if np.sum(sizes, axis=0).min() >= min_size:
+            return _assemble([_owners(s) for s in sizes], shuffled, num_clients)
     raise DataError(
         f"No Dirichlet split with alpha={alpha} gave all {num_clients} clients at least "
         f"{min_size} samples in {max_tries} draws; lower federation.num_clients or raise "
@@ -157,17 +180,16 @@ def dirichlet_released(
     _check_clients(num_clients, labels.shape[0])
     if not alpha > 0:
         raise ConfigError(f"data.alpha is {alpha}; the Dirichlet concentration must be > 0.")
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    sizes, shuffled = [], []
     for c in np.unique(labels):
         members = np.flatnonzero(labels == c)
         exact = rng.dirichlet(np.full(num_clients, alpha)) * members.shape[0]
         counts = np.floor(exact).astype(np.int64)
         leftover = int(members.shape[0] - counts.sum())
         counts[np.argsort(counts - exact, kind="stable")[:leftover]] += 1
-        pieces = np.split(rng.permutation(members), np.cumsum(counts)[:-1])
-        for client, piece in enumerate(pieces):
-            parts[client].append(piece)
-    return _sorted_parts([np.concatenate(pieces) for pieces in parts])
+        sizes.append(_piece_sizes(np.cumsum(counts)[:-1], members.shape[0]))
+        shuffled.append(rng.permutation(members))
+    return _assemble([_owners(s) for s in sizes], shuffled, num_clients)
 
 
 def pathological(
@@ -223,7 +245,7 @@ def pathological(
         for class_position in order[:classes_per_client]:
             holders[class_position].append(client)
             remaining[class_position] -= 1
-    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    owners, shuffled = [], []
     for class_position, clients in enumerate(holders):
         members = rng.permutation(np.flatnonzero(labels == classes[class_position]))
         if members.shape[0] < len(clients):
@@ -231,9 +253,12 @@ def pathological(
                 f"Class {classes[class_position]} has {members.shape[0]} samples but would be "
                 f"shared by {len(clients)} clients; lower federation.num_clients."
             )
-        for client, piece in zip(clients, np.array_split(members, len(clients)), strict=True):
-            parts[client].append(piece)
-    return _sorted_parts([np.concatenate(pieces) for pieces in parts])
+        # np.array_split's sizes: the first n % len(clients) pieces one longer.
+        even, longer = divmod(members.shape[0], len(clients))
+        sizes = np.full(len(clients), even) + (np.arange(len(clients)) < longer)
+        owners.append(np.repeat(np.asarray(clients, dtype=np.int64), sizes))
+        shuffled.append(members)
+    return _assemble(owners, shuffled, num_clients)
 
 
 def load_split_file(

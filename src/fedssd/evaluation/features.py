@@ -14,6 +14,9 @@ from torch import nn
 from fedssd.data.augment import to_float
 from fedssd.errors import ConfigError, DataError
 
+# The image side a feature-extraction batch size counts in (CIFAR's).
+_BATCH_SIDE = 32
+
 
 def check_labels(labels: torch.Tensor, count: int, num_classes: int, what: str) -> None:
     """Refuse labels that are not ``count`` integers in ``[0, num_classes)``.
@@ -65,7 +68,9 @@ def extract_features(
         model: a module whose ``forward(x)`` returns ``(h, z_raw)``: ``(batch, feature_dim)``
             encoder output and ``(batch, embed_dim)`` projector output, both un-normalised.
         images: ``(n, channels, height, width)`` uint8 images, on the CPU or on ``device``.
-        batch_size: number of images per forward pass.
+        batch_size: number of 32x32 images per forward pass; larger images go in proportionally
+            fewer (at least one), so that a pass holds no more pixels: the activations of 1024
+            images of 224x224 would need gigabytes.
         device: device the forward passes run on.
 
     Returns:
@@ -81,13 +86,17 @@ def extract_features(
     if batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size}.")
     target = torch.device(device)
+    pixels = images.shape[-2] * images.shape[-1]
+    per_pass = (
+        max(1, batch_size * _BATCH_SIDE**2 // pixels) if pixels > _BATCH_SIDE**2 else batch_size
+    )
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         h_parts: list[torch.Tensor] = []
         z_parts: list[torch.Tensor] = []
-        for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start : start + batch_size].to(target, non_blocking=True))
+        for start in range(0, images.shape[0], per_pass):
+            x = to_float(images[start : start + per_pass].to(target, non_blocking=True))
             h, z_raw = model(x)
             h_parts.append(h.float().cpu())
             z_parts.append(z_raw.float().cpu())

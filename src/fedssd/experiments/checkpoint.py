@@ -2,11 +2,19 @@
 
 A checkpoint is a folder ``<run>/checkpoints/round-NNNNNN/`` holding ``model.safetensors`` (the
 global model), ``server.safetensors`` (the method's server state), ``clients.safetensors`` (the
-client store's tensors) and ``state.json`` (the round, the metrics so far, the client store's
-scalars, what run it belongs to, and the SHA-256 of each tensor file). It is written under a
+client store's index: each client's id and the SHA-256 of the file holding its state) and
+``state.json`` (the round, the metrics so far, what run it belongs to, the training time so far,
+and the SHA-256 of each tensor file). The client states themselves are files in
+``<run>/client-states/`` (:mod:`fedssd.federation.store`), shared by the checkpoints that hold the
+same state: a checkpoint writes only the states that changed since the one before it, and files no
+checkpoint refers to any more are deleted after each write. A checkpoint folder is written under a
 temporary name and renamed into place, so the newest complete checkpoint is always intact; older
 ones beyond ``keep`` are then deleted. Loading reads safetensors and JSON only (nothing is
-unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence.
+unpickled) and refuses a truncated, corrupted or foreign checkpoint in one sentence; each client
+state file is checked when the run first reads it.
+
+Checkpoints of format 1 (every client's tensors in ``clients.safetensors``, their scalars in
+``state.json``) are still read.
 
 All random numbers of a run are derived from the run seed and the round (fedssd.seeding), so the
 round number restores every random stream: there is no generator state to save. The exception,
@@ -31,10 +39,17 @@ from safetensors.torch import load_file
 
 from fedssd.errors import DataError
 from fedssd.experiments.outputs import fsync_path, jsonable, save_model, write_json
-from fedssd.federation.store import ClientStore
+from fedssd.federation.store import (
+    ClientStore,
+    index_from_tensors,
+    index_tensors,
+    remove_unreferenced,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_READABLE_FORMATS = (1, 2)
 FOLDER = "checkpoints"
+STATES = "client-states"
 _TENSOR_FILES = ("model", "server", "clients")
 
 
@@ -49,6 +64,8 @@ class Checkpoint:
         store: The client store.
         history: The per-round records so far (the lines of ``metrics.jsonl``).
         identity: What run it belongs to (see :func:`run_identity`).
+        train_seconds: The run's training time up to this checkpoint, over every stretch of a
+            resumed run (0 in a checkpoint written before it was kept).
     """
 
     rounds_done: int
@@ -57,6 +74,7 @@ class Checkpoint:
     store: ClientStore
     history: list[dict[str, Any]]
     identity: dict[str, Any]
+    train_seconds: float = 0.0
 
 
 #: Keys added to the config after checkpoints were first written, with the value that reproduces
@@ -100,10 +118,11 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    index = checkpoint.store.flush(states_folder(run_dir))
     tensors = {
         "model": checkpoint.model,
         "server": checkpoint.server,
-        "clients": checkpoint.store.tensors(),
+        "clients": index_tensors(index),
     }
     digests = {}
     for name, state in tensors.items():
@@ -116,9 +135,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
             "format": FORMAT_VERSION,
             "rounds_done": checkpoint.rounds_done,
             "identity": checkpoint.identity,
-            "clients": checkpoint.store.meta(),
             "sha256": digests,
             "history": checkpoint.history,
+            "train_seconds": checkpoint.train_seconds,
         },
     )
     fsync_path(tmp, best_effort=True)
@@ -128,15 +147,40 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
     fsync_path(root, best_effort=True)
     for old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    remove_unreferenced_states(run_dir)
     return final
 
 
+def states_folder(run_dir: Path) -> Path:
+    """Where a run's client state files are (:mod:`fedssd.federation.store`)."""
+    return run_dir / STATES
+
+
 def remove_partial_checkpoints(run_dir: Path) -> None:
-    """Delete temporary folders left by checkpoint writes that were killed mid-way."""
-    root = run_dir / FOLDER
-    if root.is_dir():
-        for partial in root.glob(".tmp-*"):
+    """Delete temporary folders and files left by checkpoint writes that were killed mid-way, and
+    the client states written after the newest checkpoint."""
+    for partial in (*(run_dir / FOLDER).glob(".tmp-*"), *states_folder(run_dir).glob(".tmp-*")):
+        if partial.is_dir():
             shutil.rmtree(partial, ignore_errors=True)
+        else:
+            partial.unlink(missing_ok=True)
+    remove_unreferenced_states(run_dir)
+
+
+def remove_unreferenced_states(run_dir: Path) -> int:
+    """Delete the client state files that no checkpoint of the run refers to. Nothing is deleted
+    while a checkpoint's index cannot be read (a damaged one may still refer to a file).
+
+    Returns:
+        How many files were deleted.
+    """
+    referenced: set[str] = set()
+    for path in list_checkpoints(run_dir):
+        try:
+            referenced.update(_client_index(path).values())
+        except (DataError, OSError, KeyError, TypeError, ValueError, SafetensorError):
+            return 0
+    return remove_unreferenced(states_folder(run_dir), referenced)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -159,8 +203,11 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise DataError(f"checkpoint {path} has no state.json; it is incomplete.") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         raise DataError(f"checkpoint {path}/state.json is corrupted (not valid JSON).") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION:
-        raise DataError(f"checkpoint {path} is not a fedssd checkpoint of format {FORMAT_VERSION}.")
+    if not isinstance(meta, dict) or meta.get("format") not in _READABLE_FORMATS:
+        raise DataError(
+            f"checkpoint {path} is not a fedssd checkpoint of a format this version reads "
+            f"({', '.join(map(str, _READABLE_FORMATS))})."
+        )
     try:
         digests = meta["sha256"]
         tensors: dict[str, dict[str, torch.Tensor]] = {}
@@ -174,7 +221,10 @@ def load_checkpoint(path: Path) -> Checkpoint:
                     "match the one recorded when it was written)."
                 )
             tensors[name] = load_file(str(file))
-        store = ClientStore.restore(meta["clients"], tensors["clients"])
+        if meta["format"] == 1:
+            store = ClientStore.restore(meta["clients"], tensors["clients"])
+        else:
+            store = _saved_store(path, index_from_tensors(tensors["clients"]))
         return Checkpoint(
             rounds_done=int(meta["rounds_done"]),
             model=tensors["model"],
@@ -182,6 +232,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             store=store,
             history=list(meta["history"]),
             identity=dict(meta["identity"]),
+            train_seconds=float(meta.get("train_seconds", 0.0)),
         )
     except (KeyError, TypeError, ValueError, SafetensorError) as error:
         raise DataError(f"checkpoint {path} is malformed ({error}).") from None
@@ -207,6 +258,33 @@ def check_model_state(
                 f"{tuple(saved[key].shape)} {saved[key].dtype}, the model's is "
                 f"{tuple(value.shape)} {value.dtype}."
             )
+
+
+def _saved_store(path: Path, index: Mapping[int, str]) -> ClientStore:
+    """The store of checkpoint ``path`` from its index; every file it names must exist.
+
+    Raises:
+        DataError: A client state file is missing.
+    """
+    folder = path.parent.parent / STATES
+    for client_id, digest in index.items():
+        if not (folder / f"{digest}.safetensors").is_file():
+            raise DataError(
+                f"checkpoint {path} refers to client {client_id}'s state file "
+                f"{digest}.safetensors, which is missing from {folder}."
+            )
+    return ClientStore(folder, saved=index)
+
+
+def _client_index(path: Path) -> dict[int, str]:
+    """The client index of checkpoint ``path`` (empty for format 1, which has no state files)."""
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    if meta["format"] == 1:
+        return {}
+    file = path / "clients.safetensors"
+    if _sha256(file) != meta["sha256"]["clients"]:
+        raise DataError(f"checkpoint file {file} is corrupted or truncated.")
+    return index_from_tensors(load_file(str(file)))
 
 
 def _sha256(path: Path) -> str:

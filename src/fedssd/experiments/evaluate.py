@@ -21,6 +21,7 @@ evaluations themselves are pure functions in :mod:`fedssd.evaluation`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from fedssd.data.federated import (
     load_data,
     prepare_data,
     run_evaluation_views,
+    server_evaluation_views,
 )
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation.features import extract_features
@@ -123,6 +125,23 @@ def load_run(run_dir: str | Path) -> tuple[Config, SSLModel]:
             )
     model.load_state_dict(tensors, strict=False)
     return config, model.eval()
+
+
+def recorded_image_shape(run_dir: Path) -> tuple[int, int, int] | None:
+    """The ``(channels, height, width)`` of the images a run trained on, as its
+    ``partition.json`` records it (None for a run written before it did, or without the file)."""
+    try:
+        shape = json.loads((run_dir / "partition.json").read_text(encoding="utf-8"))["image_shape"]
+        channels, height, width = (int(v) for v in shape)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return channels, height, width
+
+
+def _sites_elsewhere(config: Config) -> bool:
+    """Whether the run trained on sites' own images that are not here (a deployment's server:
+    the nodes named their data, the config names none)."""
+    return config.data.partition == "clients" and not config.data.clients and not config.data.path
 
 
 def _read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -229,6 +248,16 @@ def _own_views(config: Config, log: Log) -> EvaluationViews:
     Raises:
         ConfigError: The run was evaluated federated, so no labelled set is in one place.
     """
+    if _sites_elsewhere(config):
+        # A deployment: the sites' images stay on the sites; only the server's set is here.
+        views = server_evaluation_views(config, log=log)
+        if views is None:
+            raise ConfigError(
+                "This run trained on the sites' own images, which stay on the sites; evaluate "
+                "it on a labelled set with eval_data and eval_path (--eval-data folder "
+                "--eval-path DIR, or npz)."
+            )
+        return views
     views = run_evaluation_views(config, prepare_data(config, log=log), log=log)
     if views is None:
         raise ConfigError(
@@ -242,11 +271,19 @@ def _transfer_views(
     config: Config, eval_data: str, eval_path: str | None, log: Log
 ) -> tuple[EvaluationViews, Config]:
     """Another dataset's training set (the pool, one client) and test set, with the run's data
-    options (root, download, padding, channels, subset sizes)."""
+    options (root, download, padding, channels, subset sizes); a set without test images is
+    split into a stratified 80 % bank and 20 % queries."""
     path = None if eval_path is None else str(Path(eval_path).expanduser().resolve())
     data = dataclasses.replace(config.data, name=eval_data, path=path)
     transfer = dataclasses.replace(config, data=data)
     dataset = load_data(data, log=log)
+    if dataset.x_test.shape[0] == 0 and path is not None:
+        # A folder or .npz without test images: a stratified bank and queries, as a server's
+        # evaluation set is split.
+        evaluation = dataclasses.replace(config.evaluation, data=path)
+        views = server_evaluation_views(dataclasses.replace(config, evaluation=evaluation), log=log)
+        assert views is not None
+        return views, transfer
     pool, test = data_subsets(transfer, dataset)
     pool_t, test_t = torch.from_numpy(pool), torch.from_numpy(test)
     views = EvaluationViews(
@@ -260,7 +297,9 @@ def _transfer_views(
     return views, transfer
 
 
-def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_data: str) -> None:
+def _check_shape(
+    config: Config, model: SSLModel, views: EvaluationViews, eval_data: str, run_dir: Path
+) -> None:
     """Refuse images the model was not trained on (another channel count or size)."""
     shape = tuple(views.train_images.shape[1:])
     channels = _in_channels(model)
@@ -269,7 +308,18 @@ def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_d
             f"{eval_data} images have {shape[0]} channel(s) but the model was trained on "
             f"{channels}; set data.rgb in the run's config.toml or convert the evaluation data."
         )
-    # The run does not record its image side, so its own data is read again (never downloaded).
+    recorded = recorded_image_shape(run_dir)
+    if recorded is not None:
+        _check_side(eval_data, shape, recorded)
+        return
+    if _sites_elsewhere(config):
+        raise DataError(
+            f"{run_dir}/partition.json does not say the size of the images the run trained on "
+            "(a run written by an earlier fedssd) and the sites' images are not here; add "
+            '"image_shape": [channels, height, width] to it and retry.'
+        )
+    # An older run does not record its image side, so its own data is read again (never
+    # downloaded).
     try:
         offline = dataclasses.replace(config, data=dataclasses.replace(config.data, download=False))
         if config.data.partition == "clients":
@@ -283,7 +333,10 @@ def _check_shape(config: Config, model: SSLModel, views: EvaluationViews, eval_d
             "size the model was trained on, and it could not be found; make it available "
             "(data.path or data.root in the run's config.toml) and retry."
         ) from None
-    trained = tuple(source.x_train.shape[1:])
+    _check_side(eval_data, shape, tuple(source.x_train.shape[1:]))
+
+
+def _check_side(eval_data: str, shape: tuple[int, ...], trained: tuple[int, ...]) -> None:
     if trained[1:] != shape[1:]:
         raise DataError(
             f"{eval_data} images are {shape[1]}x{shape[2]} but the model was trained on "
@@ -381,7 +434,7 @@ def _evaluate(
             )
     else:
         views, _ = _transfer_views(config, eval_data, eval_path, say)
-        _check_shape(config, model, views, eval_data)
+        _check_shape(config, model, views, eval_data, run_dir)
     model.to(target)
     note = label_warning(views.train_labels, views.test_labels)
     if note is not None:

@@ -31,6 +31,7 @@ RUN_FILES = (
     "model.safetensors",
     "server_state.safetensors",
     "checkpoints",
+    "client-states",
     "eval",
     FLOWER_FILE,
 )

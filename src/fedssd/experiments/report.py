@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedssd.errors import ConfigError, DataError
+from fedssd.experiments.sites import format_site_table, site_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -878,6 +879,7 @@ def render_markdown(
             from fedssd.experiments.tables import format_table
 
             lines += ["## Final evaluation", "", format_table({run.method: summary}), ""]
+            lines += _sites_section(folder, summary)
         else:
             lines += ["The run has no summary.json: it did not finish.", ""]
     for setting, figures in sections:
@@ -894,6 +896,32 @@ def render_markdown(
                 "",
             ]
     return "\n".join(lines)
+
+
+def _sites_section(folder: Path, summary: Mapping[str, Any]) -> list[str]:
+    """``report.md``'s per-site table: ``summary.json``'s, else built from the run's files (a
+    run written before the summary carried it); none for a DP run, which keeps it on the
+    server."""
+    rows = summary.get("sites")
+    if not isinstance(rows, list):
+        if _config(folder).privacy.dp != "off":
+            return []
+        partition = _json(folder / "partition.json")
+        if partition is None:
+            return []
+        rows = site_table(partition, read_metrics(folder), summary)
+    return [
+        "## Sites",
+        "",
+        "Each client's images (labelled ones among them), the rounds it was sampled in, those "
+        "its update was aggregated in, failed (no update: a fault, no reply) or was rejected by "
+        "the server's checks (the reason is in metrics.jsonl), and the final model's metrics on "
+        "its own images where the run has them (-L_unif: uniformity of its features, higher is "
+        "more uniform; kNN, alignment and effective rank from a federated evaluation).",
+        "",
+        format_site_table(rows),
+        "",
+    ]
 
 
 def _slug(name: str) -> str:

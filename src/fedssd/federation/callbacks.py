@@ -22,6 +22,7 @@ from fedssd.experiments.outputs import append_jsonl, jsonable, write_text_atomic
 from fedssd.federation.client import LocalResult
 from fedssd.federation.evaluate import knn_monitor
 from fedssd.federation.privacy import release_view, withheld
+from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.server import Callback
 from fedssd.federation.simulator import ClientCallback
 from fedssd.federation.store import ClientStore
@@ -43,8 +44,11 @@ def checkpointer(
     method: Method,
     store: ClientStore,
     history: list[dict[str, Any]],
+    *,
+    started: float,
 ) -> Callback:
-    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end."""
+    """A round callback writing a checkpoint every ``checkpoint.every`` rounds and at the end;
+    ``started`` is the ``time.perf_counter()`` the run's training time counts from."""
     identity = run_identity(config_module.to_dict(config))
     every, rounds = config.checkpoint.every, config.federation.rounds
 
@@ -59,6 +63,7 @@ def checkpointer(
             store=store,
             history=history[:done],
             identity=identity,
+            train_seconds=time.perf_counter() - started,
         )
         save_checkpoint(out_dir, checkpoint, keep=config.checkpoint.keep)
 
@@ -75,9 +80,17 @@ def round_callbacks(
     """The round callbacks: the kNN monitor, the metrics file and the progress line.
 
     Without ``views`` (a federated evaluation: no labelled set in one place) the kNN monitor is
-    off, which is said once.
+    off, which is said once; so is a norm check that no round can run (too few clients sampled).
     """
     callbacks: list[Callback] = []
+    checks, fed = config.validation, config.federation
+    sampled = clients_per_round(num_clients=fed.num_clients, fraction=fed.fraction)
+    if checks.max_norm_ratio > 0 and sampled <= checks.min_peers:
+        say(
+            f"the update norm check is off: it judges an update against at least "
+            f"{checks.min_peers} others (validation.min_peers) and a round samples {sampled} "
+            "clients"
+        )
     ev = config.evaluation
     if ev.every and views is None:
         say(
@@ -102,7 +115,14 @@ def round_callbacks(
         )
     if out_dir is not None:
         callbacks.append(round_logger(config, out_dir))
-    callbacks.append(progress(config.method.name, config.federation.rounds, say))
+    callbacks.append(
+        progress(
+            config.method.name,
+            config.federation.rounds,
+            say,
+            name_clients=config.privacy.dp == "off",
+        )
+    )
     return callbacks
 
 
@@ -149,9 +169,11 @@ def client_progress(name: str, rounds: int, say: Log) -> ClientCallback:
     return report
 
 
-def progress(name: str, rounds: int, say: Log) -> Callback:
+def progress(name: str, rounds: int, say: Log, *, name_clients: bool = True) -> Callback:
     """A callback printing one line per round with the loss parts and the time left (from the
-    rounds this process ran: a resumed run's earlier rounds took no time here)."""
+    rounds this process ran: a resumed run's earlier rounds took no time here), then one line
+    per client whose update was refused or that failed, naming it and the reason; without
+    ``name_clients`` (a DP run, whose cohort stays on the server) one line counting them."""
     started = time.perf_counter()
     before: list[int] = []  # rounds done before the first this process reports
 
@@ -169,5 +191,17 @@ def progress(name: str, rounds: int, say: Log) -> Callback:
             f"[{name}] round {done}/{rounds} | loss {record['loss']:.4f} ({parts}){knn} "
             f"| {record['seconds']:.1f}s | eta {eta:.0f}s"
         )
+        rejected, failed = record.get("rejected", {}), record.get("failed", {})
+        if not name_clients:
+            if rejected or failed:
+                say(
+                    f"[{name}] round {done}/{rounds}: {len(rejected)} update(s) rejected, "
+                    f"{len(failed)} client(s) failed (named in {SERVER_ONLY_LOG})"
+                )
+            return
+        for client, reason in rejected.items():
+            say(f"[{name}] round {done}/{rounds}: rejected the update of client {client}: {reason}")
+        for client, reason in failed.items():
+            say(f"[{name}] round {done}/{rounds}: client {client} failed: {reason}")
 
     return report

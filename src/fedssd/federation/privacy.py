@@ -646,6 +646,8 @@ SERVER_ONLY_DP_KEYS = frozenset({"dp_unclipped_fraction"})
 SERVER_ONLY_SUMMARY = frozenset(
     {
         "failed_clients",
+        "rejected_clients",
+        "sites",
         "skipped_rounds",
         "uniformity_intra",
         "uniformity_inter",

@@ -5,16 +5,17 @@ the cohort, the learning rate, a copy of the global state, which entries stay on
 (:func:`local_keys`), the simulated faults), how a client's update is weighted
 (:func:`client_weight`), the checks of each client's reply (:class:`RoundTally`: a crash, a
 non-finite local loss, a simulated fault, no batches, :func:`~fedssd.federation.validate.
-check_update`), the end of the round (:func:`conclude_round`: norm outliers, divergence, the
-method's aggregate or the DP mechanism, the round's record) and the round callbacks
-(:func:`run_callbacks`). The simulator and the Flower strategies differ only in how the tasks
-reach the clients and the replies come back.
+check_update`), the end of the round (:func:`conclude_round`: norm outliers over the learned
+weights, divergence, the method's aggregate or the DP mechanism, the round's record) and the
+round callbacks (:func:`run_callbacks`). The simulator and the Flower strategies differ only
+in how the tasks reach the clients and the replies come back.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -28,7 +29,7 @@ from fedssd.federation.client import LocalResult
 from fedssd.federation.faults import Fault, draw_fault
 from fedssd.federation.privacy import PrivateAggregator, SecureSum, private_weight
 from fedssd.federation.sampling import sample_clients, shuffled_order
-from fedssd.federation.validate import check_update, norm_outliers, update_distance
+from fedssd.federation.validate import check_update, learned_keys, norm_outliers, update_distance
 from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
 from fedssd.methods.server import aggregate_updates
 
@@ -114,6 +115,8 @@ class RoundPlan:
         lr: The round's learning rate.
         global_state: A copy of the global state the round starts from.
         expected: The entries an update must hold (the global state without the local keys).
+        measured: The entries the norm check measures (the model's
+            :func:`~fedssd.federation.validate.learned_keys`).
         faults: Client id -> its simulated fault this round (None: none).
         privacy: The ``[privacy]`` table of a DP run (how updates are weighted), else None.
         started: ``time.perf_counter()`` when the round opened.
@@ -124,6 +127,7 @@ class RoundPlan:
     lr: float
     global_state: dict[str, torch.Tensor]
     expected: dict[str, torch.Tensor]
+    measured: frozenset[str]
     faults: dict[int, Fault | None]
     privacy: PrivacyConfig | None
     started: float
@@ -131,7 +135,12 @@ class RoundPlan:
     def tally(self, *, measure: bool = False) -> RoundTally:
         """An empty tally of the replies; ``measure`` records each client's movement from where
         it started (the norm check's measure) instead of leaving it to :func:`conclude_round`."""
-        return RoundTally(self.expected, privacy=self.privacy, movements={} if measure else None)
+        return RoundTally(
+            self.expected,
+            self.measured,
+            privacy=self.privacy,
+            movements={} if measure else None,
+        )
 
 
 def open_round(
@@ -170,6 +179,7 @@ def open_round(
         lr=round_lr(schedule, round_index),
         global_state=global_state,
         expected={k: v for k, v in global_state.items() if k not in keep_local},
+        measured=learned_keys(global_model),
         faults={
             client_id: draw_fault(
                 guards.faults, seed=schedule.seed, round_index=round_index, client_id=client_id
@@ -187,20 +197,26 @@ class RoundTally:
 
     Attributes:
         expected: The entries an update must hold (the global state without the local keys).
+        measured: The entries the norm check measures (the model's
+            :func:`~fedssd.federation.validate.learned_keys`).
         privacy: The ``[privacy]`` table of a DP run (how updates are weighted), else None.
         results: Every local result received (those that trained), in sample order.
         updates: The checked updates, in sample order.
-        failed: Client id -> why its update is not aggregated.
+        failed: Client id -> why the client sent no update (a crash, a lost update, a
+            non-finite local loss, too few images to train a batch).
+        rejected: Client id -> why the server refused the update it sent.
         movements: Client id -> distance its weights moved per local step, for the norm check;
             None lets :func:`conclude_round` measure each update from the global state.
         secure_sum: A distributed DP round's SecAgg+ sum (the server sees no update itself).
     """
 
     expected: Mapping[str, torch.Tensor]
+    measured: frozenset[str]
     privacy: PrivacyConfig | None = None
     results: list[LocalResult] = dataclasses.field(default_factory=list)
     updates: list[ClientUpdate] = dataclasses.field(default_factory=list)
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
+    rejected: dict[int, str] = dataclasses.field(default_factory=dict)
     movements: dict[int, float] | None = None
     secure_sum: SecureSum | None = None
 
@@ -223,8 +239,8 @@ class RoundTally:
             result: Its local result.
             state: Gives the trained weights (read only once the cheaper checks pass).
             payload: Gives the method's payload (read only for an accepted update).
-            origin: Where the client's weights started, to measure its movement (recorded in
-                ``movements``); None records nothing.
+            origin: Where the client's weights started, to measure its movement over the
+                ``measured`` entries (recorded in ``movements``); None records nothing.
             device: Where an accepted update's tensors go; None leaves them where they are.
         """
         self.results.append(result)
@@ -235,11 +251,12 @@ class RoundTally:
             self.failed[client_id] = fault_reason(fault)
             return
         if result.num_batches == 0:
+            self.failed[client_id] = "too few images for one batch"
             return
         weights = state()
         reason = check_update(self.expected, weights)
         if reason is not None:
-            self.failed[client_id] = f"rejected: {reason}"
+            self.rejected[client_id] = reason
             return
         extra = payload()
         if device is not None:
@@ -248,7 +265,8 @@ class RoundTally:
         weight = client_weight(result.num_batches, self.privacy)
         self.updates.append(ClientUpdate(client_id, weights, weight, extra, result.loss))
         if origin is not None and self.movements is not None:
-            self.movements[client_id] = update_distance(origin, weights) / result.num_batches
+            distance = update_distance(origin, weights, keys=self.measured)
+            self.movements[client_id] = distance / result.num_batches
 
 
 def conclude_round(
@@ -262,7 +280,7 @@ def conclude_round(
 
     Args:
         plan: The round as it was opened.
-        tally: The replies (``failed`` gets the outliers added).
+        tally: The replies (``rejected`` gets the outliers added).
         method: Aggregates the accepted updates.
         guards: Fault, validation and privacy settings.
 
@@ -276,9 +294,10 @@ def conclude_round(
     movements = tally.movements
     if movements is None and guards.validation.max_norm_ratio > 0:
         movements = {
-            u.client_id: update_distance(global_state, u.state) / u.weight for u in tally.updates
+            u.client_id: update_distance(global_state, u.state, keys=plan.measured) / u.weight
+            for u in tally.updates
         }
-    updates = _drop_outliers(tally.updates, movements or {}, guards.validation, tally.failed)
+    updates = _drop_outliers(tally.updates, movements or {}, guards.validation, tally.rejected)
     trained = [r for r in tally.results if r.num_batches > 0]
     if trained and not any(r.finite for r in trained):
         raise TrainingDiverged(
@@ -306,6 +325,7 @@ def conclude_round(
     record = _round_record(round_index, plan.clients, plan.lr, tally.results)
     record["accepted"] = len(updates)
     record["failed"] = {str(k): v for k, v in sorted(tally.failed.items())}
+    record["rejected"] = {str(k): v for k, v in sorted(tally.rejected.items())}
     record["skipped"] = skipped
     record["seconds"] = time.perf_counter() - plan.started
     record.update(privacy_record)
@@ -322,9 +342,10 @@ def _drop_outliers(
     updates: list[ClientUpdate],
     movements: Mapping[int, float],
     validation: ValidationConfig,
-    failed: dict[int, str],
+    rejected: dict[int, str],
 ) -> list[ClientUpdate]:
-    """``updates`` without those whose movement per local step is an outlier.
+    """``updates`` without those whose movement per local step is an outlier (recorded in
+    ``rejected``).
 
     Per step, because an honest client with many batches moves further in total (under a
     Dirichlet split, client sizes differ by hundreds of times).
@@ -336,9 +357,10 @@ def _drop_outliers(
         norm_outliers(steps, ratio=validation.max_norm_ratio, min_peers=validation.min_peers)
     )
     for i in sorted(outliers):
-        failed[updates[i].client_id] = (
-            f"rejected: update moved {steps[i]:.3g} per local step, more than "
-            f"{validation.max_norm_ratio:g} times the median of the others"
+        others = statistics.median(d for j, d in enumerate(steps) if j != i)
+        rejected[updates[i].client_id] = (
+            f"update moved {steps[i]:.3g} per local step, more than "
+            f"{validation.max_norm_ratio:g} times the median of the others ({others:.3g})"
         )
     return [u for i, u in enumerate(updates) if i not in outliers]
 

@@ -85,9 +85,10 @@ def run_rounds(
 
     Returns:
         ``history`` with one record per round: ``round`` (1-based), ``clients``, ``lr``,
-        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> reason),
-        ``skipped``, ``client_state`` (client id -> the scalars a stateful method keeps, e.g.
-        FedEMA's lambda and mu), ``seconds`` and whatever the callbacks added.
+        ``loss``, ``loss_<part>``, ``accepted``, ``failed`` (client id -> why it sent no
+        update), ``rejected`` (client id -> why its update was refused), ``skipped``,
+        ``client_state`` (client id -> the scalars a stateful method keeps, e.g. FedEMA's
+        lambda and mu), ``seconds`` and whatever the callbacks added.
 
     Raises:
         TrainingDiverged: Every client that trained in a round had a non-finite loss, or the

@@ -8,9 +8,10 @@ round's record can carry; a rejected update is left out of the aggregation and t
 from __future__ import annotations
 
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import torch
+from torch import nn
 
 
 def check_update(
@@ -46,14 +47,30 @@ def check_update(
     return None
 
 
+def learned_keys(model: nn.Module) -> frozenset[str]:
+    """The state-dict keys of ``model``'s parameters: what local training learns.
+
+    The rest of a state dict are buffers: BatchNorm's running mean and variance and its batch
+    counter, which follow the statistics of the images a client saw rather than what it learned
+    (on a site whose images differ from the others' they make up most of the distance), and
+    values the server sets (Orchestra's centroids). Shared parameters appear under each of their
+    names, as in the state dict.
+    """
+    return frozenset(name for name, _ in model.named_parameters(remove_duplicate=False))
+
+
 def update_distance(
-    reference: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+    reference: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    *,
+    keys: Collection[str],
 ) -> float:
-    """The L2 distance between two states over their floating-point entries."""
+    """The L2 distance between two states over their floating-point entries named in ``keys``
+    (:func:`learned_keys` for the norm check)."""
     squares = [
         (value.detach().double() - reference[key].detach().double().to(value.device)).square().sum()
         for key, value in state.items()
-        if value.is_floating_point()
+        if key in keys and value.is_floating_point()
     ]
     # Summed on the device, read once (one sync instead of one per entry).
     total = torch.stack(squares).sum() if squares else torch.zeros((), dtype=torch.float64)
@@ -65,7 +82,9 @@ def norm_outliers(distances: Sequence[float], *, ratio: float, min_peers: int) -
 
     Comparing each update with the median of the others means a single huge update cannot
     raise the bar that judges it. Nothing is rejected with fewer than ``min_peers`` others or
-    when ``ratio`` is 0.
+    when ``ratio`` is 0. With 3 or more others (the default ``validation.min_peers``) the median
+    is a middle value that one extreme value among them cannot move; the median of two is their
+    mean, which one slow honest site pulls down far enough to make a fast honest one an outlier.
     """
     if ratio <= 0 or len(distances) - 1 < min_peers:
         return []

@@ -14,7 +14,8 @@ A SuperNode's node config names its client: ``client-id`` (0-based; ``partition-
 Flower's simulation engine sets it, when absent). In a run on the sites' own data
 (``data.partition = "clients"``) ``data-path`` is this site's images, and the node reads nothing
 else; in other runs ``data-root`` / ``data-path`` point the node at its own copy of the shared
-dataset. ``device`` picks its accelerator.
+dataset. ``device`` picks its accelerator. The run's ``threads`` setting applies on every node
+as in the simulator.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from fedssd.flower import node_state, records
 from fedssd.flower.records import SITES
 from fedssd.flower.secagg import secure_aggregation_mod
 from fedssd.methods.server import load_server_state
-from fedssd.runtime import tune_malloc
+from fedssd.runtime import cpu_threads, tune_malloc
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -181,20 +182,22 @@ def train_client(message: Message, context: Context) -> Message:
         )
     else:
         stored = records.load_client_state(context.state, client_id, run_key=run_key)
-    reply = client_round(
-        model,
-        method,
-        experiment.images,
-        experiment.client_indices[client_id],
-        # load_state_dict copies each CPU tensor onto the model's device itself.
-        global_state=records.from_arrays(message.content.array_records[records.GLOBAL]),
-        stored=stored,
-        settings=dataclasses.replace(experiment.settings, lr=lr),
-        seed=experiment.config.seed,
-        round_index=round_index,
-        client_id=client_id,
-        position=position,
-    )
+    # The run's threads, as the simulator trains with them (results depend on the count).
+    with cpu_threads(experiment.config.threads):
+        reply = client_round(
+            model,
+            method,
+            experiment.images,
+            experiment.client_indices[client_id],
+            # load_state_dict copies each CPU tensor onto the model's device itself.
+            global_state=records.from_arrays(message.content.array_records[records.GLOBAL]),
+            stored=stored,
+            settings=dataclasses.replace(experiment.settings, lr=lr),
+            seed=experiment.config.seed,
+            round_index=round_index,
+            client_id=client_id,
+            position=position,
+        )
     content = RecordDict({records.RESULT: records.result_to_metrics(reply.result)})
     if reply.state is None:
         # As in the simulator: a diverged client keeps nothing and sends no weights.
@@ -247,15 +250,16 @@ def evaluate_client(message: Message, context: Context) -> Message:
     model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
     labels = experiment.data.dataset.y_train
     labelled = bool((labels >= 0).any())
-    metrics = client_evaluation(
-        model,
-        experiment.images.cpu(),
-        labels if labelled else None,
-        settings=config.evaluation,
-        augment=experiment.augment,
-        seed=client_evaluation_seed(config.seed, client_id),
-        device=experiment.device,
-    )
+    with cpu_threads(config.threads):
+        metrics = client_evaluation(
+            model,
+            experiment.images.cpu(),
+            labels if labelled else None,
+            settings=config.evaluation,
+            augment=experiment.augment,
+            seed=client_evaluation_seed(config.seed, client_id),
+            device=experiment.device,
+        )
     record = MetricRecord({"client-id": client_id, **{k: float(v) for k, v in metrics.items()}})
     return Message(RecordDict({records.RESULT: record}), reply_to=message)
 

@@ -9,7 +9,9 @@ each round it trained in to::
 
 in the format of the run checkpoints (:mod:`fedssd.experiments.checkpoint`: safetensors and
 JSON, written under a temporary name, fsynced and renamed, every file's SHA-256 checked on
-reading, nothing unpickled). ``NNNNNN`` is the number of rounds done when it was written (the
+reading, nothing unpickled): the state itself is one file in
+``<state-dir>/<run key>/client-<K>/client-states/``, named by its SHA-256, and each
+version's folder holds its index. ``NNNNNN`` is the number of rounds done when it was written (the
 round index + 1).
 
 Before training in round ``t``, the node loads the newest version written before round ``t``
@@ -36,6 +38,7 @@ from fedssd.experiments.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
+    remove_unreferenced_states,
     save_checkpoint,
 )
 from fedssd.federation.store import ClientStore
@@ -122,6 +125,7 @@ def save_client_state(
     at_or_before = [p for p in list_checkpoints(folder) if _rounds_done(p) <= earliest]
     for stale in at_or_before[:-1]:
         shutil.rmtree(stale, ignore_errors=True)
+    remove_unreferenced_states(folder)
     return written
 
 

@@ -69,6 +69,7 @@ from fedssd.federation.store import ClientStore
 from fedssd.flower import records, secagg
 from fedssd.flower.records import SITES
 from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.runtime import cpu_threads
 from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
 Log = Callable[[str], None]
@@ -365,6 +366,8 @@ def run_federation(
     else:
         out_dir = settings.out
         saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=log)
+        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
+        started -= saved.train_seconds
     run_key = _run_key(out_dir, fresh=point is None)
     history = list(saved.history) if saved is not None else []
     views = run_evaluation_views(cfg, experiment.data, log=log)
@@ -372,7 +375,9 @@ def run_federation(
     if cfg.checkpoint.every:
         # Client states live on the nodes (Context.state, or their state-dir), so the store
         # saved here is empty.
-        callbacks.append(checkpointer(cfg, out_dir, experiment.method, ClientStore(), history))
+        callbacks.append(
+            checkpointer(cfg, out_dir, experiment.method, ClientStore(), history, started=started)
+        )
     trackers = make_trackers(cfg, out_dir, say=log, resume=point is not None)
     callbacks += tracker_callbacks(trackers, view=release_view(cfg))
     strategy = MethodStrategy(
@@ -400,37 +405,41 @@ def run_federation(
         )
 
     try:
-        if settings.secure_aggregation:
-            sizes = (
-                [clients[k]["num-images"] for k in sorted(clients)]
-                if sites
-                else [len(p) for p in experiment.data.client_indices]
+        # The server's share of the work (aggregation, monitor, final evaluation) and the
+        # summary's thread count follow the run's threads setting, as on the nodes.
+        with cpu_threads(cfg.threads):
+            if settings.secure_aggregation:
+                sizes = (
+                    [clients[k]["num-images"] for k in sorted(clients)]
+                    if sites
+                    else [len(p) for p in experiment.data.client_indices]
+                )
+                secagg.run_secure(
+                    grid,
+                    strategy,
+                    max_weight=secagg.max_batches(cfg, sizes),
+                    clipping_range=settings.secagg_clipping_range,
+                    timeout=settings.round_timeout,
+                    log=log,
+                )
+            elif remaining > 0:
+                strategy.start(
+                    grid,
+                    records.to_arrays(experiment.global_model.state_dict()),
+                    num_rounds=remaining,
+                    timeout=settings.round_timeout,
+                    evaluate_fn=strategy.after_round,
+                )
+            result = finish_run(
+                experiment,
+                strategy.history,
+                views=views,
+                out_dir=out_dir,
+                started=started,
+                say=log,
+                evaluate=on_the_nodes if sites else None,
+                partition=sites_partition(clients) if sites else None,
             )
-            secagg.run_secure(
-                grid,
-                strategy,
-                max_weight=secagg.max_batches(cfg, sizes),
-                clipping_range=settings.secagg_clipping_range,
-                timeout=settings.round_timeout,
-                log=log,
-            )
-        elif remaining > 0:
-            strategy.start(
-                grid,
-                records.to_arrays(experiment.global_model.state_dict()),
-                num_rounds=remaining,
-                timeout=settings.round_timeout,
-                evaluate_fn=strategy.after_round,
-            )
-        result = finish_run(
-            experiment,
-            strategy.history,
-            views=views,
-            out_dir=out_dir,
-            started=started,
-            say=log,
-            evaluate=on_the_nodes if sites else None,
-        )
     except BaseException:
         finish_trackers(trackers, None)
         raise
@@ -478,23 +487,28 @@ def no_training_data(config: Config, clients: Mapping[int, Mapping[str, int]]) -
     )
 
 
+def sites_partition(clients: Mapping[int, Mapping[str, int]]) -> dict[str, Any]:
+    """``partition.json`` of a run on the sites' own data: each client's number of images and of
+    labelled images and the images' shape, as its node reported them (no label histogram: the
+    server does not learn the sites' label distributions)."""
+    ids = sorted(clients)
+    first = clients[ids[0]]  # every site's images have one shape (no_training_data checks it)
+    return {
+        "scheme": SITES,
+        "sizes": [clients[k]["num-images"] for k in ids],
+        "labelled": [clients[k]["num-labelled"] for k in ids],
+        "label_histogram": [[] for _ in ids],
+        "image_shape": [first["channels"], first["height"], first["width"]],
+    }
+
+
 def write_sites_header(
     out_dir: Path, config: Config, clients: Mapping[int, Mapping[str, int]]
 ) -> None:
-    """``config.toml`` and ``partition.json`` of a run on the sites' own data: each client's
-    number of images and of labelled images, as its node reported them (no label histogram:
-    the server does not learn the sites' label distributions)."""
+    """``config.toml`` and ``partition.json`` (:func:`sites_partition`) of a run on the sites'
+    own data."""
     write_text_atomic(out_dir / "config.toml", config_module.dumps(config))
-    ids = sorted(clients)
-    write_json(
-        out_dir / "partition.json",
-        {
-            "scheme": SITES,
-            "sizes": [clients[k]["num-images"] for k in ids],
-            "labelled": [clients[k]["num-labelled"] for k in ids],
-            "label_histogram": [[] for _ in ids],
-        },
-    )
+    write_json(out_dir / "partition.json", sites_partition(clients))
 
 
 def evaluate_on_nodes(

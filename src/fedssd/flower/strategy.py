@@ -209,7 +209,14 @@ class MethodStrategy(Strategy):
         if new_state is not None:
             self.global_model.load_state_dict(new_state)
         self.history.append(record)
-        metrics = MetricRecord({"loss": float(record["loss"]), "accepted": len(tally.updates)})
+        metrics = MetricRecord(
+            {
+                "loss": float(record["loss"]),
+                "accepted": int(record["accepted"]),
+                "failed": len(record["failed"]),
+                "rejected": len(record["rejected"]),
+            }
+        )
         return records.to_arrays(self.global_model.state_dict()), metrics
 
     def _rejoin(self, grid: Grid) -> None:

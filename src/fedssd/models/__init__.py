@@ -7,18 +7,38 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 from torch import Tensor, nn
 
 from fedssd.errors import ConfigError
-from fedssd.models.backbones import ResNet18Cifar, SmallCNN
+from fedssd.models.backbones import RESNETS, BasicBlock, Bottleneck, ResNet, SmallCNN
 from fedssd.models.heads import mlp_projector
 
-__all__ = ["ENCODERS", "ResNet18Cifar", "SSLModel", "SmallCNN", "build_model", "mlp_projector"]
+__all__ = [
+    "ENCODERS",
+    "RESNETS",
+    "BasicBlock",
+    "Bottleneck",
+    "ResNet",
+    "SSLModel",
+    "SmallCNN",
+    "build_model",
+    "mlp_projector",
+]
 
+# resnet18/34/50: the CIFAR stem (the SSD paper's ResNet-18 for 32x32 images);
+# resnet18/34/50_imagenet: the ImageNet stem, for larger images and ImageNet-pretrained weights.
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
-    "resnet18": ResNet18Cifar,
     "small_cnn": SmallCNN,
+    **{
+        name: partial(ResNet, block=block, depths=depths, stem="cifar")
+        for name, (block, depths) in RESNETS.items()
+    },
+    **{
+        f"{name}_imagenet": partial(ResNet, block=block, depths=depths, stem="imagenet")
+        for name, (block, depths) in RESNETS.items()
+    },
 }
 
 
@@ -71,10 +91,10 @@ def build_model(
     """Build an encoder by name with the SSD projector on top.
 
     Args:
-        encoder: A key of ``ENCODERS`` (``"resnet18"`` or ``"small_cnn"``).
+        encoder: A key of ``ENCODERS`` (``"resnet18"``, ``"resnet50_imagenet"``, ``"small_cnn"``).
         in_channels: Image channels.
         width: First-stage width of the encoder; ``None`` keeps the encoder's default
-            (64 for ResNet-18, 32 for the small CNN).
+            (64 for the ResNets, 32 for the small CNN).
         projector_hidden: Hidden width of the projector.
         projector_out: Embedding dimension; ``None`` means the encoder's feature dimension.
 
