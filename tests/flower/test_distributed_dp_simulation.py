@@ -178,6 +178,13 @@ def test_distributed_dp_under_secagg_survives_a_dropout_and_keeps_its_noise_secr
     assert record["dp_noise_multiplier"] == pytest.approx(Z_MIN)  # z_full sqrt(2 / 3)
     assert record["dp_share_std"] == pytest.approx(std)
     assert "clients" not in record and "loss" not in record
+    # The server's own log: the dropout, and no client's loss or size (never sent under DP).
+    (kept,) = [
+        json.loads(line)
+        for line in (out / "secret" / "server_only" / "rounds.jsonl").read_text().splitlines()
+    ]
+    assert kept["failed"] == {str(DROPPED): "dropped out of secure aggregation"}
+    assert kept["loss"] is None and kept["samples"] == {}
 
     # Secret noise: the server knows the config and the seed, regenerates the shares and
     # subtracts them and the clean sum: the noise is still all there.
