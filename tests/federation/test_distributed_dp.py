@@ -241,3 +241,24 @@ def test_distributed_dp_is_accepted_with_secure_aggregation() -> None:
 def test_the_reconstruction_threshold_is_the_fewest_shares() -> None:
     assert [min_noise_shares(n, 0.5) for n in (2, 3, 4, 10, 101)] == [2, 2, 2, 5, 51]
     assert min_noise_shares(10, 1.0) == 10 and min_noise_shares(10, 0.75) == 8
+
+
+def test_a_halted_secagg_round_runs_no_callbacks_and_says_so() -> None:
+    """SecAgg+ halts a round with fewer clients left than its threshold: ``aggregate_fit`` is
+    never called, so the last record is the previous round's and must not be handed to the
+    callbacks (metrics file, checkpoints) again as if it were this round's."""
+    from types import SimpleNamespace
+
+    seen: list[int] = []
+    said: list[str] = []
+    inner = SimpleNamespace(
+        history=[{"round": 1}],
+        callbacks=[lambda record, _model: seen.append(record["round"])],
+        global_model=torch.nn.Linear(1, 1),
+        log=said.append,
+    )
+    strategy = secagg.SecAggStrategy(inner)  # type: ignore[arg-type]
+    strategy.evaluate(1, None)  # type: ignore[arg-type]
+    strategy.evaluate(2, None)  # type: ignore[arg-type]
+    assert seen == [1]
+    assert len(said) == 1 and "round 2: secure aggregation halted" in said[0]
