@@ -58,7 +58,6 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedssd.data.augment import SSL_AUGMENT, two_views
-from fedssd.experiments.outputs import append_jsonl
 from fedssd.federation import round as round_module
 from fedssd.federation import server
 from fedssd.federation.client import LocalSettings, local_train
@@ -67,6 +66,7 @@ from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import Method
 from fedssd.models import SSLModel, build_model
 from fedssd.openmp import USER_SETTINGS
+from fedssd.runs.outputs import append_jsonl
 from fedssd.runtime import DESCRIPTION, tune_malloc
 
 # Each run writes here (relative to the folder it runs in; runs/ is not tracked by git) ...

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fedssd.api import load_config, prepare_data
+from fedssd.data.federated import prepare_data
+from fedssd.runs.resolve import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 FLOWER_APP = REPO / "src" / "fedssd" / "configs" / "flower_app"
@@ -178,11 +179,12 @@ import json, resource, sys, time
 started = time.perf_counter()
 import torch
 from fedssd.flower import client_app
-from fedssd.api import build_experiment, load_config
+from fedssd.experiment import build_experiment
+from fedssd.runs.resolve import load_config
 imported = time.perf_counter()
 mode, config, site = sys.argv[1:]
 if mode == "sites":
-    from fedssd.api import node_data
+    from fedssd.data.federated import node_data
     cfg = load_config(
         config, overrides=["data.name=npz", "data.partition=clients", "data.train_subset=0"]
     )

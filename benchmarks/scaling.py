@@ -43,17 +43,17 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench import SmallEncoder, _patched, local_settings, synthetic_images
-from fedssd.api import attach_extras
 from fedssd.data.partition import label_histogram, make_partition
-from fedssd.experiments.checkpoint import Checkpoint, save_checkpoint, states_folder
+from fedssd.experiment import attach_extras
 from fedssd.federation import round as round_module
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.simulator import Schedule, run_rounds
-from fedssd.federation.store import ClientStore, encode_state
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import ClientHooks, Method
 from fedssd.methods.server import server_state
 from fedssd.models import SSLModel, build_model
+from fedssd.runs.checkpoint import Checkpoint, save_checkpoint, states_folder
+from fedssd.runs.store import ClientStore, encode_state
 from fedssd.runtime import tune_malloc
 
 RESULTS = Path("runs") / "bench" / "scaling.json"
@@ -88,7 +88,7 @@ class ScalingConfig:
     images_per_client: int = 64
     batch_size: int = 64
     pool_images: int = 4096
-    encoder: SmallEncoder = SmallEncoder()
+    encoder: SmallEncoder = dataclasses.field(default_factory=SmallEncoder)
     method: str = "fedema"
     in_memory_clients: int | None = 1_000
     split_clients: int = 10_000

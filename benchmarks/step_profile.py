@@ -1,4 +1,5 @@
-"""Where the time of one SSD local step goes, beside the bare forward + backward it is compared with.
+"""Where the time of one SSD local step goes, beside the bare forward + backward it is
+compared with.
 
 Run ``python -m benchmarks.step_profile [--threads N] [--reps R]``. The step is the one
 ``train_efficiency`` times (:mod:`benchmarks.bench`): the small encoder, SSD with every term, a
@@ -36,8 +37,8 @@ from benchmarks.bench import SmallEncoder, bare_step, small_setup, synthetic_ima
 from fedssd.data import augment as aug
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.federation.client import fused_sgd
-from fedssd.methods.fedalignuniform import forward_views, full_precision
 from fedssd.methods.ssd import SSD
+from fedssd.methods.views import forward_views, full_precision
 from fedssd.runtime import tune_malloc
 
 

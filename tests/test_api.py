@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fedssd.api import check_setup, load_config
-from fedssd.config import EvaluationConfig
+from fedssd.config import Config, EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.datasets import ImageDataset
 from fedssd.data.federated import FederatedData
 from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.outputs import check_run_dir, prepare_run_dir
+from fedssd.experiment import check_setup
 from fedssd.federation import callbacks
 from fedssd.federation.evaluate import evaluate_model
+from fedssd.runs.outputs import check_run_dir, prepare_run_dir
+from fedssd.runs.resolve import load_config
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 
@@ -52,6 +54,32 @@ def test_setup_problems_are_found_before_any_data_is_read(override: str, fragmen
     cfg = load_config(SMOKE, overrides=[override, "data.name=cifar10", "data.download=false"])
     with pytest.raises(ConfigError, match=fragment):
         check_setup(cfg)
+
+
+def test_a_cli_run_parses_its_config_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The CLI reads the file into a Config; train() checks and resolves that Config as it is."""
+    import fedssd.api
+    from fedssd import config as config_module
+    from fedssd.cli import main
+
+    parsed: list[object] = []
+    load = config_module.load
+
+    def counting(*args: Any, **kwargs: Any) -> Config:
+        parsed.append(args[0])
+        return load(*args, **kwargs)
+
+    class Built(Exception):
+        pass
+
+    def stop(*_args: object, **_kwargs: object) -> None:
+        raise Built
+
+    monkeypatch.setattr(config_module, "load", counting)
+    monkeypatch.setattr(fedssd.api, "build_experiment", stop)
+    with pytest.raises(Built):
+        main(["train", "--config", str(SMOKE), "--out", str(tmp_path / "run"), "--quiet"])
+    assert len(parsed) == 1, parsed
 
 
 def test_output_folder_checks(tmp_path: Path) -> None:
@@ -140,7 +168,7 @@ def test_load_config_overrides_are_keyword_only_like_train() -> None:
 
 def test_load_run_is_public(tmp_path: Path) -> None:
     import fedssd
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.runs.model import load_run
 
     assert fedssd.load_run is load_run
     result = fedssd.train(SMOKE, overrides=TINY, out=tmp_path / "run", log=None)
@@ -153,11 +181,11 @@ def test_load_run_is_public(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
     import fedssd
-    import fedssd.api as api
+    import fedssd.experiment as session
 
     assert torch.get_num_threads() == 1  # tests/conftest.py
     seen: list[int] = []
-    original = api.round_callbacks
+    original = session.round_callbacks
 
     def patched(*args: object, **kwargs: object) -> list[object]:
         def spy(_record: object, _model: object) -> None:
@@ -166,11 +194,11 @@ def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
         return [*original(*args, **kwargs), spy]  # type: ignore[arg-type]
 
     lines: list[str] = []
-    api.round_callbacks = patched  # type: ignore[assignment]
+    session.round_callbacks = patched  # type: ignore[assignment]
     try:
         two = fedssd.train(SMOKE, overrides=[*TINY, "threads=2"], out=None, log=lines.append)
     finally:
-        api.round_callbacks = original  # type: ignore[assignment]
+        session.round_callbacks = original  # type: ignore[assignment]
     assert seen == [2]
     assert torch.get_num_threads() == 1
     assert any("(2 CPU threads)" in line for line in lines)
@@ -232,10 +260,8 @@ def test_labels_of_one_class_are_warned_about(tmp_path: Path) -> None:
 def test_the_time_left_of_a_resumed_run_counts_only_its_own_rounds(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from fedssd import api
-
     clock = iter([100.0, 110.0, 120.0])
-    monkeypatch.setattr(api.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: next(clock))
     lines: list[str] = []
     report = callbacks.progress("ssd", 10, lines.append)
     # Resumed after round 4: rounds 5 and 6 take 10 s each, leaving 5, then 4, rounds of 10 s.

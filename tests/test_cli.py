@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -150,6 +151,38 @@ def test_console_script_exits_2_on_bad_config(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
 
 
+def test_an_interrupted_command_says_how_it_continues_and_only_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedssd import cli
+
+    def interrupted(_args: object) -> int:
+        with cli.resumable("continue with: outer"), cli.resumable("continue with: inner"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", interrupted)
+    assert main(["methods"]) == 128 + signal.SIGINT.value
+    err = capsys.readouterr().err
+    assert "stopped by SIGINT" in err and "fedssd: continue with: inner" in err
+    assert "outer" not in err
+
+    def terminated(_args: object) -> int:
+        with cli.resumable("continue with: again"):
+            raise cli.Stopped(signal.SIGTERM.value)
+
+    monkeypatch.setattr(cli, "_dispatch", terminated)
+    assert main(["methods"]) == 128 + signal.SIGTERM.value
+    assert "fedssd: continue with: again" in capsys.readouterr().err
+
+    # A later command interrupted outside any resumable part says nothing of the earlier ones.
+    def plain(_args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_dispatch", plain)
+    assert main(["methods"]) == 128 + signal.SIGINT.value
+    assert "continue with" not in capsys.readouterr().err
+
+
 def test_table_formats_percentages_and_missing_values() -> None:
     table = format_table(
         {"ssd": {"linear_probe_acc": 0.8123, "knn_acc": 0.7}, "base": {"linear_probe_acc": 0.5}}
@@ -221,7 +254,7 @@ def test_compare_runs_other_methods_from_an_ssd_config(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     from fedssd import config as config_module
-    from fedssd.api import load_config
+    from fedssd.runs.resolve import load_config
 
     saved = tmp_path / "config.toml"  # as a run writes it: every SSD option spelled out
     saved.write_text(

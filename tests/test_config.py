@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedssd import config
-from fedssd.api import load_config
 from fedssd.errors import ConfigError
+from fedssd.runs.resolve import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs"
 SMOKE = CONFIGS / "smoke.toml"
@@ -62,7 +62,7 @@ def test_options_added_later_keep_the_checkpoint_identity_of_older_runs() -> Non
     """A checkpoint written before data.resize, data.dirichlet_rule, federation.drop_last,
     federation.sampling and method.dsr_dims existed has an identity without them: at their
     defaults a run still matches it; any other value is part of the identity."""
-    from fedssd.experiments.checkpoint import run_identity
+    from fedssd.runs.checkpoint import run_identity
 
     current = config.to_dict(load_config(SMOKE))
     older = copy.deepcopy(current)
@@ -208,6 +208,20 @@ def test_a_config_dataclass_is_validated_too() -> None:
         load_config(bad)
 
 
+def test_a_config_built_in_python_is_type_checked_like_a_file() -> None:
+    with pytest.raises(ConfigError, match="seed must be an integer"):
+        load_config(config.Config(seed="1"))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"data\.partition must be one of"):
+        load_config(config.Config(data=config.DataConfig(partition="bogus")))  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data must be a table"):
+        load_config(config.Config(data="fashion_mnist"))  # type: ignore[arg-type]
+
+
+def test_a_resolved_config_comes_back_unchanged() -> None:
+    resolved = load_config(SMOKE, overrides=["federation.lr=1", "data.root=data"])
+    assert load_config(resolved) == resolved
+
+
 def test_data_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     cfg = load_config(
@@ -229,7 +243,7 @@ def test_threads_and_probe_off_are_accepted_and_checked() -> None:
 
 def test_every_method_has_its_paper_protocol_configs() -> None:
     """The README's promise: the presets <name>-silo and <name>-device."""
-    from fedssd.api import check_setup
+    from fedssd.experiment import check_setup
     from fedssd.methods import METHODS
 
     for name in METHODS:

@@ -10,9 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 from fedssd import config as config_module
-from fedssd.api import final_evaluation, load_config, make_model, train
+from fedssd.api import train
 from fedssd.cli import main
 from fedssd.data.federated import prepare_data
+from fedssd.experiment import final_evaluation
+from fedssd.runs.model import make_model
+from fedssd.runs.resolve import load_config
 
 # Every test here trains on real Fashion-MNIST through the CLI or the API.
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 import fedssd
 from fedssd.cli import main
 from fedssd.encoders import export_encoder
-from fedssd.experiments.evaluate import load_run
+from fedssd.runs.model import load_run
 
 SMOKE = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
 TINY = [
@@ -99,7 +99,7 @@ def test_warm_start_copies_the_encoder_and_a_mismatch_is_one_sentence(
 ) -> None:
     _, trained = load_run(run)
     cfg = fedssd.load_config(SMOKE, overrides=[*TINY, f"model.init_from={str(run)!r}"])
-    from fedssd.api import build_experiment, warm_start
+    from fedssd.experiment import build_experiment, warm_start
 
     experiment = build_experiment(cfg, log=lambda _m: None)
     warm_start(experiment, log=lambda _m: None)

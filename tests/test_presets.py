@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from fedssd import presets
-from fedssd.api import load_config
 from fedssd.cli import main
 from fedssd.config import read_toml
 from fedssd.errors import ConfigError
+from fedssd.runs.resolve import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGED = REPO / "src" / "fedssd" / "configs"

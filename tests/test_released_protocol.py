@@ -11,7 +11,6 @@ import torch
 
 from fedssd import config as config_module
 from fedssd import presets
-from fedssd.api import autocast_dtype
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError
 from fedssd.federation.client import LocalSettings, local_train
@@ -20,6 +19,7 @@ from fedssd.federation.simulator import Schedule, run_rounds
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.ssd import draw_scaling_sets
 from fedssd.models import build_model
+from fedssd.runtime import autocast_dtype
 from fedssd.seeding import CLIENT, SAMPLE_ORDER, generator
 from helpers import method_context
 

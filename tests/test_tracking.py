@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 import fedssd
+import fedssd.experiment
 from fedssd import tracking
 from fedssd.cli import main
 from fedssd.errors import ConfigError
@@ -179,7 +180,7 @@ def test_a_failing_tracker_warns_once_and_the_run_goes_on(
     def make(config: Any, out_dir: Any, *, say: Any, **_kwargs: Any) -> list[Any]:
         return [tracking.GuardedTracker(exploding, say)]
 
-    monkeypatch.setattr(tracking, "make_trackers", make)
+    monkeypatch.setattr(fedssd.experiment, "make_trackers", make)
     result = fedssd.train(SMOKE, overrides=TINY, out=tmp_path / "run", log=lines.append)
     assert (tmp_path / "run" / "summary.json").is_file() and len(result.history) == 2
     warnings = [line for line in lines if "exploding tracking failed" in line]

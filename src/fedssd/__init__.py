@@ -23,16 +23,17 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from fedssd.openmp import apply_defaults
-
-__version__ = "0.1.0"
+from fedssd.version import __version__
 
 apply_defaults(os.environ)
 
 if TYPE_CHECKING:
-    from fedssd.api import RunResult, load_config, resume, train
+    from fedssd.api import resume, train
     from fedssd.config import Config
     from fedssd.encoders import load_encoder
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.experiment import RunResult
+    from fedssd.runs.model import load_run
+    from fedssd.runs.resolve import load_config
 
 __all__ = [
     "Config",
@@ -47,13 +48,13 @@ __all__ = [
 
 # Where each lazily loaded public name lives.
 _LAZY = {
-    "RunResult": "fedssd.api",
-    "load_config": "fedssd.api",
+    "RunResult": "fedssd.experiment",
+    "load_config": "fedssd.runs.resolve",
     "resume": "fedssd.api",
     "train": "fedssd.api",
     "Config": "fedssd.config",
     "load_encoder": "fedssd.encoders",
-    "load_run": "fedssd.experiments.evaluate",
+    "load_run": "fedssd.runs.model",
 }
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from fedssd import __version__
 from fedssd.errors import ConfigError, FedSSDError, TrainingDiverged
 from fedssd.experiments.tables import format_table
+from fedssd.version import __version__
 
 if TYPE_CHECKING:
-    from fedssd.executors import Executor
+    from fedssd.experiments.executors import Executor
     from fedssd.experiments.grid import Log
     from fedssd.experiments.plan import PlannedRun
 
@@ -214,23 +214,34 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 
 class Stopped(KeyboardInterrupt):
-    """A termination signal (SIGTERM) turned into an exception, so that the run stops as it does
-    on Ctrl-C: files are written atomically, so nothing is left half-written."""
+    """A stop by a signal: SIGTERM turned into an exception, so that the run stops as it does on
+    Ctrl-C (files are written atomically, so nothing is left half-written), or either signal on
+    its way out of a :func:`resumable` command, with how that command continues.
 
-    def __init__(self, signum: int) -> None:
+    Attributes:
+        signum: The signal.
+        hints: Run folders (the resume command of each is worked out when the message is
+            printed, from the checkpoints there by then) or lines of text.
+    """
+
+    def __init__(self, signum: int, hints: tuple[Path | str, ...] = ()) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.hints = hints
 
 
-# How an interrupted command continues: a run folder (its resume command is worked out when the
-# message is printed, from the checkpoints there by then) or a command line.
-_continue: list[Path | str] = []
-
-
-def continue_with(*items: Path | str) -> None:
-    """Say how the running command continues if it is interrupted: run folders (the resume
-    command of each is printed) or lines of text."""
-    _continue[:] = items
+@contextlib.contextmanager
+def resumable(*hints: Path | str) -> Iterator[None]:
+    """Say how the command run inside continues if it is interrupted: run folders (the resume
+    command of each is printed) or lines of text. An inner :func:`resumable` says it first."""
+    try:
+        yield
+    except Stopped as stop:
+        if stop.hints:
+            raise
+        raise Stopped(stop.signum, hints) from None
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT.value, hints) from None
 
 
 @contextlib.contextmanager
@@ -258,7 +269,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    _continue.clear()
     try:
         with _stop_on_sigterm():
             code = _dispatch(args)
@@ -279,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT.value
         name = signal.Signals(signum).name
         print(f"fedssd: stopped by {name}; files written so far are kept.", file=sys.stderr)
-        for item in _continue:
+        for item in stop.hints if isinstance(stop, Stopped) else ():
             line = resume_hint(item) if isinstance(item, Path) else item
             print(f"fedssd: {line}", file=sys.stderr)
         return 128 + signum
@@ -349,7 +359,7 @@ def _flower_app(folder: Path, *, overwrite: bool) -> int:
 
 def resume_hint(run_dir: Path) -> str:
     """How to continue an interrupted run: the command and the checkpoint it will start from."""
-    from fedssd.experiments.checkpoint import list_checkpoints
+    from fedssd.runs.checkpoint import list_checkpoints
 
     checkpoints = list_checkpoints(run_dir)
     if not checkpoints:
@@ -363,7 +373,8 @@ def resume_hint(run_dir: Path) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, resume, stderr_log, train
+    from fedssd.api import resume, stderr_log, train
+    from fedssd.runs.resolve import load_config
 
     log = None if args.quiet else stderr_log
     if args.resume is not None and args.track:
@@ -377,10 +388,10 @@ def _train(args: argparse.Namespace) -> int:
                 "--resume continues a run with its own config.toml and folder; "
                 "drop --config, --set, --out and --overwrite."
             )
-        _continue[:] = [args.resume]
-        result = resume(
-            args.resume, rounds=args.rounds, threads=args.threads, log=log, verbose=args.verbose
-        )
+        with resumable(args.resume):
+            result = resume(
+                args.resume, rounds=args.rounds, threads=args.threads, log=log, verbose=args.verbose
+            )
     elif args.config is None:
         raise ConfigError("train needs --config FILE (or --resume DIR to continue a run).")
     elif args.rounds is not None:
@@ -391,24 +402,19 @@ def _train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, overrides=_with_threads(args))
         out = args.out or _default_out(args.config, config.method.name)
-        _continue[:] = [out]
-        result = train(
-            config,
-            out=out,
-            overwrite=args.overwrite,
-            log=log,
-            verbose=args.verbose,
-        )
+        with resumable(out):
+            result = train(config, out=out, overwrite=args.overwrite, log=log, verbose=args.verbose)
     print(format_table({result.config.method.name: result.summary}))
     print(f"\nrun written to {result.out_dir}")
     return 0
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from fedssd.api import load_config, resolve, stderr_log, train
+    from fedssd.api import stderr_log, train
     from fedssd.config import MethodConfig
-    from fedssd.experiments.outputs import check_run_dir
     from fedssd.methods import shared_options
+    from fedssd.runs.outputs import check_run_dir
+    from fedssd.runs.resolve import load_config, resolve
 
     args.overrides = _with_tracking(args)
     base = load_config(args.config, overrides=_with_threads(args))
@@ -431,16 +437,15 @@ def _compare(args: argparse.Namespace) -> int:
     summaries: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for name, config in configs.items():
-        _continue[:] = [
+        with resumable(
             out / name,
             "compare itself has no resume: the same compare command with --overwrite runs "
             "every method again.",
-        ]
-        result = train(
-            config, out=out / name, overwrite=args.overwrite, log=log, verbose=args.verbose
-        )
+        ):
+            result = train(
+                config, out=out / name, overwrite=args.overwrite, log=log, verbose=args.verbose
+            )
         summaries[name] = result.summary
-    _continue.clear()
     write_compare_tables(out, summaries)
     print(format_table(summaries))
     print(
@@ -461,7 +466,7 @@ def _with_threads(args: argparse.Namespace) -> list[str]:
 def write_compare_tables(out: Path, summaries: dict[str, dict[str, Any]]) -> None:
     """``table.md`` (the printed table) and ``results.csv`` (every scalar of each summary, one
     line per method) in a compare folder."""
-    from fedssd.experiments.outputs import write_text_atomic
+    from fedssd.runs.outputs import write_text_atomic
 
     write_text_atomic(out / "table.md", format_table(summaries) + "\n")
     fields = ["method"]
@@ -764,13 +769,13 @@ def run_sweep(args: argparse.Namespace) -> int:
             raise ConfigError(f"sweep folder {out} does not exist; run the sweep first.")
         write_outputs(grid, out, runs)
     else:
-        continue_with(
+        with resumable(
             f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; the "
             "interrupted run starts again)"
-        )
-        run_log = None if args.quiet else stderr_log
-        executor = _executor(args, out, runs, run_log)
-        execute(grid, out, runs, log=stderr_log, run_log=run_log, executor=executor)
+        ):
+            run_log = None if args.quiet else stderr_log
+            executor = _executor(args, out, runs, run_log)
+            execute(grid, out, runs, log=stderr_log, run_log=run_log, executor=executor)
     sys.stdout.write((out / "table.md").read_text(encoding="utf-8"))
     print(f"\nresults.csv and table.md written to {out}/")
     if (out / FAILED_FILE).is_file() and not args.tables_only:
@@ -788,7 +793,7 @@ def _executor(
 ) -> Executor:
     """The executor the command line asks for (checked before any run starts)."""
     from fedssd import config as config_module
-    from fedssd.executors import make_executor, parse_devices
+    from fedssd.experiments.executors import make_executor, parse_devices
 
     devices = parse_devices(getattr(args, "devices", None))
     if devices:
@@ -960,7 +965,7 @@ def run_privacy_audit(args: argparse.Namespace) -> int:
     """``fedssd privacy-audit``: returns the exit code (user errors raise FedSSDError)."""
     from fedssd.api import stderr_log
     from fedssd.experiments.audit import privacy_audit
-    from fedssd.experiments.outputs import write_json
+    from fedssd.runs.outputs import write_json
 
     report = privacy_audit(
         args.source,

@@ -41,6 +41,8 @@ DirichletRule = Literal["redraw", "released"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Sampling = Literal["fixed", "poisson"]
 ResizeFilter = Literal["box", "bilinear-antialias"]
+TRACKING_BACKENDS = ("tensorboard", "wandb", "mlflow")
+"""The names ``tracking.backends`` may list (fedssd.tracking starts them)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,6 +525,30 @@ def coerce(hint: Any, value: Any, *, key: str) -> Any:
     raise TypeError(f"unsupported config type {hint!r} for {key}")
 
 
+def check(config: Config) -> None:
+    """The checks :func:`load` makes, for a :class:`Config` built in Python: the type of every
+    field, then :func:`validate`.
+
+    Raises:
+        ConfigError: A field is of the wrong type or out of range.
+    """
+    _check_fields(config, where="")
+    validate(config)
+
+
+def _check_fields(instance: DataclassInstance, *, where: str) -> None:
+    hints = typing.get_type_hints(type(instance))
+    for field in dataclasses.fields(instance):
+        key = f"{where}.{field.name}" if where else field.name
+        value = getattr(instance, field.name)
+        if isinstance(instance, MethodConfig) and field.name == "options":
+            continue  # the method's own options are checked when the method resolves them
+        if dataclasses.is_dataclass(hints[field.name]) and dataclasses.is_dataclass(value):
+            _check_fields(value, where=key)  # type: ignore[arg-type]
+        else:
+            coerce(hints[field.name], value, key=key)
+
+
 def validate(config: Config) -> None:
     """Range checks that types alone cannot express."""
     data, fed, ev, model = config.data, config.federation, config.evaluation, config.model
@@ -637,9 +663,23 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    from fedssd.tracking import parse_backends
-
     parse_backends(config.tracking.backends)
+
+
+def parse_backends(text: str) -> tuple[str, ...]:
+    """The backend names of ``tracking.backends`` (comma-separated), checked.
+
+    Raises:
+        ConfigError: A name is not tensorboard, wandb or mlflow.
+    """
+    names = [part.strip().lower() for part in text.split(",") if part.strip()]
+    for name in names:
+        if name not in TRACKING_BACKENDS:
+            raise ConfigError(
+                f"tracking.backends names {name!r}; choose from {', '.join(TRACKING_BACKENDS)} "
+                '(comma-separated, e.g. "tensorboard,mlflow").'
+            )
+    return tuple(dict.fromkeys(names))
 
 
 def _private_defaults(raw: dict[str, Any]) -> None:

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 from fedssd.config import Config
 from fedssd.errors import ConfigError, DataError
 from fedssd.models.pretrained import identify, to_fedssd, torchvision_key
+from fedssd.runs.model import load_run, make_model, recorded_image_shape
+from fedssd.runs.outputs import write_json
 
 Format = Literal["safetensors", "torchscript", "onnx"]
 FORMATS: tuple[str, ...] = ("safetensors", "torchscript", "onnx")
@@ -75,8 +77,8 @@ def make_card(
 ) -> dict[str, Any]:
     """The JSON card of an exported encoder; ``image`` is the ``(height, width)`` the run
     recorded (None: the side its config implies, :func:`input_size`)."""
-    from fedssd import __version__
     from fedssd import config as config_module
+    from fedssd.version import __version__
 
     raw = config_module.to_dict(config)
     side = input_size(config)
@@ -131,8 +133,6 @@ def export_encoder(
         DataError: The run folder does not hold a finished run, or the exported file does not
             reproduce the run's features.
     """
-    from fedssd.experiments.evaluate import load_run, recorded_image_shape
-
     if fmt not in FORMATS:
         raise ConfigError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}.")
     run_dir = Path(run_dir)
@@ -173,8 +173,6 @@ def export_encoder(
     else:
         _export_onnx(module, example, target, projector=projector)
         card["max_abs_difference"] = _difference(module, _onnx_runner(target), example)
-    from fedssd.experiments.outputs import write_json
-
     write_json(card_path, card)
     return target, card_path
 
@@ -345,8 +343,6 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 def _model_for(config: Config, tensors: Mapping[str, Tensor]) -> Any:
     """The model ``config`` describes, with the channels its first convolution was trained on."""
-    from fedssd.api import make_model
-
     first = next(v for k, v in tensors.items() if k.startswith("encoder.") and v.dim() == 4)
     return make_model(config, int(first.shape[1]), torch.device("cpu"))
 

@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedssd.config import Config, parse_backends
 from fedssd.errors import ConfigError
+from fedssd.runs.outputs import write_json
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from fedssd.config import Config
-    from fedssd.experiments.plan import PlannedRun
     from fedssd.federation.simulator import Callback
 
 Log = Callable[[str], None]
@@ -58,22 +58,6 @@ class Tracker(Protocol):
     def finish(self, summary: Mapping[str, Any] | None) -> None:
         """Record the final summary and close (``None``: the run failed or was interrupted)."""
         ...
-
-
-def parse_backends(text: str) -> tuple[str, ...]:
-    """The backend names of ``tracking.backends`` (comma-separated), checked.
-
-    Raises:
-        ConfigError: A name is not tensorboard, wandb or mlflow.
-    """
-    names = [part.strip().lower() for part in text.split(",") if part.strip()]
-    for name in names:
-        if name not in BACKENDS:
-            raise ConfigError(
-                f"tracking.backends names {name!r}; choose from {', '.join(BACKENDS)} "
-                '(comma-separated, e.g. "tensorboard,mlflow").'
-            )
-    return tuple(dict.fromkeys(names))
 
 
 def check_tracking(config: Config) -> None:
@@ -485,8 +469,6 @@ def _read_state(out_dir: Path) -> dict[str, Any]:
 
 
 def _write_state(out_dir: Path, trackers: Sequence[Tracker]) -> None:
-    from fedssd.experiments.outputs import write_json
-
     state: dict[str, Any] = {}
     for tracker in trackers:
         inner = tracker.tracker if isinstance(tracker, GuardedTracker) else tracker
@@ -501,25 +483,30 @@ def _write_state(out_dir: Path, trackers: Sequence[Tracker]) -> None:
 # ----------------------------------------------------------------------------- sweeps
 
 
-def sweep_tracking(title: str, out: Path, runs: Sequence[PlannedRun]) -> list[Config]:
+def sweep_tracking(title: str, out: Path, runs: Sequence[tuple[Config, str]]) -> list[Config]:
     """The runs' configs with their tracking grouped under the sweep: W&B group and MLflow
     parent run (one per sweep folder, created once and recorded in ``<out>/tracking.json``;
     the runs share the store ``<out>/mlruns`` unless ``tracking.mlflow_uri`` says otherwise).
+
+    Args:
+        title: The sweep's title (the MLflow parent run's name).
+        out: The sweep folder.
+        runs: Each run's config and its name in the trackers (unless its config names one).
 
     Runs without tracking keep their config unchanged.
     """
     configs: list[Config] = []
     parents: dict[str, str] = {}
     state = _read_state(out)
-    for run in runs:
-        tracking = run.config.tracking
+    for config, run_name in runs:
+        tracking = config.tracking
         backends = parse_backends(tracking.backends)
         if not backends:
-            configs.append(run.config)
+            configs.append(config)
             continue
         changes: dict[str, Any] = {
             "group": tracking.group or out.name,
-            "run_name": tracking.run_name or f"{run.setting}/{run.row}/seed-{run.seed}",
+            "run_name": tracking.run_name or run_name,
         }
         if "mlflow" in backends:
             uri = tracking.mlflow_uri or file_uri(out / "mlruns")
@@ -528,11 +515,9 @@ def sweep_tracking(title: str, out: Path, runs: Sequence[PlannedRun]) -> list[Co
             changes["mlflow_uri"] = uri
             changes["mlflow_parent_run"] = parents[uri]
         configs.append(
-            dataclasses.replace(run.config, tracking=dataclasses.replace(tracking, **changes))
+            dataclasses.replace(config, tracking=dataclasses.replace(tracking, **changes))
         )
     if parents:
-        from fedssd.experiments.outputs import write_json
-
         state["mlflow_parents"] = parents
         write_json(out / STATE_FILE, state)
     return configs

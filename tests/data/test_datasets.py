@@ -24,12 +24,11 @@ import fedssd.data.fetch as fetch_module
 from fedssd.data.datasets import (
     DATASET_NAMES,
     ImageDataset,
-    default_root,
     load_dataset,
     locate_dataset,
     resize_bilinear_antialias,
 )
-from fedssd.data.fetch import CHECKSUMS, DatasetSources, Source
+from fedssd.data.fetch import CHECKSUMS, DatasetSources, Source, default_root
 from fedssd.errors import ConfigError, DataError
 from helpers import one_sentence
 

@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 import fedssd.data.folder as folder_module
-from fedssd.api import load_config, partition_record
 from fedssd.data.datasets import load_dataset
 from fedssd.data.federated import node_data, prepare_data
 from fedssd.data.folder import CACHE_DIR, decode_image, read_image_folder
 from fedssd.data.sites import load_site
 from fedssd.errors import ConfigError, DataError
+from fedssd.experiment import partition_record
+from fedssd.runs.resolve import load_config
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 

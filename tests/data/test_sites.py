@@ -16,7 +16,6 @@ import torch
 from PIL import Image
 
 import fedssd
-from fedssd.api import load_config, make_model
 from fedssd.cli import main
 from fedssd.config import EvaluationConfig
 from fedssd.data.augment import SSL_AUGMENT
@@ -29,6 +28,8 @@ from fedssd.federation.evaluate import (
     combine_client_evaluations,
     view_alignment,
 )
+from fedssd.runs.model import make_model
+from fedssd.runs.resolve import load_config
 from helpers import one_sentence
 
 TINY = {

@@ -14,14 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import fedssd
-from fedssd.api import final_evaluation
 from fedssd.cli import add_eval_parser, run_eval
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError, DataError
 from fedssd.evaluation import extract_features, knn_accuracy
 from fedssd.evaluation.finetune import stratified_fraction
-from fedssd.experiments.evaluate import evaluate_run, load_run, result_name
+from fedssd.experiment import final_evaluation
+from fedssd.experiments.evaluate import evaluate_run, result_name
+from fedssd.runs.model import load_run
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 

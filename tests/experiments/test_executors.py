@@ -13,9 +13,10 @@ import pytest
 from test_sweep import FakeTrain, write_grid
 
 import fedssd.api
-from fedssd import cli, executors
+from fedssd import cli
 from fedssd.errors import ConfigError
 from fedssd.experiments import execute as execution
+from fedssd.experiments import executors
 from fedssd.experiments import grid as grids
 from fedssd.experiments import plan as planning
 

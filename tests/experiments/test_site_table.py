@@ -3,7 +3,7 @@ each site's metrics from a central or a federated evaluation."""
 
 from __future__ import annotations
 
-from fedssd.experiments.sites import format_site_table, site_table
+from fedssd.runs.sites import format_site_table, site_table
 
 PARTITION = {"sizes": [100, 40, 7], "labelled": [100, 0, 7]}
 HISTORY = [

@@ -9,7 +9,6 @@ import json
 import math
 import os
 import sys
-import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,9 +22,10 @@ from fedssd import cli
 from fedssd import config as config_module
 from fedssd.errors import ConfigError
 from fedssd.experiments import execute as execution
+from fedssd.experiments import executors, tables
 from fedssd.experiments import grid as grids
 from fedssd.experiments import plan as planning
-from fedssd.experiments import tables
+from fedssd.runs.resolve import load_config
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 GRIDS = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "grids"
@@ -389,18 +389,14 @@ class FakeTrain:
 
 
 def fake_protocols(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Path, str, Any]]:
-    """A stand-in fedssd.experiments.evaluate whose evaluate_run records its calls."""
+    """A stand-in evaluate_run for the sweep's extra evaluations that records its calls."""
     calls: list[tuple[Path, str, Any]] = []
 
     def evaluate_run(run_dir: Path, protocol: str, **kwargs: Any) -> dict[str, Any]:
         calls.append((Path(run_dir), protocol, kwargs.get("labels")))
         return {"finetune_best_acc": 0.6, "finetune_last_acc": 0.55}
 
-    module = types.ModuleType("fedssd.experiments.evaluate")
-    module.evaluate_run = evaluate_run  # type: ignore[attr-defined]
-    module.LABEL_FRACTIONS = (0.01, 0.1)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fedssd.experiments.evaluate", module)
-    monkeypatch.setattr(fedssd.experiments, "evaluate", module, raising=False)
+    monkeypatch.setattr(executors, "evaluate_run", evaluate_run)
     return calls
 
 
@@ -451,17 +447,6 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
     changed = grids.load_grid(grid.path, ["federation.lr=0.01"])
     with pytest.raises(ConfigError, match="different config"):
         planning.plan(changed, out)
-
-
-def test_missing_protocols_module_is_refused_before_running(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _no_training(monkeypatch)
-    monkeypatch.setitem(sys.modules, "fedssd.experiments.evaluate", None)
-    monkeypatch.delattr(fedssd.experiments, "evaluate", raising=False)
-    grid = grids.load_grid(write_grid(tmp_path, extra='columns = ["finetune:0.01"]'))
-    with pytest.raises(ConfigError, match=r"needs fedssd\.experiments\.evaluate"):
-        planning.plan(grid, tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -545,15 +530,17 @@ def test_a_dry_run_reads_no_data(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """`sweep paper-main --dry-run` must not look for (or download) CIFAR."""
-    # imported first, so that it keeps the real functions it imports
-    import fedssd.experiments.evaluate
 
     def no_data(*_args: Any, **_kwargs: Any) -> None:
         raise AssertionError("a dry run read data")
 
-    for name in ("prepare_data", "load_data"):
-        monkeypatch.setattr(fedssd.data.federated, name, no_data)
-    monkeypatch.setattr(fedssd.api, "prepare_data", no_data)
+    # The sweep's modules are imported (above) before the data readers are replaced in every
+    # fedssd module that holds them, wherever it imported them from.
+    modules = [m for n, m in sys.modules.items() if n.startswith("fedssd.") and m is not None]
+    for module in modules:
+        for name in ("prepare_data", "load_data"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, no_data)
     _no_training(monkeypatch)
     monkeypatch.chdir(GRIDS.parents[1])  # the paper grids' split files are read from the root
     args = _parse(["sweep", str(GRIDS / "paper-main.toml"), "--out", str(tmp_path), "--dry-run"])
@@ -665,7 +652,7 @@ def test_a_run_made_before_a_later_option_existed_is_reused(tmp_path: Path) -> N
     federation.drop_last) ran with its default: the sweep reuses it; another value is refused."""
     import tomli_w
 
-    config = fedssd.api.load_config(SMOKE)
+    config = load_config(SMOKE)
     assert config.method.options["dsr_dims"] == 0
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -17,9 +17,10 @@ import pytest
 import torch
 from test_privacy import SMOKE, TINY
 
-from fedssd import api, config
+from fedssd import config
 from fedssd.config import PrivacyConfig
 from fedssd.errors import ConfigError
+from fedssd.experiment import build_experiment, check_setup
 from fedssd.federation.accounting import ledger, ledger_epsilon, round_charge
 from fedssd.federation.privacy import (
     SHARE,
@@ -222,15 +223,15 @@ def test_distributed_dp_refuses_what_cannot_hold_in_one_sentence(
 
     with pytest.raises(ConfigError, match=message) as error:
         cfg = config.load(SMOKE, [*TINY, *DISTRIBUTED, *sets])
-        api.check_setup(cfg)
+        check_setup(cfg)
     assert one_sentence(str(error.value))
 
 
 def test_distributed_dp_is_accepted_with_secure_aggregation() -> None:
     sets = [*TINY, *DISTRIBUTED, "method.name=fedalignuniform", "federation.num_clients=4"]
     cfg = config.load(SMOKE, sets)
-    api.check_setup(cfg, secure_aggregation=True)
-    built = api.build_experiment(cfg, log=lambda _m: None)
+    check_setup(cfg, secure_aggregation=True)
+    built = build_experiment(cfg, log=lambda _m: None)
     secagg.check_secure_aggregation(cfg, built.method)
     # Central DP under SecAgg+ stays refused, pointing at the distributed mode.
     central = config.load(SMOKE, [*sets, "privacy.mode=central"])

@@ -24,20 +24,20 @@ from fedssd.cli import main
 from fedssd.config import FaultConfig, ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.errors import ConfigError, DataError, TrainingDiverged
-from fedssd.experiments.checkpoint import (
+from fedssd.federation.client import LocalSettings
+from fedssd.federation.faults import draw_fault
+from fedssd.federation.simulator import Guards, Schedule, run_rounds
+from fedssd.federation.validate import check_update, learned_keys, norm_outliers, update_distance
+from fedssd.methods import ClientUpdate, MethodContext, build_method
+from fedssd.methods.protocol import ClientState
+from fedssd.models import build_model
+from fedssd.runs.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
     save_checkpoint,
 )
-from fedssd.federation.client import LocalSettings
-from fedssd.federation.faults import draw_fault
-from fedssd.federation.simulator import Guards, Schedule, run_rounds
-from fedssd.federation.store import ClientStore
-from fedssd.federation.validate import check_update, learned_keys, norm_outliers, update_distance
-from fedssd.methods import ClientUpdate, MethodContext, build_method
-from fedssd.methods.protocol import ClientState
-from fedssd.models import build_model
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def test_interrupted_and_resumed_run_is_bit_identical(
 ) -> None:
     """Stop a run after a round (an exception from a callback, in process) and resume it:
     weights and metrics equal the uninterrupted run's."""
-    import fedssd.api as api
+    import fedssd.experiment as session
 
     overrides = [*TINY, *extra]
     whole = fedssd.train(SMOKE, overrides=overrides, out=tmp_path / "whole", log=None)
@@ -106,17 +106,17 @@ def test_interrupted_and_resumed_run_is_bit_identical(
             if record["round"] == at + 1:
                 raise Stop
 
-        original = api.round_callbacks
+        original = session.round_callbacks
 
         def patched(*args: Any, original: Any = original, **kwargs: Any) -> list[Any]:
             return [*original(*args, **kwargs), bomb]
 
-        api.round_callbacks = patched  # type: ignore[assignment]
+        session.round_callbacks = patched  # type: ignore[assignment]
         try:
             with pytest.raises(Stop):
                 fedssd.train(SMOKE, overrides=overrides, out=run, log=None)
         finally:
-            api.round_callbacks = original  # type: ignore[assignment]
+            session.round_callbacks = original  # type: ignore[assignment]
         # The callback ran after the metrics line of round stop_after + 1 but before its checkpoint.
         assert [p.name for p in list_checkpoints(run)][-1] == f"round-{stop_after:06d}"
         assert not (run / "summary.json").exists()
@@ -294,7 +294,7 @@ def test_checkpoint_write_is_atomic_and_rotated(
     assert restored is not None and restored.scalars == {"lam": 0.5}
     assert restored.participations == 2 and torch.equal(restored.tensors["t"], torch.arange(4.0))
 
-    import fedssd.experiments.checkpoint as module
+    import fedssd.runs.checkpoint as module
 
     calls = {"n": 0}
     real = module.save_model

@@ -21,6 +21,7 @@ from fedssd import api, config
 from fedssd.cli import main
 from fedssd.config import PrivacyConfig
 from fedssd.errors import ConfigError
+from fedssd.experiment import check_setup
 from fedssd.federation.accounting import (
     RoundCharge,
     calibrate_noise,
@@ -29,7 +30,6 @@ from fedssd.federation.accounting import (
     round_charge,
     update_noise_multiplier,
 )
-from fedssd.federation.callbacks import SERVER_ONLY_LOG, SERVER_ONLY_SUMMARY
 from fedssd.federation.privacy import (
     NOISE,
     PrivateAggregator,
@@ -42,6 +42,7 @@ from fedssd.federation.privacy import (
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.server import Guards, Schedule, open_round
 from fedssd.methods import ClientUpdate
+from fedssd.runs.outputs import SERVER_ONLY_LOG, SERVER_ONLY_SUMMARY
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")
@@ -442,7 +443,7 @@ def test_dp_refuses_methods_and_settings_in_one_sentence(sets: list[str], messag
     base = [*TINY, "privacy.dp=fixed", "privacy.target_epsilon=4"]
     with pytest.raises(ConfigError, match=message) as error:
         cfg = config.load(SMOKE, [*base, *sets])
-        api.check_setup(cfg)
+        check_setup(cfg)
     assert one_sentence(str(error.value))
 
 
@@ -467,7 +468,7 @@ def test_the_shipped_privacy_grid_is_accepted() -> None:
     assert len(private) == 18
     for run in private:
         assert run.config.validation.max_norm_ratio == 0
-        api.check_setup(run.config)
+        check_setup(run.config)
 
 
 # ----------------------------------------------------------------------------- runs

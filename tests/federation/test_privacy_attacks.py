@@ -20,6 +20,8 @@ import torch
 from safetensors.torch import load_file
 
 from fedssd import api
+from fedssd.runs.model import make_model
+from fedssd.runs.resolve import load_config
 from fedssd.seeding import derive_seed
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,8 +55,8 @@ def _train(out: Path, *sets: str) -> Path:
 
 def _floating_keys(run: Path) -> list[str]:
     """The model's floating-point entries in state-dict order (the attacker has the code)."""
-    cfg = api.load_config(run / "config.toml")
-    model = api.make_model(cfg, 1, torch.device("cpu"))
+    cfg = load_config(run / "config.toml")
+    model = make_model(cfg, 1, torch.device("cpu"))
     return [k for k, v in model.state_dict().items() if v.is_floating_point()]
 
 
@@ -74,7 +76,7 @@ def _attack(run: Path, regenerate: Regenerate) -> tuple[float, float]:
         The noise's standard deviation and the standard deviation of what is left minus the
         noiseless model (``run``'s sibling ``clean``), over the entries that were not clamped.
     """
-    seed = api.load_config(run / "config.toml").seed
+    seed = load_config(run / "config.toml").seed
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     std = float(record["dp_noise_std"])
     released = load_file(str(run / "model.safetensors"))

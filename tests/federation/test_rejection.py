@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 import fedssd
-from fedssd.api import load_config
 from fedssd.config import ValidationConfig
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.federation.callbacks import progress, round_callbacks
@@ -28,6 +27,7 @@ from fedssd.methods import ClientUpdate, MethodContext, build_method
 from fedssd.methods.protocol import ClientState
 from fedssd.methods.server import aggregate_updates
 from fedssd.models import build_model
+from fedssd.runs.resolve import load_config
 from helpers import method_context
 
 ROOT = Path(__file__).resolve().parents[2]

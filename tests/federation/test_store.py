@@ -14,7 +14,9 @@ from safetensors.torch import load_file, save_file
 
 import fedssd
 from fedssd.errors import DataError
-from fedssd.experiments.checkpoint import (
+from fedssd.methods.protocol import ClientState
+from fedssd.runs import store as store_module
+from fedssd.runs.checkpoint import (
     Checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -22,8 +24,7 @@ from fedssd.experiments.checkpoint import (
     save_checkpoint,
     states_folder,
 )
-from fedssd.federation import store as store_module
-from fedssd.federation.store import (
+from fedssd.runs.store import (
     ClientStore,
     decode_state,
     encode_state,
@@ -31,7 +32,6 @@ from fedssd.federation.store import (
     read_state,
     write_state,
 )
-from fedssd.methods.protocol import ClientState
 
 ROOT = Path(__file__).resolve().parents[2]
 SMOKE = str(ROOT / "src" / "fedssd" / "configs" / "smoke.toml")

@@ -30,7 +30,8 @@ pytest.importorskip("flwr")
 from safetensors.torch import load_file
 from test_simulation import EXPERIMENT
 
-from fedssd import api, config
+from fedssd import config
+from fedssd.experiment import build_experiment
 from fedssd.federation.client import local_train
 from fedssd.federation.privacy import apply_mean, noised_share, share_generator
 from fedssd.federation.simulator import round_lr
@@ -99,7 +100,7 @@ def _clean_and_shares(
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """The global start, the sum of the clients' clipped updates (round 1 of the in-process
     simulator) and the sum of their shares regenerated from the run seed."""
-    experiment = api.build_experiment(cfg, log=lambda _m: None)
+    experiment = build_experiment(cfg, log=lambda _m: None)
     start = {k: v.clone() for k, v in experiment.global_model.state_dict().items()}
     settings = dataclasses.replace(experiment.settings, lr=round_lr(experiment.schedule, 0))
     keys = list(start)

@@ -25,9 +25,9 @@ from safetensors.torch import load_file
 from test_simulation import EXPERIMENT
 
 from fedssd.api import train
-from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
 from fedssd.federation.accounting import ledger
-from fedssd.federation.callbacks import SERVER_ONLY_LOG
+from fedssd.runs.checkpoint import list_checkpoints, load_checkpoint
+from fedssd.runs.outputs import SERVER_ONLY_LOG
 from flower_testing import flower_env
 
 DP = [

@@ -16,10 +16,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedssd import config as config_module
-from fedssd.api import build_experiment, load_config
+from fedssd.experiment import build_experiment
 from fedssd.federation.callbacks import progress
 from fedssd.flower import client_app, records
 from fedssd.flower.strategy import MethodStrategy
+from fedssd.runs.resolve import load_config
 
 SMOKE = Path(__file__).resolve().parents[2] / "src" / "fedssd" / "configs" / "smoke.toml"
 # Another thread count than the process's, so that applying it is visible.

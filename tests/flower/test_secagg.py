@@ -28,7 +28,9 @@ from test_simulation import experiment
 
 from fedssd import api, config
 from fedssd.aggregate import fedavg
+from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError
+from fedssd.experiment import build_experiment
 from fedssd.federation.client import local_train
 from fedssd.federation.simulator import round_lr
 from fedssd.flower import secagg
@@ -101,7 +103,7 @@ def _quantisation_tolerance(cfg: config.Config, sizes: list[int], weights: list[
 def _fedavg_of(cfg: config.Config, clients: list[int]) -> tuple[dict[str, torch.Tensor], list[int]]:
     """Round 1 of the in-process simulator restricted to ``clients`` (what the server should
     get when the others drop out), and their weights."""
-    experiment = api.build_experiment(cfg, log=lambda _m: None)
+    experiment = build_experiment(cfg, log=lambda _m: None)
     start = {k: v.clone() for k, v in experiment.global_model.state_dict().items()}
     settings = dataclasses.replace(experiment.settings, lr=round_lr(experiment.schedule, 0))
     states, weights = [], []
@@ -141,7 +143,7 @@ def test_secure_aggregation_deployment_matches_and_survives_a_dropout(
     tmp_path: Path, experiment: Path, processes: Processes
 ) -> None:
     cfg = config.load(experiment, SETS)
-    sizes = [len(p) for p in api.prepare_data(cfg, log=lambda _m: None).client_indices]
+    sizes = [len(p) for p in prepare_data(cfg, log=lambda _m: None).client_indices]
     expected_all, weights_all = _fedavg_of(cfg, [0, 1, 2])
     expected_two, weights_two = _fedavg_of(cfg, [0, 1])
     # The in-process simulator agrees with the hand-made round (so the comparison is fair).
@@ -238,7 +240,7 @@ def test_secure_aggregation_refuses_what_needs_each_update(
 ) -> None:
     base = ["method.name=ssd", "validation.max_norm_ratio=0"]
     cfg = config.load(experiment, [*base, *sets])
-    built = api.build_experiment(cfg, log=lambda _m: None)
+    built = build_experiment(cfg, log=lambda _m: None)
     with pytest.raises(ConfigError, match=message):
         secagg.check_secure_aggregation(cfg, built.method)
 
@@ -246,7 +248,7 @@ def test_secure_aggregation_refuses_what_needs_each_update(
 def test_secure_aggregation_accepts_fedavg_methods(experiment: Path) -> None:
     for name in ("ssd", "fedalignuniform", "fedsimclr", "fedbyol", "hsd"):
         cfg = config.load(experiment, [f"method.name={name}", "validation.max_norm_ratio=0"])
-        built = api.build_experiment(cfg, log=lambda _m: None)
+        built = build_experiment(cfg, log=lambda _m: None)
         secagg.check_secure_aggregation(cfg, built.method)
 
 

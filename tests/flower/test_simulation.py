@@ -21,6 +21,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,13 +31,16 @@ pytest.importorskip("flwr")
 from flwr.app import Context, RecordDict
 from safetensors.torch import load_file
 
-from fedssd.api import build_experiment, load_config, train
+from fedssd import config
+from fedssd.api import train
 from fedssd.errors import ConfigError
-from fedssd.experiments.checkpoint import list_checkpoints, load_checkpoint
+from fedssd.experiment import build_experiment
 from fedssd.federation.client import LocalResult
-from fedssd.flower import records
+from fedssd.flower import client_app, records
 from fedssd.flower.client_app import client_id_of
 from fedssd.methods.protocol import ClientState
+from fedssd.runs.checkpoint import list_checkpoints, load_checkpoint
+from fedssd.runs.resolve import load_config
 from flower_testing import (
     BIN,
     FLOWER_APP,
@@ -219,6 +223,31 @@ def test_records_round_trip_client_state_and_results() -> None:
     assert records.load_client_state(state, 7, run_key="run-a") is not None
     result = LocalResult(4, 5, 120, -1.5, {"align": 0.5, "uniform": -2.0}, 1.25)
     assert records.metrics_to_result(records.result_to_metrics(result)) == result
+
+
+def test_a_node_parses_the_servers_config_once_per_process(
+    experiment: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's config text is parsed when the node first builds its experiment; later
+    messages with the same text reuse the experiment without parsing it again."""
+    text = config.dumps(load_config(experiment))
+    parsed: list[str] = []
+    loads = client_app.tomllib.loads
+
+    def counting(source: str) -> dict[str, Any]:
+        if source == text:
+            parsed.append(source)
+        return loads(source)
+
+    monkeypatch.setattr(client_app.tomllib, "loads", counting)
+    client_app._experiment.cache_clear()
+    context = Context(
+        run_id=1, node_id=1, node_config={"client-id": 0}, state=RecordDict(), run_config={}
+    )
+    first = client_app.experiment_for(text, context, 0)
+    assert client_app.experiment_for(text, context, 0) is first
+    assert len(parsed) == 1
+    client_app._experiment.cache_clear()
 
 
 def test_client_id_comes_from_the_node_config() -> None:

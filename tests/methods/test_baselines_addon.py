@@ -22,7 +22,6 @@ from fedssd.cli import main
 from fedssd.data.augment import AugmentConfig, two_views
 from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
-from fedssd.federation.store import ClientStore
 from fedssd.methods import MethodContext, build_method
 from fedssd.methods.feddecorr import decorrelation_loss
 from fedssd.methods.fedu2 import (
@@ -42,6 +41,7 @@ from fedssd.methods.ldawa import LDAWA, LDAWAOptions, layer_weights, ldawa_avera
 from fedssd.methods.protocol import ClientHooks, ClientUpdate
 from fedssd.methods.ssd import draw_scaling_sets
 from fedssd.models import build_model
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 ADDONS = ["fedx", "ldawa", "feddecorr", "fedu2", "hsd"]
@@ -543,8 +543,8 @@ def _tiny_context() -> MethodContext:
     ("setting", "clients", "fraction"), [("silo", 10, 1.0), ("device", 50, 0.2)]
 )
 def test_paper_protocol_configs(name: str, setting: str, clients: int, fraction: float) -> None:
-    from fedssd.api import load_config
     from fedssd.methods import resolve_options
+    from fedssd.runs.resolve import load_config
 
     config = load_config(f"{name}-{setting}")
     assert config.method.name == name and config.model.encoder == "resnet18"

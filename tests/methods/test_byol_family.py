@@ -12,15 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedssd.api import attach_extras
 from fedssd.cli import main
 from fedssd.data.augment import SSL_AUGMENT, two_views
 from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
+from fedssd.experiment import attach_extras
 from fedssd.federation.client import LocalSettings
 from fedssd.federation.sampling import sample_clients
 from fedssd.federation.simulator import Schedule, run_rounds
-from fedssd.federation.store import ClientStore
 from fedssd.methods import METHODS, build_method, resolve_options
 from fedssd.methods.byol_common import (
     divergence,
@@ -34,6 +33,7 @@ from fedssd.methods.fedu import FedU, FedUOptions, dapu_keeps_local
 from fedssd.methods.protocol import ClientHooks, ClientState, ClientUpdate, Method
 from fedssd.models import SSLModel, build_model
 from fedssd.models.heads import mlp_predictor
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 NAMES = ("fedsimclr", "fedsimsiam", "fedbyol", "fedu", "fedema")

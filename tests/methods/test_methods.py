@@ -71,7 +71,7 @@ def test_every_registered_method_honours_the_protocol(name: str) -> None:
     """Built with default options on a real (tiny) model: a finite scalar loss with gradients,
     named detached parts, an aggregate (the method's or the default FedAvg) that returns every
     entry of the global state, and a server state that loads back."""
-    from fedssd.api import attach_extras
+    from fedssd.experiment import attach_extras
     from fedssd.federation.simulator import local_keys
     from fedssd.methods.protocol import ClientHooks
 
@@ -375,6 +375,23 @@ def test_a_partial_hook_set_fails_at_build_naming_the_missing_member() -> None:
         _spec(_HalfState).build(_NoOptions(), method_context())
     with pytest.raises(TypeError, match=r"local_modules must be a frozenset"):
         _spec(_LocalList).build(_NoOptions(), method_context())
+
+
+def test_the_sample_order_is_a_declared_capability() -> None:
+    from fedssd.federation.sampling import shuffled_order
+    from fedssd.methods.protocol import OrdersSample
+
+    class Ordered(_Loss):
+        random_sample_order = True
+
+    class Worded(_Loss):
+        random_sample_order = "yes"
+
+    ordered = _spec(Ordered).build(_NoOptions(), method_context())
+    assert isinstance(ordered, OrdersSample) and shuffled_order(ordered)
+    assert not isinstance(_spec(_Loss).build(_NoOptions(), method_context()), OrdersSample)
+    with pytest.raises(TypeError, match=r"random_sample_order must be true or false"):
+        _spec(Worded).build(_NoOptions(), method_context())
 
 
 def test_a_complete_or_empty_capability_set_builds() -> None:

@@ -22,7 +22,6 @@ from fedssd.data.datasets import load_dataset
 from fedssd.errors import ConfigError
 from fedssd.federation.client import LocalSettings, local_train
 from fedssd.federation.simulator import Schedule, run_rounds
-from fedssd.federation.store import ClientStore
 from fedssd.methods import ClientUpdate, MethodContext, build_method
 from fedssd.methods.orchestra import (
     CENTROIDS_KEY,
@@ -38,6 +37,7 @@ from fedssd.methods.orchestra import (
     sinkhorn_knopp,
 )
 from fedssd.models import SSLModel, build_model
+from fedssd.runs.store import ClientStore
 from helpers import method_context
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -49,11 +49,13 @@ from fedssd.data.fetch import (
     DatasetSources,
     Log,
     _silent,
+    default_root,
     fetch_sources,
     missing_advice,
     temporary_sibling,
     verify_file,
 )
+from fedssd.data.folder import read_image_folder
 from fedssd.errors import ConfigError, DataError
 
 __all__ = [
@@ -61,7 +63,6 @@ __all__ = [
     "RESIZE_FILTERS",
     "USER_DATASETS",
     "ImageDataset",
-    "default_root",
     "fetch_dataset",
     "load_dataset",
     "load_npz",
@@ -145,14 +146,6 @@ class ImageDataset:
     def labelled(self) -> bool:
         """Whether any training image has a label."""
         return self.num_classes > 0
-
-
-def default_root() -> Path:
-    """The data root: ``$FEDSSD_DATA`` if set, else ``~/.cache/fedssd``."""
-    configured = os.environ.get("FEDSSD_DATA")
-    if configured:
-        return Path(configured).expanduser()
-    return Path.home() / ".cache" / "fedssd"
 
 
 def load_dataset(
@@ -271,8 +264,6 @@ def load_npz(
 def _folder_dataset(
     path: Path, *, image_size: int, rgb: bool, root: str | Path | None, log: Log
 ) -> ImageDataset:
-    from fedssd.data.folder import read_image_folder
-
     read = read_image_folder(path, image_size=image_size, rgb=rgb, cache_root=root, log=log)
     # The training copy must be writable memory; the cache itself stays mapped read-only.
     images = torch.from_numpy(np.require(read.images, dtype=np.uint8, requirements=["C", "W"]))

@@ -37,6 +37,7 @@ __all__ = [
     "RECORD_NAME",
     "DatasetSources",
     "Source",
+    "default_root",
     "download",
     "fetch_sources",
     "file_md5",
@@ -221,6 +222,14 @@ CHECKSUMS: Mapping[str, DatasetSources] = MappingProxyType(
     }
 )
 """Official sources and digests per dataset name (read-only)."""
+
+
+def default_root() -> Path:
+    """The data root: ``$FEDSSD_DATA`` if set, else ``~/.cache/fedssd``."""
+    configured = os.environ.get("FEDSSD_DATA")
+    if configured:
+        return Path(configured).expanduser()
+    return Path.home() / ".cache" / "fedssd"
 
 
 def missing_advice(entry: DatasetSources, folder: Path) -> str:

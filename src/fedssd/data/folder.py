@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from fedssd.data.fetch import Log, _silent, temporary_sibling
+from fedssd.data.fetch import Log, _silent, default_root, temporary_sibling
 from fedssd.errors import DataError
 
 __all__ = [
@@ -241,8 +241,6 @@ def _sha256(path: Path) -> str:
 
 def _cache_places(folder: Path, cache_root: Path | None) -> list[Path]:
     """Where the cache of ``folder`` may live: inside it, else under the data root."""
-    from fedssd.data.datasets import default_root
-
     base = cache_root if cache_root is not None else default_root()
     key = hashlib.sha256(str(folder.resolve()).encode("utf-8")).hexdigest()[:16]
     return [folder / CACHE_DIR, base / "folder-cache" / key]

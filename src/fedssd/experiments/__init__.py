@@ -1,5 +1,5 @@
-"""Experiments: grids of runs, their tables and reports, re-evaluation, run folders and
-checkpoints, a module per job.
+"""Experiments: grids of runs, where they execute, their tables and reports, and re-evaluation,
+a module per job.
 
 - :mod:`~fedssd.experiments.grid`: grid files (settings, rows, seeds, columns).
 - :mod:`~fedssd.experiments.plan`: one checked config and run folder per planned run.
@@ -8,8 +8,6 @@ checkpoints, a module per job.
 - :mod:`~fedssd.experiments.report`: figures and ``report.md``.
 - :mod:`~fedssd.experiments.evaluate`: re-evaluating a finished run (kNN, linear probe,
   fine-tuning).
-- :mod:`~fedssd.experiments.outputs`: run-folder files (atomic writes, JSON, models).
-- :mod:`~fedssd.experiments.checkpoint`: round checkpoints and their resume.
 
 The command-line parsers of ``fedssd sweep``, ``fedssd report`` and ``fedssd eval`` live in
 :mod:`fedssd.cli`.

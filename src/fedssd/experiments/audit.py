@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import nn
 
-from fedssd.api import Experiment, build_experiment, check_setup, load_config, warm_start
 from fedssd.config import Config
 from fedssd.errors import ConfigError
+from fedssd.experiment import Experiment, build_experiment, check_setup, warm_start
 from fedssd.federation.accounting import round_charge
 from fedssd.federation.audit import (
     CanaryAggregator,
@@ -29,6 +29,7 @@ from fedssd.federation.audit import (
 from fedssd.federation.privacy import SecretRandomness
 from fedssd.federation.server import local_keys
 from fedssd.federation.simulator import run_rounds
+from fedssd.runs.resolve import load_config
 from fedssd.runtime import cpu_threads
 
 Log = Callable[[str], None]

@@ -21,7 +21,6 @@ evaluations themselves are pure functions in :mod:`fedssd.evaluation`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 
-from fedssd.api import load_config, make_model, stderr_log
+from fedssd.api import stderr_log
 from fedssd.config import Config, EvaluationConfig
 from fedssd.data.datasets import DATASET_NAMES
 from fedssd.data.federated import (
@@ -48,9 +46,10 @@ from fedssd.evaluation.finetune import FinetuneSettings, finetune, stratified_fr
 from fedssd.evaluation.knn import knn_accuracy
 from fedssd.evaluation.linear_probe import linear_probe
 from fedssd.evaluation.metrics import representation_metrics
-from fedssd.experiments.outputs import write_json
 from fedssd.federation.evaluate import label_warning
 from fedssd.models import SSLModel
+from fedssd.runs.model import load_run, recorded_image_shape
+from fedssd.runs.outputs import write_json
 from fedssd.runtime import autocast_dtype, cpu_threads, select_device
 from fedssd.seeding import EVALUATION, derive_seed, numpy_rng
 
@@ -60,109 +59,16 @@ PROTOCOLS = ("knn", "linear", "finetune")
 LABEL_FRACTIONS = (0.01, 0.1)
 """The labelled fractions of the paper's semi-supervised fine-tuning (FT 1% and FT 10%)."""
 
-# The parts of a saved model every run has; other prefixes (a method's ``extras.``) are ignored.
-_MODEL_PREFIXES = ("encoder.", "projector.")
 # Sub-streams of the run's EVALUATION seed for fine-tuning: which images are labelled, and the
 # head's initialisation, shuffling and augmentation.
 _FINETUNE_SUBSET = 1
 _FINETUNE_TRAIN = 2
 
 
-def load_run(run_dir: str | Path) -> tuple[Config, SSLModel]:
-    """The resolved config and the trained model (on the CPU) of a finished run.
-
-    Only ``encoder.*`` and ``projector.*`` tensors are read, and they must match the model that
-    ``config.toml`` describes exactly; other tensors (a method's ``extras.*``) are ignored. The
-    file is read as safetensors only, so it can never run code.
-
-    Args:
-        run_dir: A folder written by :func:`fedssd.api.train`.
-
-    Returns:
-        ``(config, model)``; the model is in eval mode.
-
-    Raises:
-        ConfigError: ``config.toml`` is not a valid configuration.
-        DataError: The folder, its config or its model file is missing, or the model file is
-            damaged or does not match the config.
-    """
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.toml"
-    model_path = run_dir / "model.safetensors"
-    if not run_dir.is_dir():
-        raise DataError(f"Run folder {run_dir} does not exist; pass a folder `fedssd train` wrote.")
-    for path in (config_path, model_path):
-        if not path.is_file():
-            raise DataError(
-                f"{run_dir} has no {path.name}; pass the folder of a run that finished training."
-            )
-    config = load_config(config_path)
-    tensors = _read_model_tensors(model_path)
-    with torch.device("meta"):
-        probe = make_model(config, 3, torch.device("meta"))
-    expected = {k: v for k, v in probe.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        what = f"lacks {missing[0]}" if missing else f"has the unknown tensor {unexpected[0]}"
-        raise DataError(
-            f"{model_path} {what}, so it does not hold the model {config_path.name} describes; "
-            "evaluate the folder the model was trained in."
-        )
-    # The first convolution's weight is (out, in_channels, k, k); its file shape tells the
-    # channels the model was trained on, which the config alone does not say (npz, rgb).
-    first_conv = tensors[next(key for key, value in expected.items() if value.dim() == 4)]
-    # A malformed tensor keeps the default here and is reported by the shape check below.
-    in_channels = int(first_conv.shape[1]) if first_conv.dim() == 4 and first_conv.shape[1] else 3
-    model = make_model(config, in_channels, torch.device("cpu"))
-    own = {k: v for k, v in model.state_dict().items() if k.startswith(_MODEL_PREFIXES)}
-    for key, value in own.items():
-        if tuple(tensors[key].shape) != tuple(value.shape):
-            raise DataError(
-                f"{model_path} holds {key} of shape {tuple(tensors[key].shape)} where "
-                f"{config_path.name} implies {tuple(value.shape)}; evaluate the folder the "
-                "model was trained in."
-            )
-    model.load_state_dict(tensors, strict=False)
-    return config, model.eval()
-
-
-def recorded_image_shape(run_dir: Path) -> tuple[int, int, int] | None:
-    """The ``(channels, height, width)`` of the images a run trained on, as its
-    ``partition.json`` records it (None for a run written before it did, or without the file)."""
-    try:
-        shape = json.loads((run_dir / "partition.json").read_text(encoding="utf-8"))["image_shape"]
-        channels, height, width = (int(v) for v in shape)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return channels, height, width
-
-
 def _sites_elsewhere(config: Config) -> bool:
     """Whether the run trained on sites' own images that are not here (a deployment's server:
     the nodes named their data, the config names none)."""
     return config.data.partition == "clients" and not config.data.clients and not config.data.path
-
-
-def _read_model_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """The ``encoder.*`` and ``projector.*`` tensors of a safetensors file, on the CPU."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            return {
-                key: handle.get_tensor(key)
-                for key in handle.keys()  # noqa: SIM118 - safe_open handles are not mappings
-                if key.startswith(_MODEL_PREFIXES)
-            }
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise DataError(
-            f"{path} is not a readable safetensors file ({_first_line(error)}); it is damaged or "
-            "truncated, so train the run again or restore the file."
-        ) from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()).rstrip(".")
-    return text[:160] or type(error).__name__
 
 
 def result_name(

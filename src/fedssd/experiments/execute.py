@@ -9,15 +9,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from fedssd.executors import Executor
-
-
-from fedssd.experiments.grid import COLUMNS_FILE, FAILED_FILE, SWEEP_FILE, Column, Grid, Log, Status
-from fedssd.experiments.plan import PlannedRun, read_columns, run_status
+from fedssd.experiments.executors import Executor, RunTask, SerialExecutor
+from fedssd.experiments.grid import FAILED_FILE, SWEEP_FILE, Column, Grid, Log, Status
+from fedssd.experiments.plan import PlannedRun, run_status
 from fedssd.experiments.tables import write_outputs
+from fedssd.runs.outputs import write_json
+from fedssd.tracking import sweep_tracking
 
 
 def execute(
@@ -38,17 +37,13 @@ def execute(
         log: Receives the sweep's progress lines (run i/N, elapsed, time left).
         run_log: Receives each run's own progress lines (None for silence); an executor running
             runs elsewhere prints them on its own standard error instead.
-        executor: Where the runs execute (:mod:`fedssd.executors`); None runs them here, one
-            after another.
+        executor: Where the runs execute (:mod:`fedssd.experiments.executors`); None runs them
+            here, one after another.
 
     Returns:
         The records of every finished run (as in results.csv). Runs that failed are listed in
         ``failed.json`` (and each one's error in its ``error.txt``); the others went on.
     """
-    from fedssd.executors import RunTask, SerialExecutor
-    from fedssd.experiments.outputs import write_json
-    from fedssd.tracking import sweep_tracking
-
     say: Log = log or (lambda _message: None)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / SWEEP_FILE, sweep_description(grid))
@@ -57,7 +52,9 @@ def execute(
     total = len(runs)
     tasks: list[RunTask] = []
     statuses: dict[int, Status] = {}
-    configs = sweep_tracking(grid.title, out, runs)
+    configs = sweep_tracking(
+        grid.title, out, [(run.config, f"{run.setting}/{run.row}/seed-{run.seed}") for run in runs]
+    )
     for index, run in enumerate(runs, start=1):
         status = run_status(run, grid.columns)
         label = f"{run.setting}/{run.row}/seed-{run.seed}"
@@ -125,8 +122,6 @@ def execute(
 def _write_failures(out: Path, runs: Sequence[PlannedRun], failures: Mapping[int, str]) -> None:
     """``failed.json``: the runs that failed in the last execution, with their errors (removed
     when none failed)."""
-    from fedssd.experiments.outputs import write_json
-
     path = out / FAILED_FILE
     if not failures:
         path.unlink(missing_ok=True)
@@ -175,25 +170,6 @@ def _duration(seconds: float) -> str:
     if minutes:
         return f"{minutes}m{secs:02d}s"
     return f"{secs}s"
-
-
-def _evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | None) -> None:
-    """Compute the missing extra evaluations of a trained run into its columns.json."""
-    from fedssd.experiments.outputs import write_json
-
-    have = read_columns(run_dir)
-    for column in columns:
-        if column.protocol is None or column.evaluation in have:
-            continue
-        from fedssd.experiments.evaluate import evaluate_run
-
-        # log=None is silence (sweep --quiet); evaluate_run's own default would print.
-        result = evaluate_run(
-            run_dir, column.protocol, labels=column.labels, eval_data=column.eval_data, log=log
-        )
-        have[column.evaluation] = result
-        # Written after each evaluation, so that an interruption loses at most the one running.
-        write_json(run_dir / COLUMNS_FILE, have)
 
 
 def sweep_description(grid: Grid) -> dict[str, Any]:

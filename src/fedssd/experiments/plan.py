@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fedssd import config as config_module
 from fedssd.config import Config, MethodConfig
+from fedssd.data.federated import prepare_data
 from fedssd.errors import ConfigError, FedSSDError
-
-if TYPE_CHECKING:
-    pass
-
-
+from fedssd.experiment import check_setup
+from fedssd.experiments.evaluate import LABEL_FRACTIONS
 from fedssd.experiments.grid import COLUMNS_FILE, Column, Grid, Status
-from fedssd.methods import option_dict
+from fedssd.methods import option_dict, shared_options
+from fedssd.runs.resolve import load_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,30 +40,16 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
         ConfigError: A run's config is invalid, a split file is missing, an extra evaluation is
             not available, or a finished run in ``out`` was made with a different config.
     """
-    import fedssd.api as api
-    from fedssd.config import MethodConfig
-    from fedssd.methods import shared_options
-
     where = f"grid {grid.path.name}"
-    extra = [c for c in grid.columns if c.protocol is not None]
-    if extra:
-        try:
-            protocols = importlib.import_module("fedssd.experiments.evaluate")
-        except ImportError:
-            raise ConfigError(
-                f"{where}: column {extra[0].spec!r} needs fedssd.experiments.evaluate "
-                "(evaluate_run), which this installation lacks; remove the column or update fedssd."
-            ) from None
-        fractions = getattr(protocols, "LABEL_FRACTIONS", None)
-        for column in extra:
-            if column.labels is not None and fractions and column.labels not in fractions:
-                allowed = ", ".join(f"finetune:{f:g}" for f in fractions)
-                raise ConfigError(f"{where}: column {column.spec!r} is not one of {allowed}.")
+    for column in grid.columns:
+        if column.protocol is not None and column.labels not in (None, *LABEL_FRACTIONS):
+            allowed = ", ".join(f"finetune:{f:g}" for f in LABEL_FRACTIONS)
+            raise ConfigError(f"{where}: column {column.spec!r} is not one of {allowed}.")
     runs: list[PlannedRun] = []
     for setting in grid.settings:
         here = f"{where}, setting {setting.name!r}"
         try:
-            base = api.load_config(grid.base, overrides=[*grid.overrides, *setting.overrides])
+            base = load_config(grid.base, overrides=[*grid.overrides, *setting.overrides])
         except ConfigError as error:
             raise ConfigError(f"{here}: {error}") from None
         for row in grid.rows:
@@ -74,11 +58,11 @@ def plan(grid: Grid, out: Path) -> list[PlannedRun]:
                 method = MethodConfig(
                     name=row.method, options=shared_options(row.method, base.method.options)
                 )
-                first = api.load_config(
+                first = load_config(
                     dataclasses.replace(base, method=method),
                     overrides=[*row.overrides, f"seed={grid.seeds[0]}"],
                 )
-                api.check_setup(first)
+                check_setup(first)
             except ConfigError as error:
                 raise ConfigError(f"{here}: {error}") from None
             split = first.data.split_file
@@ -104,8 +88,6 @@ def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
     Raises:
         ConfigError: A run's data cannot be read or split, naming the setting and seed.
     """
-    from fedssd.data.federated import prepare_data
-
     seen: set[str] = set()
     for run in runs:
         if (run.run_dir / "summary.json").is_file():

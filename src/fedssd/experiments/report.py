@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.sites import format_site_table, site_table
+from fedssd.runs.sites import format_site_table, site_table
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -668,7 +668,7 @@ def embed_sample(
     """
     from fedssd.data.federated import prepare_data
     from fedssd.evaluation.features import extract_features
-    from fedssd.experiments.evaluate import load_run
+    from fedssd.runs.model import load_run
 
     config, model = load_run(run_dir)
     key = (config.seed, config.data, config.federation.num_clients)
@@ -830,7 +830,7 @@ def build_report(
         sections.append((setting, figures))
     text = render_markdown(folder, kind, runs, sections)
     report = folder / "report.md"
-    from fedssd.experiments.outputs import write_text_atomic
+    from fedssd.runs.outputs import write_text_atomic
 
     write_text_atomic(report, text)
     return report

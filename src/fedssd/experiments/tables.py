@@ -104,7 +104,7 @@ def _is_number(value: object) -> TypeGuard[int | float]:
 
 def write_outputs(grid: Grid, out: Path, runs: Sequence[PlannedRun]) -> list[dict[str, Any]]:
     """Write ``results.csv`` and ``table.md`` from the finished runs; return their records."""
-    from fedssd.experiments.outputs import write_text_atomic
+    from fedssd.runs.outputs import write_text_atomic
 
     records = [r for r in (load_record(run, grid.columns) for run in runs) if r is not None]
     write_text_atomic(out / "results.csv", results_csv(records))

@@ -17,25 +17,24 @@ from torch import nn
 from fedssd import config as config_module
 from fedssd.config import Config
 from fedssd.data.federated import EvaluationViews
-from fedssd.experiments.checkpoint import Checkpoint, run_identity, save_checkpoint
-from fedssd.experiments.outputs import append_jsonl, jsonable, write_text_atomic
 from fedssd.federation.client import LocalResult
 from fedssd.federation.evaluate import knn_monitor
 from fedssd.federation.privacy import release_view, withheld
 from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.server import Callback
 from fedssd.federation.simulator import ClientCallback
-from fedssd.federation.store import ClientStore
 from fedssd.methods.protocol import Method
 from fedssd.methods.server import server_state
+from fedssd.runs.checkpoint import Checkpoint, run_identity, save_checkpoint
+from fedssd.runs.outputs import (
+    SERVER_ONLY_LOG,
+    append_jsonl,
+    jsonable,
+    write_text_atomic,
+)
+from fedssd.runs.store import ClientStore
 
 Log = Callable[[str], None]
-
-# A DP run's server-only log: what each round's record holds beyond what may be published
-# (cohort ids, sample counts, losses, failures, the raw unclipped fraction, timings).
-SERVER_ONLY_LOG = Path("server_only") / "rounds.jsonl"
-# And the summary entries it keeps to the server (per-client evaluation and failure counts).
-SERVER_ONLY_SUMMARY = Path("server_only") / "summary.json"
 
 
 def checkpointer(

@@ -16,8 +16,8 @@ from torch import nn
 
 from fedssd.federation.client import LocalResult, LocalSettings, local_train
 from fedssd.federation.server import local_keys
-from fedssd.federation.store import stamp_participation
 from fedssd.methods.protocol import ClientHooks, ClientState, Method
+from fedssd.runs.store import stamp_participation
 from fedssd.seeding import CLIENT, generator
 
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from fedssd.methods.protocol import OrdersSample
 from fedssd.seeding import SAMPLE_ORDER, SAMPLING, numpy_rng
 
 SamplingScheme = Literal["fixed", "poisson"]
@@ -71,6 +72,6 @@ def sample_clients(
 
 
 def shuffled_order(method: object) -> bool:
-    """Whether ``method`` needs the round's sample in a random order (its
-    ``random_sample_order`` attribute; false for methods without one)."""
-    return bool(getattr(method, "random_sample_order", False))
+    """Whether ``method`` needs the round's sample in a random order (see
+    :class:`~fedssd.methods.protocol.OrdersSample`; false for methods without the capability)."""
+    return isinstance(method, OrdersSample) and method.random_sample_order

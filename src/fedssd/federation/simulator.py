@@ -30,8 +30,8 @@ from fedssd.federation.server import (
     round_lr,
     run_callbacks,
 )
-from fedssd.federation.store import ClientStore
 from fedssd.methods.protocol import Method
+from fedssd.runs.store import ClientStore
 
 # Told after each client's local training: (round index, position, clients this round, result).
 ClientCallback = Callable[[int, int, int, LocalResult], None]

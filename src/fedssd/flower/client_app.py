@@ -24,22 +24,24 @@ import dataclasses
 import functools
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedssd import config as config_module
-from fedssd.api import Experiment, build_experiment, resolve
 from fedssd.config import Config
 from fedssd.data.federated import node_data
 from fedssd.errors import ConfigError
+from fedssd.experiment import Experiment, build_experiment
 from fedssd.federation.evaluate import client_evaluation, client_evaluation_seed
 from fedssd.federation.round import client_round
 from fedssd.flower import node_state, records
 from fedssd.flower.records import SITES
 from fedssd.flower.secagg import secure_aggregation_mod
 from fedssd.methods.server import load_server_state
+from fedssd.runs.resolve import resolve
 from fedssd.runtime import cpu_threads, tune_malloc
 
 if sys.version_info >= (3, 11):
@@ -81,32 +83,42 @@ def _state_dir(context: Context) -> Path | None:
     return Path(value).expanduser()
 
 
-def node_config_for(text: str, context: Context) -> Config:
+# The node config keys that replace the server's values on this node, and the config fields
+# they set.
+NODE_SETTINGS = (("data-root", "data.root"), ("data-path", "data.path"), ("device", "device"))
+
+
+def node_settings(context: Context) -> tuple[tuple[str, str], ...]:
+    """This node's own ``data-root``, ``data-path`` and ``device``: the ones its node config
+    sets, as ``(key, value)`` pairs."""
+    settings = []
+    for key, _field in NODE_SETTINGS:
+        value = context.node_config.get(key)
+        if isinstance(value, str) and value:
+            settings.append((key, value))
+    return tuple(settings)
+
+
+def node_config_for(text: str, settings: Sequence[tuple[str, str]]) -> Config:
     """The experiment config sent by the server, with this node's own data location and device.
 
     Args:
-        text: The resolved config as TOML text (``records.TASK["experiment"]``).
-        context: The node's context; ``data-root``, ``device`` and (unless the run trains on
-            the sites' own data, see :func:`node_site`) ``data-path`` in its node config
-            replace the server's values.
+        text: The resolved config as TOML text (``records.TASK["experiment"]``), parsed here.
+        settings: The node's own settings (:func:`node_settings`); they replace the server's
+            values, except ``data-path`` in a run on the sites' own data (see :func:`node_site`).
     """
     raw = tomllib.loads(text)
     sites = raw.get("data", {}).get("partition") == SITES
-    overrides = []
-    for key, field in (
-        ("data-root", "data.root"),
-        ("data-path", "data.path"),
-        ("device", "device"),
-    ):
-        value = context.node_config.get(key)
-        if key == "data-path" and sites:
-            continue
-        if isinstance(value, str) and value:
-            overrides.append(f"{field}={json.dumps(value)}")
+    fields = dict(NODE_SETTINGS)
+    overrides = [
+        f"{fields[key]}={json.dumps(value)}"
+        for key, value in settings
+        if not (key == "data-path" and sites)
+    ]
     return resolve(config_module.load(raw, overrides))
 
 
-def node_site(config: Config, context: Context, client_id: int) -> str | None:
+def node_site(config: Config, settings: Sequence[tuple[str, str]], client_id: int) -> str | None:
     """This node's own data in a run on the sites' own data (``data.partition = "clients"``):
     its ``data-path`` node config, else the config's ``data.clients[client_id]`` (Flower's
     simulation engine, where every virtual node runs beside the data). None in other runs, where
@@ -117,8 +129,8 @@ def node_site(config: Config, context: Context, client_id: int) -> str | None:
     """
     if config.data.partition != SITES:
         return None
-    value = context.node_config.get("data-path")
-    if isinstance(value, str) and value:
+    value = dict(settings).get("data-path")
+    if value:
         return str(Path(value).expanduser().resolve())
     if client_id < len(config.data.clients):
         return config.data.clients[client_id]
@@ -129,15 +141,17 @@ def node_site(config: Config, context: Context, client_id: int) -> str | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _experiment(config_text: str, site: str | None, client_id: int) -> Experiment:
-    """The node's experiment, built once per process and config (data loading is the slow part).
+def _experiment(text: str, settings: tuple[tuple[str, str], ...], client_id: int) -> Experiment:
+    """The node's experiment, built once per process, config and node settings (data loading
+    is the slow part; the config text is parsed once, here).
 
-    With ``site``, the node reads that data alone and holds it as client ``client_id``'s part.
-    A deployed SuperNode starts a fresh process per message, so there it is built every round
-    (which the decoded-data cache of :mod:`fedssd.data.folder` keeps short); the simulation
-    engine's workers keep it between rounds and clients.
+    With a site (:func:`node_site`), the node reads that data alone and holds it as client
+    ``client_id``'s part. A deployed SuperNode starts a fresh process per message, so there it
+    is built every round (which the decoded-data cache of :mod:`fedssd.data.folder` keeps
+    short); the simulation engine's workers keep it between rounds and clients.
     """
-    config = resolve(config_module.load(tomllib.loads(config_text)))
+    config = node_config_for(text, settings)
+    site = node_site(config, settings, client_id)
     tune_malloc()
     if site is None:
         return build_experiment(config, log=_quiet)
@@ -149,11 +163,9 @@ def _quiet(_message: str) -> None:
     """A node's set-up says nothing (the server logs the run)."""
 
 
-def experiment_for(config: Config, context: Context, client_id: int) -> Experiment:
-    """The (cached) experiment of ``config`` on this node."""
-    return _experiment(
-        config_module.dumps(config), node_site(config, context, client_id), client_id
-    )
+def experiment_for(text: str, context: Context, client_id: int) -> Experiment:
+    """The (cached) experiment on this node of the config ``text`` the server sent."""
+    return _experiment(text, node_settings(context), client_id)
 
 
 def train_client(message: Message, context: Context) -> Message:
@@ -169,9 +181,7 @@ def train_client(message: Message, context: Context) -> Message:
     round_index = int(task["round"])  # type: ignore[arg-type]
     position = int(task["position"])  # type: ignore[arg-type]
     lr = float(task["lr"])  # type: ignore[arg-type]
-    experiment = experiment_for(
-        node_config_for(str(task["experiment"]), context), context, client_id
-    )
+    experiment = experiment_for(str(task["experiment"]), context, client_id)
     method, model = experiment.method, experiment.client_model
     load_server_state(method, records.from_arrays(message.content.array_records[records.METHOD]))
     state_dir = _state_dir(context)
@@ -228,8 +238,7 @@ def identify(message: Message, context: Context) -> Message:
     identity = MetricRecord({"client-id": client_id})
     task = message.content.config_records.get(records.TASK)
     if task is not None and "experiment" in task:
-        config = node_config_for(str(task["experiment"]), context)
-        experiment = experiment_for(config, context, client_id)
+        experiment = experiment_for(str(task["experiment"]), context, client_id)
         images = experiment.images
         labels = experiment.data.dataset.y_train
         identity["num-images"] = int(images.shape[0])
@@ -244,8 +253,8 @@ def evaluate_client(message: Message, context: Context) -> Message:
     (:func:`fedssd.federation.evaluate.client_evaluation`); the images never leave the node."""
     task = message.content.config_records[records.TASK]
     client_id = client_id_of(context)
-    config = node_config_for(str(task["experiment"]), context)
-    experiment = experiment_for(config, context, client_id)
+    experiment = experiment_for(str(task["experiment"]), context, client_id)
+    config = experiment.config
     model = experiment.client_model
     model.load_state_dict(records.from_arrays(message.content.array_records[records.GLOBAL]))
     labels = experiment.data.dataset.y_train
@@ -275,6 +284,7 @@ __all__ = [
     "experiment_for",
     "identify",
     "node_config_for",
+    "node_settings",
     "node_site",
     "train_client",
 ]

@@ -7,7 +7,7 @@ each round it trained in to::
 
     <state-dir>/<run key>/client-<K>/checkpoints/round-NNNNNN/
 
-in the format of the run checkpoints (:mod:`fedssd.experiments.checkpoint`: safetensors and
+in the format of the run checkpoints (:mod:`fedssd.runs.checkpoint`: safetensors and
 JSON, written under a temporary name, fsynced and renamed, every file's SHA-256 checked on
 reading, nothing unpickled): the state itself is one file in
 ``<state-dir>/<run key>/client-<K>/client-states/``, named by its SHA-256, and each
@@ -33,7 +33,8 @@ import shutil
 from pathlib import Path
 
 from fedssd.errors import ConfigError
-from fedssd.experiments.checkpoint import (
+from fedssd.methods.protocol import ClientState
+from fedssd.runs.checkpoint import (
     FOLDER,
     Checkpoint,
     list_checkpoints,
@@ -41,8 +42,7 @@ from fedssd.experiments.checkpoint import (
     remove_unreferenced_states,
     save_checkpoint,
 )
-from fedssd.federation.store import ClientStore
-from fedssd.methods.protocol import ClientState
+from fedssd.runs.store import ClientStore
 
 _KEY = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 

@@ -15,10 +15,11 @@ names the same TOML file the CLI takes, plus overrides::
     secagg-client-metrics = false               # SecAgg+ clients also send loss and batches
 
 The server builds the experiment like :func:`fedssd.api.train` (data, model, method, schedule),
-finds which node plays which client id, runs :class:`~fedssd.flower.strategy.MethodStrategy`
-with the simulator's round callbacks (kNN monitor, ``metrics.jsonl``, checkpoints, progress)
-and finishes with the same final evaluation and files, so ``fedssd report`` reads a Flower run
-like any other.
+finds which node plays which client id and runs the session of :func:`fedssd.experiment.run_session`
+(the simulator's round callbacks: kNN monitor, ``metrics.jsonl``, checkpoints, progress,
+trackers; the same final evaluation and files) with :class:`FlowerRounds` as its round loop: a
+:class:`~fedssd.flower.strategy.MethodStrategy` over the nodes. So ``fedssd report`` reads a
+Flower run like any other.
 """
 
 from __future__ import annotations
@@ -40,37 +41,35 @@ from flwr.serverapp import Grid, ServerApp
 from torch import nn
 
 from fedssd import config as config_module
-from fedssd.api import (
+from fedssd.config import Config
+from fedssd.data.datasets import ImageDataset
+from fedssd.data.federated import FederatedData
+from fedssd.errors import ConfigError, DataError
+from fedssd.experiment import (
+    Experiment,
     RunResult,
     build_experiment,
     check_setup,
-    finish_run,
-    load_config,
-    restore_checkpoint,
-    resume_point,
+    run_session,
     warm_start,
     write_header,
 )
-from fedssd.config import Config
-from fedssd.data.datasets import ImageDataset
-from fedssd.data.federated import FederatedData, run_evaluation_views
-from fedssd.errors import ConfigError, DataError
-from fedssd.experiments.outputs import (
+from fedssd.federation.evaluate import combine_client_evaluations
+from fedssd.federation.server import Callback
+from fedssd.flower import records, secagg
+from fedssd.flower.records import SITES
+from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.runs.outputs import (
     FLOWER_FILE,
     check_run_dir,
     prepare_run_dir,
     write_json,
     write_text_atomic,
 )
-from fedssd.federation.callbacks import checkpointer, round_callbacks
-from fedssd.federation.evaluate import combine_client_evaluations
-from fedssd.federation.privacy import privacy_warning, release_view
-from fedssd.federation.store import ClientStore
-from fedssd.flower import records, secagg
-from fedssd.flower.records import SITES
-from fedssd.flower.strategy import ClientsFailed, Identify, MethodStrategy
+from fedssd.runs.resolve import load_config
+from fedssd.runs.resume import restore_checkpoint, resume_point
+from fedssd.runs.store import ClientStore
 from fedssd.runtime import cpu_threads
-from fedssd.tracking import finish_trackers, make_trackers, tracker_callbacks
 
 Log = Callable[[str], None]
 
@@ -330,9 +329,6 @@ def run_federation(
         history=point.checkpoint.history if point else (),
         secure_aggregation=settings.secure_aggregation,
     )
-    warning = privacy_warning(cfg)
-    if warning is not None:
-        log(warning)
     # What every client receives: the resolved config (it holds no secret: a DP run's secret
     # generator lives in this process alone).
     text = config_module.dumps(cfg)
@@ -365,86 +361,121 @@ def run_federation(
             write_header(out_dir, cfg, experiment.data)
     else:
         out_dir = settings.out
-        saved = restore_checkpoint(experiment, point, out_dir=out_dir, say=log)
-        # The run's times count every stretch: the earlier ones as the checkpoint kept them.
-        started -= saved.train_seconds
-    run_key = _run_key(out_dir, fresh=point is None)
-    history = list(saved.history) if saved is not None else []
-    views = run_evaluation_views(cfg, experiment.data, log=log)
-    callbacks = round_callbacks(cfg, views, experiment.device, out_dir, log)
-    if cfg.checkpoint.every:
-        # Client states live on the nodes (Context.state, or their state-dir), so the store
-        # saved here is empty.
-        callbacks.append(
-            checkpointer(cfg, out_dir, experiment.method, ClientStore(), history, started=started)
+        saved = restore_checkpoint(
+            point, model=experiment.global_model, method=experiment.method, out_dir=out_dir, say=log
         )
-    trackers = make_trackers(cfg, out_dir, say=log, resume=point is not None)
-    callbacks += tracker_callbacks(trackers, view=release_view(cfg))
-    strategy = MethodStrategy(
-        global_model=experiment.global_model,
-        method=experiment.method,
-        schedule=experiment.schedule,
-        guards=experiment.guards,
-        nodes={client_id: identity["node-id"] for client_id, identity in clients.items()},
+    rounds = FlowerRounds(
+        grid,
+        settings,
+        experiment,
+        clients,
         experiment_text=text,
-        callbacks=callbacks,
-        history=history,
-        run_key=run_key,
-        identify=_rejoin_identify(log, timeout=min(30.0, settings.connect_timeout)),
+        run_key=_run_key(out_dir, fresh=point is None),
         log=log,
     )
-    remaining = cfg.federation.rounds - len(history)
-    log(
-        f"training {cfg.method.name} on Flower: {remaining} of {cfg.federation.rounds} rounds, "
-        f"{cfg.federation.num_clients} clients at fraction {cfg.federation.fraction}"
-    )
-
-    def on_the_nodes(model: nn.Module) -> dict[str, Any]:
-        return evaluate_on_nodes(
-            grid, strategy.nodes, model, text, timeout=settings.round_timeout, log=log
+    # The server's share of the work (aggregation, monitor, final evaluation) and the summary's
+    # thread count follow the run's threads setting, as on the nodes.
+    with cpu_threads(cfg.threads):
+        result = run_session(
+            experiment,
+            rounds,
+            out_dir=out_dir,
+            resume_from=saved,
+            started=started,
+            say=log,
+            evaluate=rounds.evaluate_on_nodes if sites else None,
+            partition=sites_partition(clients) if sites else None,
         )
+    assert rounds.strategy is not None  # the session ran its rounds
+    return result, rounds.strategy
 
-    try:
-        # The server's share of the work (aggregation, monitor, final evaluation) and the
-        # summary's thread count follow the run's threads setting, as on the nodes.
-        with cpu_threads(cfg.threads):
-            if settings.secure_aggregation:
-                sizes = (
-                    [clients[k]["num-images"] for k in sorted(clients)]
-                    if sites
-                    else [len(p) for p in experiment.data.client_indices]
-                )
-                secagg.run_secure(
-                    grid,
-                    strategy,
-                    max_weight=secagg.max_batches(cfg, sizes),
-                    clipping_range=settings.secagg_clipping_range,
-                    timeout=settings.round_timeout,
-                    log=log,
-                )
-            elif remaining > 0:
-                strategy.start(
-                    grid,
-                    records.to_arrays(experiment.global_model.state_dict()),
-                    num_rounds=remaining,
-                    timeout=settings.round_timeout,
-                    evaluate_fn=strategy.after_round,
-                )
-            result = finish_run(
-                experiment,
-                strategy.history,
-                views=views,
-                out_dir=out_dir,
-                started=started,
-                say=log,
-                evaluate=on_the_nodes if sites else None,
-                partition=sites_partition(clients) if sites else None,
+
+@dataclasses.dataclass
+class FlowerRounds:
+    """The rounds of a Flower run (a :data:`fedssd.experiment.Loop`): a
+    :class:`~fedssd.flower.strategy.MethodStrategy` that sends them to the nodes, plain or with
+    SecAgg+, and the final federated evaluation on the nodes.
+
+    Attributes:
+        grid: Flower's grid.
+        settings: The run config.
+        experiment: The built experiment.
+        clients: Client id -> its node's identity (:func:`discover_clients`).
+        experiment_text: The resolved config as TOML text, sent to the nodes.
+        run_key: The run's key on the nodes.
+        log: Progress lines.
+        strategy: The strategy, once the rounds have started.
+    """
+
+    grid: Grid
+    settings: RunSettings
+    experiment: Experiment
+    clients: Mapping[int, Mapping[str, int]]
+    experiment_text: str
+    run_key: str
+    log: Log
+    strategy: MethodStrategy | None = None
+
+    def __call__(
+        self, callbacks: list[Callback], history: list[dict[str, Any]], _store: ClientStore
+    ) -> list[dict[str, Any]]:
+        """Run the rounds still to do; client states live on the nodes (Context.state, or
+        their state-dir), so the server's client store stays empty."""
+        experiment, settings, clients = self.experiment, self.settings, self.clients
+        cfg = experiment.config
+        strategy = self.strategy = MethodStrategy(
+            global_model=experiment.global_model,
+            method=experiment.method,
+            schedule=experiment.schedule,
+            guards=experiment.guards,
+            nodes={client_id: identity["node-id"] for client_id, identity in clients.items()},
+            experiment_text=self.experiment_text,
+            callbacks=callbacks,
+            history=history,
+            run_key=self.run_key,
+            identify=_rejoin_identify(self.log, timeout=min(30.0, settings.connect_timeout)),
+            log=self.log,
+        )
+        remaining = cfg.federation.rounds - len(history)
+        self.log(
+            f"training {cfg.method.name} on Flower: {remaining} of {cfg.federation.rounds} "
+            f"rounds, {cfg.federation.num_clients} clients at fraction {cfg.federation.fraction}"
+        )
+        if settings.secure_aggregation:
+            sizes = (
+                [clients[k]["num-images"] for k in sorted(clients)]
+                if cfg.data.partition == SITES
+                else [len(p) for p in experiment.data.client_indices]
             )
-    except BaseException:
-        finish_trackers(trackers, None)
-        raise
-    finish_trackers(trackers, result.summary)
-    return result, strategy
+            secagg.run_secure(
+                self.grid,
+                strategy,
+                max_weight=secagg.max_batches(cfg, sizes),
+                clipping_range=settings.secagg_clipping_range,
+                timeout=settings.round_timeout,
+                log=self.log,
+            )
+        elif remaining > 0:
+            strategy.start(
+                self.grid,
+                records.to_arrays(experiment.global_model.state_dict()),
+                num_rounds=remaining,
+                timeout=settings.round_timeout,
+                evaluate_fn=strategy.after_round,
+            )
+        return strategy.history
+
+    def evaluate_on_nodes(self, model: nn.Module) -> dict[str, Any]:
+        """The final federated evaluation (:func:`evaluate_on_nodes`) on the strategy's nodes."""
+        assert self.strategy is not None  # called after the rounds
+        return evaluate_on_nodes(
+            self.grid,
+            self.strategy.nodes,
+            model,
+            self.experiment_text,
+            timeout=self.settings.round_timeout,
+            log=self.log,
+        )
 
 
 def no_training_data(config: Config, clients: Mapping[int, Mapping[str, int]]) -> FederatedData:

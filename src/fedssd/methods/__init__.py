@@ -23,13 +23,14 @@ from fedssd.methods import (
     ldawa,
     orchestra,
     ssd,
+    views,
 )
 from fedssd.methods.protocol import ClientUpdate, Method, MethodContext, MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
     "fedalignuniform": MethodSpec(
         method=fedalignuniform.FedAlignUniform,
-        options=fedalignuniform.AlignUniformOptions,
+        options=views.AlignUniformOptions,
         summary="alignment + uniformity locally, FedAvg (Wang & Isola 2020; SSD's base)",
     ),
     "ssd": MethodSpec(

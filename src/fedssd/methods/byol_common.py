@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.methods.fedalignuniform import full_precision
 from fedssd.methods.protocol import ClientState
+from fedssd.methods.views import full_precision
 
 PREDICTOR = "predictor"
 """Name of the predictor among the model's extra modules (state keys ``extras.predictor.*``)."""

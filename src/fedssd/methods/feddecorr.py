@@ -17,13 +17,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from fedssd.methods.fedalignuniform import (
+from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.views import (
     AlignUniformOptions,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require
 
 
 @dataclasses.dataclass(frozen=True)

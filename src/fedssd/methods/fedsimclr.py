@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.methods.fedalignuniform import forward_views, full_precision
 from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.views import forward_views, full_precision
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.methods.byol_common import PREDICTOR, predictor_of
-from fedssd.methods.fedalignuniform import full_precision
 from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.views import full_precision
 from fedssd.models.heads import mlp_predictor
 
 

@@ -28,14 +28,14 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.aggregate import fedavg
-from fedssd.methods.fedalignuniform import (
+from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
+from fedssd.methods.server import fedavg_updates
+from fedssd.methods.views import (
     AlignUniformOptions,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
-from fedssd.methods.server import fedavg_updates
 from fedssd.seeding import generator
 
 State = Mapping[str, torch.Tensor]

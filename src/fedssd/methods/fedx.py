@@ -25,13 +25,13 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.losses import nt_xent as nt_xent  # re-exported: FedX's NT-Xent is SimCLR's
-from fedssd.methods.fedalignuniform import (
+from fedssd.methods.protocol import ClientState, MethodContext, require
+from fedssd.methods.views import (
     AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     full_precision,
 )
-from fedssd.methods.protocol import ClientState, MethodContext, require
 
 HEAD = "fedx_q"
 """Name of the prediction head q among the model's extras."""

@@ -23,15 +23,15 @@ import torch
 from torch import nn
 
 from fedssd import losses
-from fedssd.methods.fedalignuniform import (
+from fedssd.methods.protocol import MethodContext, require
+from fedssd.methods.ssd import check_saved_sets, draw_scaling_sets, sets_state
+from fedssd.methods.views import (
     AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require
-from fedssd.methods.ssd import check_saved_sets, draw_scaling_sets, sets_state
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,10 @@ from typing import Literal
 import torch
 
 from fedssd.aggregate import fedavg
-from fedssd.methods.fedalignuniform import AlignUniformOptions, FedAlignUniform
+from fedssd.methods.fedalignuniform import FedAlignUniform
 from fedssd.methods.protocol import ClientUpdate, MethodContext, require
 from fedssd.methods.server import fedavg_updates
+from fedssd.methods.views import AlignUniformOptions
 
 State = Mapping[str, torch.Tensor]
 _RUNNING_STATS = ("running_mean", "running_var")

@@ -47,9 +47,9 @@ from fedssd.errors import ConfigError
 from fedssd.methods.byol_common import TARGET_PREFIX as TARGET_PREFIX
 from fedssd.methods.byol_common import TargetNetwork, strip_prefix, with_prefix
 from fedssd.methods.byol_common import ema_update as ema_update
-from fedssd.methods.fedalignuniform import full_precision
 from fedssd.methods.protocol import ClientState, ClientUpdate, MethodContext, require
 from fedssd.methods.server import fedavg_updates
+from fedssd.methods.views import full_precision
 from fedssd.seeding import generator
 
 # Purpose tag of Orchestra's random streams ("ORCH"): extras initialisation and, per round and

@@ -4,7 +4,8 @@
 Only :class:`Method` (``local_loss``) is required. The round loop detects the rest with
 ``isinstance``, once :func:`check_capabilities` has made sure none is defined in part:
 :class:`Aggregates` (a server rule other than FedAvg), :class:`HasServerState`,
-:class:`ExtendsModel` and :class:`ClientHooks`; :mod:`fedssd.methods.server` supplies the defaults.
+:class:`ExtendsModel`, :class:`ClientHooks` and :class:`OrdersSample`; :mod:`fedssd.methods.server`
+supplies the defaults.
 """
 
 from __future__ import annotations
@@ -197,6 +198,16 @@ class ClientHooks(Protocol):
         ...
 
 
+@runtime_checkable
+class OrdersSample(Protocol):
+    """A method that may need each round's sample of clients in a random order, drawn from the
+    run seed and the round (SSD's position keying follows the released code's order); without
+    it the sample is in ascending client id."""
+
+    random_sample_order: bool
+    """Whether this method, with its options, wants the random order."""
+
+
 HOOKS: tuple[str, ...] = ("local_modules", "begin_client", "after_step", "end_client")
 """The members of :class:`ClientHooks`: a method defines all of them or none."""
 
@@ -233,6 +244,8 @@ def check_capabilities(method: object) -> None:
     local: object = getattr(method, "local_modules", frozenset())
     if not isinstance(local, frozenset) or not all(isinstance(n, str) for n in local):
         raise TypeError(f"method {kind}'s local_modules must be a frozenset of module names.")
+    if isinstance(method, OrdersSample) and not isinstance(method.random_sample_order, bool):
+        raise TypeError(f"method {kind}'s random_sample_order must be true or false.")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,14 +23,14 @@ from torch import nn
 
 from fedssd import losses
 from fedssd.errors import ConfigError
-from fedssd.methods.fedalignuniform import (
+from fedssd.methods.protocol import MethodContext, require, require_same_state
+from fedssd.methods.views import (
     AlignUniformOptions,
     ViewOutputs,
     align_uniform_loss,
     forward_views,
     full_precision,
 )
-from fedssd.methods.protocol import MethodContext, require, require_same_state
 from fedssd.seeding import SCALING_SETS, numpy_rng
 
 

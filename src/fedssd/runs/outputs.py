@@ -23,6 +23,11 @@ from fedssd.errors import ConfigError
 
 # A Flower run's key on the nodes (fedssd.flower.node_state), kept for a resumed run.
 FLOWER_FILE = "flower.json"
+# A DP run's server-only log: what each round's record holds beyond what may be published
+# (cohort ids, sample counts, losses, failures, the raw unclipped fraction, timings).
+SERVER_ONLY_LOG = Path("server_only") / "rounds.jsonl"
+# And the summary entries it keeps to the server (per-client evaluation and failure counts).
+SERVER_ONLY_SUMMARY = Path("server_only") / "summary.json"
 RUN_FILES = (
     "config.toml",
     "metrics.jsonl",

@@ -5,7 +5,7 @@ global model), ``server.safetensors`` (the method's server state), ``clients.saf
 client store's index: each client's id and the SHA-256 of the file holding its state) and
 ``state.json`` (the round, the metrics so far, what run it belongs to, the training time so far,
 and the SHA-256 of each tensor file). The client states themselves are files in
-``<run>/client-states/`` (:mod:`fedssd.federation.store`), shared by the checkpoints that hold the
+``<run>/client-states/`` (:mod:`fedssd.runs.store`), shared by the checkpoints that hold the
 same state: a checkpoint writes only the states that changed since the one before it, and files no
 checkpoint refers to any more are deleted after each write. A checkpoint folder is written under a
 temporary name and renamed into place, so the newest complete checkpoint is always intact; older
@@ -38,8 +38,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from fedssd.errors import DataError
-from fedssd.experiments.outputs import fsync_path, jsonable, save_model, write_json
-from fedssd.federation.store import (
+from fedssd.runs.outputs import fsync_path, jsonable, save_model, write_json
+from fedssd.runs.store import (
     ClientStore,
     index_from_tensors,
     index_tensors,
@@ -152,7 +152,7 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, *, keep: int) -> Path
 
 
 def states_folder(run_dir: Path) -> Path:
-    """Where a run's client state files are (:mod:`fedssd.federation.store`)."""
+    """Where a run's client state files are (:mod:`fedssd.runs.store`)."""
     return run_dir / STATES
 
 

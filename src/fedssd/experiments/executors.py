@@ -22,8 +22,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from fedssd import api
 from fedssd.config import Config
 from fedssd.errors import ConfigError
+from fedssd.experiments.evaluate import evaluate_run
+from fedssd.experiments.grid import COLUMNS_FILE, Column
+from fedssd.experiments.plan import read_columns
+from fedssd.runs.outputs import write_json
 
 Log = Callable[[str], None]
 EXECUTORS = ("local", "submitit", "ray")
@@ -51,7 +56,7 @@ class RunTask:
     config: Config
     run_dir: Path
     train: bool
-    columns: tuple[Any, ...]
+    columns: tuple[Column, ...]
     threads: int | None = None
     verbose: bool = False
 
@@ -92,10 +97,6 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
     """
     import torch
 
-    from fedssd import api
-    from fedssd.experiments.execute import _evaluate_columns
-    from fedssd.experiments.grid import COLUMNS_FILE
-
     if task.threads is not None:
         torch.set_num_threads(task.threads)
     if log is None and task.verbose:
@@ -108,7 +109,7 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
             # evaluations of an earlier model must not survive.
             (task.run_dir / COLUMNS_FILE).unlink(missing_ok=True)
             api.train(task.config, out=task.run_dir, overwrite=True, log=log)
-        _evaluate_columns(task.run_dir, task.columns, log=log)
+        evaluate_columns(task.run_dir, task.columns, log=log)
     except Exception as error:  # a failed run is recorded, the grid goes on
         message = f"{type(error).__name__}: {' '.join(str(error).split())}"
         try:
@@ -120,6 +121,21 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
         return TaskOutcome(task.index, time.perf_counter() - begun, message)
     error_file.unlink(missing_ok=True)
     return TaskOutcome(task.index, time.perf_counter() - begun)
+
+
+def evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | None) -> None:
+    """Compute the missing extra evaluations of a trained run into its columns.json."""
+    have = read_columns(run_dir)
+    for column in columns:
+        if column.protocol is None or column.evaluation in have:
+            continue
+        # log=None is silence (sweep --quiet); evaluate_run's own default would print.
+        result = evaluate_run(
+            run_dir, column.protocol, labels=column.labels, eval_data=column.eval_data, log=log
+        )
+        have[column.evaluation] = result
+        # Written after each evaluation, so that an interruption loses at most the one running.
+        write_json(run_dir / COLUMNS_FILE, have)
 
 
 def _prefixed(log: Log, prefix: str) -> Log:
@@ -160,10 +176,6 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or cpu_count()) // max(1, jobs))
 
 
-# A worker process's device, set once by its initializer (one GPU per worker).
-_WORKER_DEVICE: str | None = None
-
-
 def _init_worker(slots: Any, devices: Sequence[str], threads: int) -> None:
     """Pin a fresh worker process to its share of CPU threads and to one GPU of ``devices``.
 
@@ -173,11 +185,9 @@ def _init_worker(slots: Any, devices: Sequence[str], threads: int) -> None:
     """
     import torch
 
-    global _WORKER_DEVICE
     slot = int(slots.get())
     if devices:
         device = devices[slot % len(devices)]
-        _WORKER_DEVICE = device
         os.environ["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2] or "0"
     torch.set_num_threads(threads)
     torch.set_num_interop_threads(max(1, threads))
