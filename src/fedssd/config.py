@@ -111,9 +111,10 @@ class ModelConfig:
         encoder: ``resnet18`` (the paper's CIFAR ResNet-18: a 3x3 stride-1 stem for 32x32
             images), ``resnet34`` or ``resnet50`` with the same stem; ``resnet18_imagenet``,
             ``resnet34_imagenet`` or ``resnet50_imagenet`` (the ImageNet stem: 7x7 stride-2
-            convolution and max-pool, for larger images and ImageNet weights); or ``small_cnn``
-            (fast on a CPU).
-        width: Base channel width (0 = the encoder's default: 64 for the ResNets, 32 for the CNN).
+            convolution and max-pool, for larger images and ImageNet weights); ``resnet8`` or
+            ``resnet20`` (the thin CIFAR ResNets of He et al.); or ``small_cnn`` (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for ResNet-18/34/50, 16 for
+            ResNet-8 and ResNet-20, 32 for the CNN).
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
@@ -579,7 +580,8 @@ def validate(config: Config) -> None:
         ),
         (
             data.name != "folder" or data.path is not None or data.partition == "clients",
-            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
+            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images or a tar archive "
+            "of one.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
         # A built-in dataset keeps its own side (32, or 28 unpadded): only folders are resized,
