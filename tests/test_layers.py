@@ -22,6 +22,10 @@ README = ROOT / "README.md"
 ALLOWED_CACHES = {
     # A Flower node process keeps its experiment (the data, above all) between messages.
     ("fedssd.flower.client_app", "_experiment"),
+    # The privacy accountant's answers, pure functions of hashable charges: seconds each, and a
+    # run asks the same calibration and the same epsilon several times.
+    ("fedssd.federation.accounting", "_ledger_epsilon"),
+    ("fedssd.federation.accounting", "_calibrate_noise"),
 }
 
 

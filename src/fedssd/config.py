@@ -111,9 +111,10 @@ class ModelConfig:
         encoder: ``resnet18`` (the paper's CIFAR ResNet-18: a 3x3 stride-1 stem for 32x32
             images), ``resnet34`` or ``resnet50`` with the same stem; ``resnet18_imagenet``,
             ``resnet34_imagenet`` or ``resnet50_imagenet`` (the ImageNet stem: 7x7 stride-2
-            convolution and max-pool, for larger images and ImageNet weights); or ``small_cnn``
-            (fast on a CPU).
-        width: Base channel width (0 = the encoder's default: 64 for the ResNets, 32 for the CNN).
+            convolution and max-pool, for larger images and ImageNet weights); ``resnet8`` or
+            ``resnet20`` (the thin CIFAR ResNets of He et al.); or ``small_cnn`` (fast on a CPU).
+        width: Base channel width (0 = the encoder's default: 64 for ResNet-18/34/50, 16 for
+            ResNet-8 and ResNet-20, 32 for the CNN).
         projector_hidden: Hidden width of the projector MLP (2048 in the paper).
         projector_out: Output width of the projector (0 = the encoder's feature dimension, as in
             the paper, where both are 512; projector distillation needs them equal).
@@ -300,6 +301,14 @@ class PrivacyConfig:
     Attributes:
         dp: ``off``, ``fixed`` (clip norm ``clip_norm`` all run) or ``adaptive`` (the clip norm
             tracks the ``target_quantile`` of the update norms, Andrew et al. 2021).
+        mode: Where the noise is added. ``central``: the server clips each update and noises the
+            sum (it sees every raw update). ``distributed``: each client clips its own update
+            and adds its share of the noise, and SecAgg+ shows the server only the noised sum
+            (Flower with ``secure-aggregation = true`` only; fixed clipping only).
+        min_replies: Distributed mode: the fraction of the cohort whose noise shares every
+            unmasked sum holds at least (SecAgg+'s reconstruction threshold is set to it, so a
+            round with fewer replies cannot be unmasked). Calibration and the budget assume that
+            many; each round is accounted with the shares actually in its sum. In [0.5, 1].
         clip_norm: L2 bound C on each client's update (adaptive: its initial value); 0 = no
             clipping (only with ``noise_multiplier = 0``: a check of the code path, no privacy).
         noise_multiplier: z, the noise's standard deviation on the sum in units of C; unset
@@ -321,6 +330,8 @@ class PrivacyConfig:
     """
 
     dp: Literal["off", "fixed", "adaptive"] = "off"
+    mode: Literal["central", "distributed"] = "central"
+    min_replies: float = 0.5
     clip_norm: float = 1.0
     noise_multiplier: float | None = None
     target_epsilon: float = 0.0
@@ -569,7 +580,8 @@ def validate(config: Config) -> None:
         ),
         (
             data.name != "folder" or data.path is not None or data.partition == "clients",
-            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images.",
+            "data.name = 'folder' needs data.path, a folder of PNG or JPEG images or a tar archive "
+            "of one.",
         ),
         (data.image_size >= 1, f"data.image_size must be at least 1, not {data.image_size}."),
         # A built-in dataset keeps its own side (32, or 28 unpadded): only folders are resized,
@@ -700,6 +712,7 @@ def _privacy_checks(config: Config) -> list[tuple[bool, str]]:
             dp.count_noise_multiplier is None or dp.count_noise_multiplier > 0,
             "privacy.count_noise_multiplier must be > 0.",
         ),
+        (0.5 <= dp.min_replies <= 1, "privacy.min_replies must be in [0.5, 1]."),
     ]
     if dp.dp == "off":
         return ranges
@@ -736,6 +749,32 @@ def _privacy_checks(config: Config) -> list[tuple[bool, str]]:
             "faults.min_clients skips a round by the number of replies, which differential "
             "privacy cannot allow (whether one client replied would decide what is released); "
             "set faults.min_clients = 1 with privacy.dp.",
+        ),
+        *_distributed_checks(config),
+    ]
+
+
+def _distributed_checks(config: Config) -> list[tuple[bool, str]]:
+    """What distributed DP (``privacy.mode = "distributed"``) cannot combine with."""
+    dp = config.privacy
+    if dp.mode != "distributed":
+        return []
+    return [
+        (
+            dp.dp == "fixed",
+            "adaptive clipping counts on the server how many updates fit the clip norm, which "
+            "distributed DP's secure aggregation hides; use privacy.dp = 'fixed' with "
+            "privacy.mode = 'distributed'.",
+        ),
+        (
+            dp.clip_norm > 0,
+            "distributed DP needs privacy.clip_norm > 0 (each client clips its own update, and "
+            "SecAgg+'s quantisation range is set from it).",
+        ),
+        (
+            config.federation.sampling == "fixed" or config.federation.fraction >= 1,
+            "distributed DP runs under SecAgg+, whose cohort and noise shares need a fixed "
+            "cohort size; set federation.sampling = 'fixed'.",
         ),
     ]
 

@@ -47,6 +47,7 @@ from fedssd.federation.evaluate import (
     label_warning,
 )
 from fedssd.federation.privacy import (
+    check_noise_site,
     check_private_method,
     make_aggregator,
     privacy_summary,
@@ -232,6 +233,7 @@ def check_setup(
     *,
     sites_on_nodes: bool = False,
     history: Sequence[Mapping[str, Any]] = (),
+    secure_aggregation: bool = False,
 ) -> None:
     """Build the model (without memory) and the method, so that a config they refuse fails
     before any data is read or file written.
@@ -242,6 +244,8 @@ def check_setup(
             none of them; otherwise ``data.partition = "clients"`` must say where they are.
         history: The records of the rounds already run (a resumed or extended run: a DP run's
             ledger must leave budget for its next round).
+        secure_aggregation: The run aggregates with SecAgg+ (Flower), which distributed DP
+            needs.
     """
     if config.data.name not in DATASET_NAMES:
         raise ConfigError(
@@ -266,6 +270,7 @@ def check_setup(
     method = build_method(config.method.name, config.method.options, context)
     if config.privacy.dp != "off":
         check_private_method(method)
+        check_noise_site(config, secure_aggregation=secure_aggregation)
         # A target epsilon no noise can meet (with what the ledger has spent) fails here.
         aggregator = make_aggregator(config, history)
         assert aggregator is not None

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -151,92 +152,84 @@ def test_a_resumed_runs_times_count_every_stretch(tmp_path: Path) -> None:
     )
 
 
-# Runs `fedssd ARGV` in a process that sends itself SIGNAL at a known point: right after
-# checkpoint round-ROUND is renamed into place ("after"), or right before ("before": the
-# checkpoint is complete under its temporary name). The signal is delivered from inside, so
-# where the run stops depends on nothing but the arguments.
-_SIGNAL_AT = """
-import os, signal, sys
-from pathlib import Path
+# The CLI with a signal sent to itself at a fixed point of the run, so that no test races the
+# process: at the os.replace that moves checkpoint folder argv[1] into place, SIGKILL comes just
+# before it (the checkpoint's files are written but the write is cut short), any other signal
+# just after (a run stopped between rounds).
+SIGNAL_AT_CHECKPOINT = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    from fedssd.cli import main
 
-name, at, when, *argv = sys.argv[1:]
-signum = signal.Signals[name]
-# Ctrl-C in a terminal reaches a process that handles SIGINT; a shell starts its background jobs
-# (nohup, `make test &`) with SIGINT ignored, which this process would inherit.
-signal.signal(signal.SIGINT, signal.default_int_handler)
-replace = os.replace
+    folder, signum = sys.argv[1], int(sys.argv[2])
+    # Ctrl-C in a terminal reaches a process that handles SIGINT; a shell starts its background
+    # jobs (nohup, `make test &`) with SIGINT ignored, which this process would inherit.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    replace = os.replace
 
+    def replace_and_signal(src, dst, *args, **kwargs):
+        target = Path(dst)
+        if target.name == folder and target.parent.name == "checkpoints":
+            if signum == 9:
+                os.kill(os.getpid(), signum)
+            replace(src, dst, *args, **kwargs)
+            os.kill(os.getpid(), signum)
+            return
+        replace(src, dst, *args, **kwargs)
 
-def replace_and_signal(src, dst, *args, **kwargs):
-    target = Path(dst).name == f"round-{int(at):06d}" and Path(dst).parent.name == "checkpoints"
-    if target and when == "before":
-        os.kill(os.getpid(), signum)
-    replace(src, dst, *args, **kwargs)
-    if target:
-        os.kill(os.getpid(), signum)
-
-
-os.replace = replace_and_signal
-from fedssd.cli import main
-
-sys.exit(main(argv))
-"""
-EIGHT_ROUNDS = [*TINY, "federation.rounds=8"]
-
-
-def _train_command(out: Path) -> list[str]:
-    return ["train", "--config", SMOKE, "--quiet", *_sets(EIGHT_ROUNDS), "--out", str(out)]
+    os.replace = replace_and_signal
+    sys.exit(main(sys.argv[3:]))
+    """
+)
+SIGNALLED = [*TINY, "federation.rounds=4"]
 
 
-def _resume(run: Path) -> None:
+@pytest.fixture(scope="module")
+def whole_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 4-round CLI run that the signalled runs are resumed to."""
+    whole = tmp_path_factory.mktemp("signals") / "whole"
+    command = [sys.executable, "-m", "fedssd.cli", "train", "--config", SMOKE, "--quiet"]
+    command += [*_sets(SIGNALLED), "--out", str(whole)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(command, env=env, check=True, capture_output=True)
+    return whole
+
+
+def _signalled_run(out: Path, folder: str, signum: int) -> subprocess.CompletedProcess[str]:
+    """The 4-round CLI run into ``out`` with ``signum`` sent at checkpoint ``folder``."""
+    command = ["train", "--config", SMOKE, "--quiet", *_sets(SIGNALLED), "--out", str(out)]
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_AT_CHECKPOINT, folder, str(signum), *command],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+@pytest.mark.slow
+def test_sigkill_in_a_checkpoint_write_then_resume_is_bit_identical(
+    tmp_path: Path, whole_run: Path
+) -> None:
+    """The real thing: a separate process killed with SIGKILL while it writes the checkpoint of
+    round 3 (its files written, the folder not yet in place), resumed from the CLI."""
+    killed = tmp_path / "killed"
+    done = _signalled_run(killed, "round-000003", signal.SIGKILL)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert [c.name for c in list_checkpoints(killed)] == ["round-000001", "round-000002"]
+    assert list((killed / "checkpoints").glob(".tmp-round-000003-*")), "no write was cut short"
+    assert not (killed / "summary.json").exists()
     result = subprocess.run(
-        [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(run), "--quiet"],
+        [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(killed), "--quiet"],
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-
-
-@pytest.fixture(scope="module")
-def eight_rounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 8-round run that the stopped-and-resumed runs below must equal, made by the CLI."""
-    out = tmp_path_factory.mktemp("eight-rounds") / "whole"
-    subprocess.run(
-        [sys.executable, "-m", "fedssd.cli", *_train_command(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        check=True,
-        capture_output=True,
-    )
-    return out
-
-
-def _stopped_at(
-    out: Path, signum: signal.Signals, at: int, when: str
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", _SIGNAL_AT, signum.name, str(at), when, *_train_command(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-    )
-
-
-@pytest.mark.slow
-def test_sigkill_while_a_checkpoint_is_written_then_resume_is_bit_identical(
-    tmp_path: Path, eight_rounds: Path
-) -> None:
-    """The real thing: the process killed with SIGKILL when round 3's checkpoint is complete
-    under its temporary name but not yet in place; resumed from the CLI."""
-    killed = tmp_path / "killed"
-    stopped = _stopped_at(killed, signal.SIGKILL, 3, "before")
-    assert stopped.returncode == -signal.SIGKILL, stopped.stderr
-    assert [p.name for p in list_checkpoints(killed)] == ["round-000001", "round-000002"]
-    assert list((killed / "checkpoints").glob(".tmp-round-000003-*"))
-    _resume(killed)
     assert not list((killed / "checkpoints").glob(".tmp-*"))
-    _same_weights(eight_rounds, killed)
-    assert _records(killed) == _records(eight_rounds)
+    _same_weights(whole_run, killed)
+    assert _records(killed) == _records(whole_run)
 
 
 def test_resume_refuses_bad_folders_and_checkpoints(
@@ -664,27 +657,33 @@ def test_checkpoint_does_not_unpickle(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"]
-)
 def test_sigterm_and_ctrl_c_say_how_to_resume_and_the_resumed_run_is_bit_identical(
-    tmp_path: Path, eight_rounds: Path, signum: signal.Signals, code: int
+    tmp_path: Path, whole_run: Path
 ) -> None:
-    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) right after round 2's checkpoint:
-    exit 143 / 130 with the resume command and its checkpoint; resuming finishes the run
+    """A cluster's preemption (SIGTERM) and Ctrl-C (SIGINT) right after the checkpoint of round
+    2: exit 143 / 130 with the resume command and its checkpoint; resuming finishes the run
     exactly."""
-    stopped = tmp_path / signum.name
-    done = _stopped_at(stopped, signum, 2, "after")
-    assert done.returncode == code, done.stderr
-    assert not (stopped / "summary.json").exists()
-    assert "Traceback" not in done.stderr
-    assert [p.name for p in list_checkpoints(stopped)][-1] == "round-000002"
-    assert f"stopped by {signum.name}" in done.stderr
-    hint = f"fedssd train --resume {stopped} (from checkpoint round-000002"
-    assert hint in done.stderr, done.stderr
-    _resume(stopped)
-    _same_weights(eight_rounds, stopped)
-    assert _records(stopped) == _records(eight_rounds)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        stopped = tmp_path / signum.name
+        done = _signalled_run(stopped, "round-000002", signum)
+        err = done.stderr
+        assert done.returncode == code, err
+        assert not (stopped / "summary.json").exists(), "the run finished before the signal"
+        assert "Traceback" not in err
+        newest = list_checkpoints(stopped)[-1].name
+        assert newest == "round-000002"
+        assert f"stopped by {signum.name}" in err
+        assert f"fedssd train --resume {stopped} (from checkpoint {newest}" in err, err
+        result = subprocess.run(
+            [sys.executable, "-m", "fedssd.cli", "train", "--resume", str(stopped), "--quiet"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        _same_weights(whole_run, stopped)
+        assert _records(stopped) == _records(whole_run)
 
 
 @pytest.mark.slow

@@ -54,7 +54,7 @@ TINY = [
     "federation.rounds=2",
     "federation.batch_size=32",
     "evaluation.every=0",
-    "evaluation.linear_epochs=2",
+    "evaluation.linear_epochs=0",
     "evaluation.metrics_samples=200",
     "evaluation.metrics_per_client=50",
 ]
@@ -421,6 +421,38 @@ def test_calibrated_noise_meets_the_target_and_no_less_would(sampled: int, targe
         calibrate_noise([charge.with_noise(z)] * 9, charge, 1, target, DELTA)
 
 
+def test_a_calibration_or_an_epsilon_asked_again_is_not_recomputed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A run asks the accountant the same questions several times (the setup check and each
+    aggregator calibrate; the budget check, the round's record and the summary take the same
+    epsilon): each is computed once, and the answer is the same."""
+    calls: list[str] = []
+    calibrate, compose = dp_accounting.calibrate_dp_mechanism, dp_accounting.rdp.RdpAccountant
+
+    def counted_calibrate(*args: object, **kwargs: object) -> float:
+        calls.append("calibrate")
+        return calibrate(*args, **kwargs)  # type: ignore[arg-type]
+
+    def counted_accountant(*args: object, **kwargs: object) -> object:
+        calls.append("accountant")
+        return compose(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dp_accounting, "calibrate_dp_mechanism", counted_calibrate)
+    charge = _charge(10, 10, 0.0)
+    target = 3.217  # a question no other test asks
+    first = calibrate_noise([], charge, 7, target, DELTA)
+    assert calls == ["calibrate"]
+    assert calibrate_noise((), charge, 7, target, DELTA) == first
+    assert calls == ["calibrate"]
+    monkeypatch.setattr(dp_accounting.rdp, "RdpAccountant", counted_accountant)
+    spent = [charge.with_noise(first)] * 7
+    eps = ledger_epsilon(spent, DELTA)
+    assert calls == ["calibrate", "accountant"]
+    assert ledger_epsilon(tuple(spent), DELTA) == eps <= target
+    assert calls == ["calibrate", "accountant"]
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
@@ -502,7 +534,7 @@ def test_a_dp_run_releases_only_what_is_private(
 ) -> None:
     secret = secrets.randbits(256) | (1 << 255)
     monkeypatch.setattr(secrets, "randbits", lambda _bits: secret)
-    sets = [*TINY, "federation.rounds=3", "checkpoint.every=1", "privacy.dp=adaptive"]
+    sets = [*TINY, "checkpoint.every=1", "privacy.dp=adaptive"]
     sets += ["privacy.noise_multiplier=1.0", "privacy.count_noise_multiplier=5.0"]
     sets += ["tracking.backends=tensorboard"]
     run = tmp_path / "run"
@@ -510,7 +542,7 @@ def test_a_dp_run_releases_only_what_is_private(
     assert main([*args, *[a for item in sets for a in ("--set", item)]]) == 0
     assert "NOT private" not in capsys.readouterr().err
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert [r["round"] for r in lines] == [1, 2]
     for record in lines:
         assert set(record) <= {"round", "lr"} | {k for k in record if k.startswith("dp_")}
         assert "dp_unclipped_fraction" not in record
@@ -519,7 +551,7 @@ def test_a_dp_run_releases_only_what_is_private(
         assert record["dp_count_noise_multiplier"] == 5.0 and record["dp_cohort"] == 4
     # The per-client values are in the server-only log.
     kept = [json.loads(line) for line in (run / SERVER_ONLY_LOG).read_text().splitlines()]
-    assert [r["round"] for r in kept] == [1, 2, 3]
+    assert [r["round"] for r in kept] == [1, 2]
     for record in kept:
         assert {"clients", "samples", "loss", "failed", "dp_unclipped_fraction"} <= set(record)
     summary = json.loads((run / "summary.json").read_text())
@@ -539,7 +571,7 @@ def test_a_dp_run_releases_only_what_is_private(
     assert "round/dp_unclipped_fraction" not in tags and "summary/failed_clients" not in tags
     # The checkpoint holds the ledger (its history is the server's, with everything).
     state = json.loads(
-        (run / "checkpoints" / "round-000003" / "state.json").read_text(encoding="utf-8")
+        (run / "checkpoints" / "round-000002" / "state.json").read_text(encoding="utf-8")
     )
     assert ledger(state["history"]) == ledger(lines)
     # The secret is nowhere in the run folder (config.toml is what every Flower client receives).
@@ -553,29 +585,29 @@ def test_a_dp_run_releases_only_what_is_private(
 
 @pytest.mark.slow
 def test_a_poisson_sampled_dp_run_is_accounted_as_such(tmp_path: Path) -> None:
-    sets = [*TINY, "federation.rounds=3", "federation.sampling=poisson", "federation.fraction=0.5"]
+    sets = [*TINY, "federation.sampling=poisson", "federation.fraction=0.5"]
     sets += ["privacy.dp=fixed", "privacy.noise_multiplier=1.0"]
     run = tmp_path / "run"
     result = api.train(SMOKE, overrides=sets, out=run, log=None)
     records = _records(run / "metrics.jsonl")
     expected = round_charge(num_clients=4, fraction=0.5, sampling="poisson", noise_multiplier=1.0)
-    assert ledger(records) == [expected] * 3
+    assert ledger(records) == [expected] * 2
     assert records[0]["dp_cohort"] == 2.0 and records[0]["dp_noise_std"] == pytest.approx(0.5)
     reference = dp_accounting.rdp.RdpAccountant()
     reference.compose(
-        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 3
+        dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0)), 2
     )
     assert result.summary["dp_epsilon"] == pytest.approx(reference.get_epsilon(DELTA), rel=1e-9)
     # The cohorts, drawn from the secret, are known to the server alone.
     cohorts = [r["clients"] for r in _records(run / SERVER_ONLY_LOG)]
-    assert len(cohorts) == 3 and all(set(c) <= {0, 1, 2, 3} for c in cohorts)
+    assert len(cohorts) == 2 and all(set(c) <= {0, 1, 2, 3} for c in cohorts)
 
 
 @pytest.mark.slow
 def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sets = [*TINY, "federation.rounds=4", "checkpoint.every=1", "privacy.dp=adaptive"]
+    sets = [*TINY, "federation.rounds=3", "checkpoint.every=1", "privacy.dp=adaptive"]
     sets += ["privacy.noise_multiplier=1.0", "privacy.count_noise_multiplier=5.0"]
     charge = _charge(4, 4, 1.0, 5.0)
     # A budget that round 2 spends but round 3 would exceed.
@@ -598,7 +630,7 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(
     # Without a budget the same run finishes and summary.json has the final (epsilon, delta).
     done = api.train(SMOKE, overrides=sets, out=tmp_path / "full", log=None)
     summary = json.loads((tmp_path / "full" / "summary.json").read_text())
-    assert summary["dp_epsilon"] == pytest.approx(ledger_epsilon([charge] * 4, DELTA))
+    assert summary["dp_epsilon"] == pytest.approx(ledger_epsilon([charge] * 3, DELTA))
     assert summary["dp_delta"] == DELTA
     assert load_file(str(tmp_path / "full" / "model.safetensors")).keys() == (
         done.model.state_dict().keys()
@@ -607,15 +639,15 @@ def test_dp_run_reports_epsilon_every_round_and_stops_at_the_target(
 
 @pytest.mark.slow
 def test_extending_a_calibrated_run_spends_only_the_budget_left(tmp_path: Path) -> None:
-    """Target 8: 2 rounds, then extended to 6. The rounds added are calibrated against what the
+    """Target 8: 2 rounds, then extended to 4. The rounds added are calibrated against what the
     first 2 left, and the reported epsilon is the epsilon of the multipliers actually used."""
     sets = [*TINY, "checkpoint.every=1", "privacy.dp=fixed", "privacy.target_epsilon=8"]
     run = tmp_path / "run"
     api.train(SMOKE, overrides=sets, out=run, log=None)
-    extended = api.resume(run, rounds=6, log=None)
+    extended = api.resume(run, rounds=4, log=None)
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     used = [r["dp_noise_multiplier"] for r in records]
-    assert used[0] == used[1] and used[2] == used[5] and used[2] > used[1]
+    assert len(used) == 4 and used[0] == used[1] and used[2] == used[3] and used[2] > used[1]
     # What the noise actually used costs, accounted here from the multipliers alone.
     reference = dp_accounting.rdp.RdpAccountant()
     for z in used:
@@ -650,7 +682,7 @@ def test_an_extension_the_budget_cannot_pay_is_refused_before_anything_moves(
 def test_reproducible_noise_says_the_run_is_not_private_and_resumes_bit_for_bit(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sets = [*TINY, "federation.rounds=3", "checkpoint.every=1", "checkpoint.keep=2"]
+    sets = [*TINY, "checkpoint.every=1", "checkpoint.keep=2"]
     sets += ["privacy.dp=adaptive", "privacy.noise_multiplier=0.5"]
     sets += ["privacy.count_noise_multiplier=5.0", "privacy.clip_norm=2.0"]
     sets += ["privacy.reproducible_noise=true"]
@@ -661,14 +693,14 @@ def test_reproducible_noise_says_the_run_is_not_private_and_resumes_bit_for_bit(
     assert json.loads((run / "summary.json").read_text())["dp_private"] is False
     whole = load_file(str(run / "model.safetensors"))
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    # As if it had been killed after round 2: the newest checkpoint is round 2's.
-    shutil.rmtree(run / "checkpoints" / "round-000003")
+    # As if it had been killed after round 1: the newest checkpoint is round 1's.
+    shutil.rmtree(run / "checkpoints" / "round-000002")
     (run / "summary.json").unlink()
     resumed = api.resume(run, threads=1, log=None)
     for key, value in whole.items():
         assert torch.equal(value, resumed.model.state_dict()[key]), key
-    # The clip norm of round 3 came back from round 2's record, not from privacy.clip_norm.
-    assert resumed.history[2]["dp_clip_norm"] == history[1]["dp_next_clip_norm"] != 2.0
+    # The clip norm of round 2 came back from round 1's record, not from privacy.clip_norm.
+    assert resumed.history[1]["dp_clip_norm"] == history[0]["dp_next_clip_norm"] != 2.0
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ ONE_ROUND = [
     "federation.rounds=1",
     "federation.batch_size=32",
     "evaluation.every=0",
-    "evaluation.linear_epochs=1",
+    "evaluation.linear_epochs=0",
     "evaluation.metrics_samples=200",
     "evaluation.metrics_per_client=50",
     "privacy.dp=fixed",
@@ -51,6 +51,12 @@ Regenerate = Callable[[int, dict[str, torch.Tensor], float], dict[str, torch.Ten
 def _train(out: Path, *sets: str) -> Path:
     api.train(SMOKE, overrides=[*ONE_ROUND, *sets], out=out, log=None)
     return out
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The noiseless run that both attacks compare with (the same seed and clipping)."""
+    return _train(tmp_path_factory.mktemp("attacks") / "clean", "privacy.noise_multiplier=0")
 
 
 def _floating_keys(run: Path) -> list[str]:
@@ -69,12 +75,12 @@ def _seeded_noise(
     return {k: torch.randn(v.shape, generator=gen) * std for k, v in template.items()}
 
 
-def _attack(run: Path, regenerate: Regenerate) -> tuple[float, float]:
+def _attack(run: Path, clean: Path, regenerate: Regenerate) -> tuple[float, float]:
     """Subtract the regenerated noise from the released model.
 
     Returns:
         The noise's standard deviation and the standard deviation of what is left minus the
-        noiseless model (``run``'s sibling ``clean``), over the entries that were not clamped.
+        noiseless model of the run ``clean``, over the entries that were not clamped.
     """
     seed = load_config(run / "config.toml").seed
     record = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
@@ -82,10 +88,10 @@ def _attack(run: Path, regenerate: Regenerate) -> tuple[float, float]:
     released = load_file(str(run / "model.safetensors"))
     keys = _floating_keys(run)
     noise = regenerate(seed, {k: released[k] for k in keys}, std)
-    clean = load_file(str(run.parent / "clean" / "model.safetensors"))
+    noiseless = load_file(str(clean / "model.safetensors"))
     # Running variances were clamped at 0 after the noise: they are left out.
     kept = [k for k in keys if not k.endswith("running_var")]
-    left = torch.cat([(released[k] - noise[k] - clean[k]).flatten() for k in kept])
+    left = torch.cat([(released[k] - noise[k] - noiseless[k]).flatten() for k in kept])
     return std, float(left.double().std())
 
 
@@ -104,10 +110,9 @@ def _seed_scan(run: Path, seeds: range) -> tuple[list[float], int]:
 
 
 @pytest.mark.slow
-def test_the_released_files_do_not_give_the_noise_away(tmp_path: Path) -> None:
+def test_the_released_files_do_not_give_the_noise_away(tmp_path: Path, clean: Path) -> None:
     run = _train(tmp_path / "noisy", "privacy.noise_multiplier=1.0")
-    _train(tmp_path / "clean", "privacy.noise_multiplier=0")
-    std, left = _attack(run, _seeded_noise)
+    std, left = _attack(run, clean, _seeded_noise)
     # The noise drawn from the run seed was subtracted to within float rounding (about 1e-7);
     # secret noise leaves the secret noise and the guess: sqrt(2) * std.
     assert left > 0.5 * std, (std, left)
@@ -118,7 +123,7 @@ def test_the_released_files_do_not_give_the_noise_away(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_the_attack_succeeds_where_the_noise_is_reproducible(tmp_path: Path) -> None:
+def test_the_attack_succeeds_where_the_noise_is_reproducible(tmp_path: Path, clean: Path) -> None:
     from fedssd.federation.privacy import NOISE, SecretRandomness, gaussian_noise
 
     def regenerate(
@@ -129,7 +134,6 @@ def test_the_attack_succeeds_where_the_noise_is_reproducible(tmp_path: Path) -> 
     run = _train(
         tmp_path / "noisy", "privacy.noise_multiplier=1.0", "privacy.reproducible_noise=true"
     )
-    _train(tmp_path / "clean", "privacy.noise_multiplier=0")
-    std, left = _attack(run, regenerate)
+    std, left = _attack(run, clean, regenerate)
     assert left < 1e-5 * std, (std, left)
     assert json.loads((run / "summary.json").read_text())["dp_private"] is False

@@ -37,11 +37,49 @@ def resnet18_parameters_by_hand(in_channels: int, width: int) -> int:
     return total
 
 
+def thin_resnet_parameters_by_hand(in_channels: int, width: int, blocks: int) -> int:
+    """He et al.'s CIFAR ResNet (depth 6 n + 2) with 1x1 projection shortcuts, layer by layer."""
+    total = in_channels * width * 9 + 2 * width
+    channels = width
+    for stage in range(3):
+        out = width * 2**stage
+        for block in range(blocks):
+            block_in = channels if block == 0 else out
+            total += block_in * out * 9 + 2 * out + out * out * 9 + 2 * out
+            if block_in != out:
+                total += block_in * out + 2 * out
+        channels = out
+    return total
+
+
 def test_encoder_registry_names() -> None:
     assert set(ENCODERS) == {
         "small_cnn",
+        "resnet8",
+        "resnet20",
         *(f"resnet{depth}{stem}" for depth in (18, 34, 50) for stem in ("", "_imagenet")),
     }
+
+
+@pytest.mark.parametrize(("name", "blocks"), [("resnet8", 1), ("resnet20", 3)])
+def test_thin_cifar_resnets(name: str, blocks: int) -> None:
+    model = build_model(encoder=name, projector_hidden=32, projector_out=None)
+    assert model.feature_dim == 64
+    h, z = model(torch.randn(2, 3, 32, 32))
+    assert h.shape == (2, 64) and z.shape == (2, 64)
+    # ResNet-20: 0.27M parameters in He et al.'s table (option A shortcuts, classifier included);
+    # the two 1x1 projections of option B add 2,752 and the 64 -> 10 classifier is left out.
+    assert count(model.encoder) == thin_resnet_parameters_by_hand(3, 16, blocks)
+    if name == "resnet20":
+        assert count(model.encoder) == 269_722 - (64 * 10 + 10) + 2_752
+    narrow = build_model(encoder=name, in_channels=1, width=8, projector_hidden=32)
+    assert narrow.feature_dim == 32
+    assert count(narrow.encoder) == thin_resnet_parameters_by_hand(1, 8, blocks)
+    strides = [m.stride[0] for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]
+    assert strides.count(2) == 4  # two 3x3 and two 1x1 convolutions halve the resolution
+    assert len([m for m in model.encoder.modules() if isinstance(m, nn.Conv2d)]) == (
+        1 + 6 * blocks + 2
+    )
 
 
 def test_resnet18_shapes() -> None:

@@ -55,7 +55,7 @@ from fedssd.data.fetch import (
     temporary_sibling,
     verify_file,
 )
-from fedssd.data.folder import read_image_folder
+from fedssd.data.folder import is_archive, read_image_folder
 from fedssd.errors import ConfigError, DataError
 
 __all__ = [
@@ -166,7 +166,8 @@ def load_dataset(
     Args:
         name: One of :data:`DATASET_NAMES`.
         path: A file or folder holding a local copy (required for ``"npz"``: the .npz file, and
-            for ``"folder"``: the image folder, see :mod:`fedssd.data.folder`).
+            for ``"folder"``: the image folder or a tar archive of it, see
+            :mod:`fedssd.data.folder`).
         root: The data root (default :func:`default_root`).
         download: Whether to fetch the official files when no local copy is found.
         pad_to_32: Zero-pad 28x28 images by 2 pixels on each side to 32x32 (not for folders).
@@ -192,7 +193,8 @@ def load_dataset(
     if name == "folder":
         if path is None:
             raise ConfigError(
-                "Dataset 'folder' needs data.path set to your folder of PNG or JPEG images."
+                "Dataset 'folder' needs data.path set to your folder of PNG or JPEG images (or "
+                "a tar archive of it)."
             )
         return _folder_dataset(
             Path(path).expanduser(), image_size=image_size, rgb=rgb, root=root, log=say
@@ -267,12 +269,15 @@ def _folder_dataset(
     read = read_image_folder(path, image_size=image_size, rgb=rgb, cache_root=root, log=log)
     # The training copy must be writable memory; the cache itself stays mapped read-only.
     images = torch.from_numpy(np.require(read.images, dtype=np.uint8, requirements=["C", "W"]))
+    labels = torch.from_numpy(np.array(read.labels, dtype=np.int64))
+    # A folder with train/ and test/ lists its test split last.
+    cut = images.shape[0] - read.num_test
     return ImageDataset(
         name="folder",
-        x_train=images,
-        y_train=torch.from_numpy(np.array(read.labels, dtype=np.int64)),
-        x_test=images[:0].clone(),
-        y_test=torch.zeros(0, dtype=torch.int64),
+        x_train=images[:cut],
+        y_train=labels[:cut],
+        x_test=images[cut:] if read.num_test else images[:0].clone(),
+        y_test=labels[cut:],
         num_classes=len(read.class_names),
         class_names=read.class_names,
     )
@@ -306,7 +311,13 @@ def locate_dataset(
         return candidate if candidate is not None and candidate.is_file() else None
     if name == "folder":
         candidate = Path(path).expanduser() if path is not None else None
-        return candidate if candidate is not None and candidate.is_dir() else None
+        if candidate is None:
+            return None
+        return (
+            candidate
+            if candidate.is_dir() or (is_archive(candidate) and candidate.is_file())
+            else None
+        )
     entry = _entry(name, table)
     base = _root(root)
     places = [Path(path).expanduser()] if path is not None else _default_places(name, entry, base)

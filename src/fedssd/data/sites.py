@@ -1,9 +1,10 @@
 """Real sites: each client is one given dataset (``data.partition = "clients"``).
 
-A site is a folder of images (:mod:`fedssd.data.folder`, labelled by class subfolders or not)
-or an ``.npz`` file (labelled, or ``x_train`` alone). :func:`load_site` reads one site and
-nothing else, which is what a Flower node calls with its own ``data-path``; :func:`load_sites`
-reads all of them for the simulator and lays them end to end, so that client ``k``'s indices are
+A site is a folder of images or a tar archive of one (:mod:`fedssd.data.folder`, labelled by
+class subfolders or not, with or without ``train/`` and ``test/`` splits) or an ``.npz`` file
+(labelled, or ``x_train`` alone). :func:`load_site` reads one site and nothing else, which is
+what a Flower node calls with its own ``data-path``; :func:`load_sites` reads all of them for
+the simulator and lays them end to end, so that client ``k``'s indices are
 exactly its own images, in file order (the natural, unshuffled split).
 
 Labels are each site's own: a folder site numbers its class subfolders in sorted order, an
@@ -23,6 +24,7 @@ import torch
 from fedssd.config import DataConfig
 from fedssd.data.datasets import ImageDataset, load_dataset, load_npz
 from fedssd.data.fetch import Log, _silent
+from fedssd.data.folder import is_archive
 from fedssd.errors import ConfigError, DataError
 
 __all__ = ["load_site", "load_sites", "site_dataset", "site_paths"]
@@ -37,13 +39,15 @@ def load_site(
     root: str | Path | None = None,
     log: Log | None = None,
 ) -> ImageDataset:
-    """One site's own data: a folder of images or an ``.npz`` file, labelled or not.
+    """One site's own data: a folder of images (or a tar archive of one) or an ``.npz`` file,
+    labelled or not.
 
     An ``.npz`` may hold ``x_train`` alone (unlabelled), ``x_train`` and ``y_train``, or all
-    four arrays (its test split is kept as the dataset's test set).
+    four arrays; its test split, like that of a folder with ``train/`` and ``test/``, is kept as
+    the dataset's test set.
 
     Args:
-        path: The site's folder or ``.npz`` file.
+        path: The site's folder, tar archive or ``.npz`` file.
         image_size: Side a folder's images are resized and centre-cropped to.
         rgb: 3 channels (grayscale repeated), else one grayscale channel for folders.
         pad_to_32: Zero-pad 28x28 ``.npz`` images to 32x32 (folders are already ``image_size``).
@@ -58,7 +62,7 @@ def load_site(
     """
     say = log if log is not None else _silent
     place = Path(path).expanduser()
-    if place.is_dir():
+    if place.is_dir() or (place.is_file() and is_archive(place)):
         return load_dataset(
             "folder", path=place, root=root, image_size=image_size, rgb=rgb, log=say
         )

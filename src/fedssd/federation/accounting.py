@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import logging
 import math
@@ -197,6 +198,16 @@ def ledger_epsilon(charges: Sequence[RoundCharge], delta: float) -> float:
     Raises:
         ConfigError: The charges mix neighbouring relations (see :func:`_relation`).
     """
+    return _ledger_epsilon(tuple(charges), delta)
+
+
+# The accountant takes about a second per Poisson-sampled ledger and the calibration's bisection
+# several, and a run asks the same questions again (the budget check before a round, the epsilon
+# after it, the summary; the setup check, then each aggregator it builds). Both functions are
+# pure over hashable arguments, so their answers are kept.
+@functools.lru_cache(maxsize=256)
+def _ledger_epsilon(charges: tuple[RoundCharge, ...], delta: float) -> float:
+    """:func:`ledger_epsilon` of a tuple of charges."""
     if not charges:
         return 0.0
     if any(charge.noise_multiplier <= 0 for charge in charges):
@@ -226,6 +237,18 @@ def calibrate_noise(
         ConfigError: The rounds spent leave no budget, no multiplier up to 10^4 reaches the
             target, or the one that does is not below twice the count's noise multiplier.
     """
+    return _calibrate_noise(tuple(spent), charge, rounds, target_epsilon, delta)
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate_noise(
+    spent: tuple[RoundCharge, ...],
+    charge: RoundCharge,
+    rounds: int,
+    target_epsilon: float,
+    delta: float,
+) -> float:
+    """:func:`calibrate_noise` of a tuple of charges spent."""
     dp_accounting = _library()
     used = ledger_epsilon(spent, delta)
     if used >= target_epsilon:

@@ -18,10 +18,17 @@ from :class:`SecretRandomness`: numpy's Philox generator keyed from the operatin
 source, held in memory only, never derived from the run seed and never written, logged or sent.
 What the run spent is recorded round by round and accounted by :mod:`fedssd.federation.accounting`;
 what of a round's record may be published is :func:`released`.
+
+Distributed DP (``privacy.mode = "distributed"``, under SecAgg+ only): each client sends its
+clipped update plus its own share of the noise (:func:`noised_share`, from a secret of its own:
+:func:`share_generator`), calibrated so that the fewest shares SecAgg+ can unmask still carry the
+planned noise; the server releases the unmasked sum over the public cohort size
+(:meth:`PrivateAggregator.release_sum`), accounted with the shares it actually holds.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -45,7 +52,10 @@ from fedssd.methods.protocol import Aggregates, ClientUpdate, Method
 # Purpose tag of the reproducible (test-only) streams: "DP".
 PRIVACY_STREAM = 0x4450
 # What each draw of a round is for (the reproducible streams are derived per round and purpose).
-COHORT, NOISE, COUNT_NOISE = 0, 1, 2
+COHORT, NOISE, COUNT_NOISE, SHARE = 0, 1, 2, 3
+# Distributed DP: SecAgg+'s quantisation range reaches this many standard deviations of a
+# client's noise share beyond the clip norm (see range_failure_bound).
+RANGE_SIGMAS = 10.0
 # Bits of operating-system entropy behind the secret generator (Philox's key takes 128 of them).
 SECRET_BITS = 256
 State = Mapping[str, torch.Tensor]
@@ -86,13 +96,22 @@ class SecretRandomness:
         """Whether the draws come from the run seed (not private)."""
         return self._secret is None
 
-    def generator(self, round_index: int, purpose: int) -> np.random.Generator:
-        """The generator for one purpose of one round: the one secret stream, or the
-        reproducible stream of (run seed, round, purpose)."""
+    @property
+    def seed(self) -> int | None:
+        """The run seed of the reproducible streams (None: the draws are secret)."""
+        return self._seed
+
+    def generator(
+        self, round_index: int, purpose: int, client: int | None = None
+    ) -> np.random.Generator:
+        """The generator for one purpose of one round (and client: a distributed noise share):
+        the one secret stream, or the reproducible stream of (run seed, round, purpose, client)."""
         if self._secret is not None:
             return self._secret
         assert self._seed is not None
         key = [self._seed, PRIVACY_STREAM, round_index, purpose]
+        if client is not None:
+            key.append(client)
         return np.random.Generator(np.random.Philox(np.random.SeedSequence(key)))
 
     def __repr__(self) -> str:
@@ -207,6 +226,98 @@ def private_mean(
     return apply_mean(global_state, total, denominator), within
 
 
+# ----------------------------------------------------------------------------- distributed DP
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureSum:
+    """What the server of a distributed DP round learns: the SecAgg+ sum
+    ``sum_k (w_k clip(delta_k) + share_k)`` over the clients in it.
+
+    Attributes:
+        total: The sum, for each floating-point entry the clients send.
+        shares: How many clients' vectors (and so noise shares) the sum holds.
+    """
+
+    total: dict[str, torch.Tensor]
+    shares: int
+
+
+def min_noise_shares(cohort: int, min_replies: float) -> int:
+    """The fewest noise shares the unmasked sum of a distributed DP round holds: SecAgg+'s
+    reconstruction threshold for a cohort of ``cohort`` (``ceil(min_replies * cohort)``, at
+    least 2, at most the cohort)."""
+    return min(cohort, max(2, math.ceil(min_replies * cohort)))
+
+
+def share_std(noise_multiplier: float, clip_norm: float, cohort: int) -> float:
+    """A client's noise share's standard deviation, ``z C / sqrt(n)``: the ``n`` shares of a
+    cohort add up to the full ``z C`` when every client replies."""
+    return noise_multiplier * clip_norm / math.sqrt(cohort)
+
+
+def quantisation_range(clip_norm: float, std: float) -> float:
+    """SecAgg+'s range ``c`` for a client's noised entries: a weighted clipped entry lies in
+    ``[-C, C]``, and the range reaches :data:`RANGE_SIGMAS` share deviations beyond it."""
+    return clip_norm + RANGE_SIGMAS * std
+
+
+def range_failure_bound(shares: int, entries: int, std: float) -> float:
+    """An upper bound (union bound) on the probability that any of ``entries`` entries of any of
+    ``shares`` clients leaves :func:`quantisation_range` in a round: each needs its noise to
+    exceed :data:`RANGE_SIGMAS` deviations, probability ``erfc(RANGE_SIGMAS / sqrt 2)``
+    (1.5e-23). Without noise nothing can leave it."""
+    if std <= 0:
+        return 0.0
+    return min(1.0, shares * entries * math.erfc(RANGE_SIGMAS / math.sqrt(2)))
+
+
+def noised_share(
+    global_state: State,
+    state: State | None,
+    *,
+    keys: Collection[str],
+    clip_norm: float,
+    weight: float,
+    std: float,
+    rng: np.random.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """What a client sends into SecAgg+ under distributed DP, for each of ``keys``: its update
+    clipped to ``clip_norm`` and weighted by ``weight`` (at most 1), plus its own noise share
+    ``N(0, std^2)`` on each floating-point entry; zeros for the integer entries (the server
+    keeps their global value). A client with nothing to send (``state`` None: diverged, no
+    batches) still sends its noise share.
+
+    Raises:
+        ValueError: ``weight`` is not in [0, 1].
+    """
+    if not 0 <= weight <= 1:
+        raise ValueError(f"a DP weight must be in [0, 1], not {weight}")
+    floating = {k: global_state[k] for k in keys if global_state[k].is_floating_point()}
+    if state is None:
+        delta = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in floating.items()}
+    else:
+        delta, _ = clip_delta(floating, {k: state[k] for k in floating}, clip_norm)
+    noise: dict[str, torch.Tensor] = {}
+    if std > 0:
+        assert rng is not None
+        noise = gaussian_noise(delta, std, rng)
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        if key in delta:
+            out[key] = delta[key] * weight + noise[key] if key in noise else delta[key] * weight
+        else:
+            out[key] = torch.zeros(global_state[key].shape, dtype=torch.float32)
+    return out
+
+
+def share_generator(seed: int | None, round_index: int, client_id: int) -> np.random.Generator:
+    """Where a client draws its noise share: a fresh secret from the operating system's entropy
+    source (``seed`` None), or with ``privacy.reproducible_noise`` (tests only) the stream of
+    (run seed, round, client)."""
+    return SecretRandomness(seed).generator(round_index, SHARE, client_id)
+
+
 def check_private_method(method: Method) -> None:
     """Refuse a method whose server step is not a weighted average of the updates.
 
@@ -278,6 +389,14 @@ class PrivateAggregator:
             count_noise_multiplier=sigma_b,
         )
         self.clip_norm = config.clip_norm
+        self.cohort = round(self.charge.cohort)
+        # Distributed DP: the fewest noise shares a round's sum can hold; the charge planned
+        # (calibrated, checked against the budget) is that of a round with only these.
+        self.min_shares = (
+            min_noise_shares(self.cohort, config.min_replies)
+            if config.mode == "distributed"
+            else self.cohort
+        )
         self.spent: list[RoundCharge] = []
         self.restore(history)
 
@@ -315,6 +434,26 @@ class PrivateAggregator:
         self.charge = self.charge.with_noise(
             calibrate_noise(self.spent, self.charge, left, cfg.target_epsilon, cfg.delta)
         )
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the clients add the noise (``privacy.mode = "distributed"``)."""
+        return self.config.mode == "distributed"
+
+    @property
+    def noise_multiplier(self) -> float:
+        """z of the noise on the sum when every sampled client replies. Distributed: the
+        planned charge's multiplier scaled up so that the fewest shares a sum can hold still
+        carry it (``z_min sqrt(n / r_min)``)."""
+        return self.charge.noise_multiplier * math.sqrt(self.cohort / self.min_shares)
+
+    def share_std(self) -> float:
+        """Distributed DP: each client's noise share's standard deviation, ``z C / sqrt(n)``."""
+        return share_std(self.noise_multiplier, self.clip_norm, self.cohort)
+
+    def quantisation_range(self) -> float:
+        """Distributed DP: SecAgg+'s quantisation range ``c`` (:func:`quantisation_range`)."""
+        return quantisation_range(self.clip_norm, self.share_std())
 
     def epsilon(self) -> float:
         """Epsilon of the rounds run so far, from the ledger."""
@@ -365,6 +504,8 @@ class PrivateAggregator:
             updates within it (server-only), the noise standard deviation on the mean, the next
             round's clip norm, the round's charge and (epsilon, delta) after it.
         """
+        if self.distributed:
+            raise RuntimeError("a distributed DP round is concluded from its SecAgg+ sum")
         clip, charge = self.clip_norm, self.charge
         z_update = update_noise_multiplier(charge.noise_multiplier, charge.count_noise_multiplier)
         new_state, within = private_mean(
@@ -389,6 +530,43 @@ class PrivateAggregator:
         record.update(charge.to_record())
         record["dp_epsilon"] = self.epsilon()
         record["dp_delta"] = self.config.delta
+        return new_state, record
+
+    def release_sum(
+        self, global_state: State, secure: SecureSum
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The next global state of a distributed DP round and its privacy record.
+
+        The sum holds ``r = secure.shares`` noise shares of variance ``(z C)^2 / n`` each, so
+        its noise has multiplier ``z_eff = z sqrt(r / n)``: the round is accounted with the
+        noise actually present (a dropped client's share is missing). The sum is divided by
+        the public cohort size ``n``, as in the central mechanism.
+
+        Returns:
+            The new global state and the ``dp_*`` record: the mode, the clip norm, the noise
+            standard deviation on the mean, the shares in the sum and each share's deviation,
+            SecAgg+'s range and the bound on the probability that an entry left it, the next
+            clip norm, the round's charge and (epsilon, delta) after it.
+        """
+        std, clip = self.share_std(), self.clip_norm
+        z_eff = self.noise_multiplier * math.sqrt(secure.shares / self.cohort)
+        charge = self.charge.with_noise(z_eff)
+        new_state = apply_mean(global_state, secure.total, charge.cohort)
+        entries = sum(value.numel() for value in secure.total.values())
+        self.spent.append(charge)
+        record: dict[str, Any] = {
+            "dp_mode": "distributed",
+            "dp_clip_norm": clip,
+            "dp_noise_std": z_eff * clip / charge.cohort,
+            "dp_noise_shares": secure.shares,
+            "dp_share_std": std,
+            "dp_range": quantisation_range(clip, std),
+            "dp_range_failure": range_failure_bound(self.cohort, entries, std),
+            "dp_next_clip_norm": clip,
+            **charge.to_record(),
+            "dp_epsilon": self.epsilon(),
+            "dp_delta": self.config.delta,
+        }
         return new_state, record
 
     def _next_clip(self, clip: float, within: int, count: int, round_index: int) -> float:
@@ -429,6 +607,21 @@ def make_aggregator(
         randomness=SecretRandomness(seed),
         history=history,
     )
+
+
+def check_noise_site(config: Config, *, secure_aggregation: bool) -> None:
+    """Refuse distributed DP where no secure aggregation hides each client's noised update.
+
+    Raises:
+        ConfigError: ``privacy.mode = "distributed"`` without SecAgg+.
+    """
+    dp = config.privacy
+    if dp.dp != "off" and dp.mode == "distributed" and not secure_aggregation:
+        raise ConfigError(
+            "privacy.mode = 'distributed' adds each client's share of the noise to its own "
+            "update, which protects it only inside SecAgg+'s sum; run it on Flower with "
+            "secure-aggregation = true, or use privacy.mode = 'central'."
+        )
 
 
 def privacy_warning(config: Config) -> str | None:
@@ -492,13 +685,52 @@ def privacy_summary(history: Sequence[Mapping[str, Any]], config: PrivacyConfig)
         return {}
     charges = ledger(history)
     last: Mapping[str, Any] = next((r for r in reversed(history) if "dp_next_clip_norm" in r), {})
-    return {
-        "dp_epsilon": ledger_epsilon(charges, config.delta),
+    epsilon = ledger_epsilon(charges, config.delta)
+    summary = {
+        "dp_epsilon": epsilon,
         "dp_delta": config.delta,
         "dp_noise_multiplier": charges[-1].noise_multiplier if charges else None,
         "dp_next_clip_norm": last.get("dp_next_clip_norm", config.clip_norm),
         "dp_private": not config.reproducible_noise,
     }
+    if config.mode == "distributed":
+        summary["dp_mode"] = config.mode
+        summary["dp_range_delta"] = range_delta(history, epsilon)
+        summary["dp_server_epsilon"] = server_epsilon(history, config.delta)
+    return summary
+
+
+def server_epsilon(history: Sequence[Mapping[str, Any]], delta: float) -> float:
+    """Epsilon of a distributed DP run against its server, which sees the SecAgg+ sums and knows
+    each round's cohort, so no amplification by sampling holds against it: for each client,
+    the rounds whose cohort held it compose as Gaussian mechanisms of their noise multipliers
+    (add/remove adjacency, sensitivity ``C``); the largest over the clients. A Gaussian
+    composition of multipliers ``z_r`` is the Gaussian of ``(sum_r z_r^-2)^(-1/2)``."""
+    exposure: dict[int, float] = {}
+    for record in history:
+        charge = RoundCharge.from_record(record)
+        if charge is None:
+            continue
+        if charge.noise_multiplier <= 0:
+            return math.inf
+        for client in record.get("clients", ()):
+            exposure[client] = exposure.get(client, 0.0) + charge.noise_multiplier**-2
+    if not exposure:
+        return 0.0
+    worst = max(exposure.values()) ** -0.5
+    charge = round_charge(num_clients=1, fraction=1.0, sampling="fixed", noise_multiplier=worst)
+    return ledger_epsilon([charge], delta)
+
+
+def range_delta(history: Sequence[Mapping[str, Any]], epsilon: float) -> float:
+    """What SecAgg+'s range adds to a distributed DP run's delta: the released outputs equal
+    those of the unbounded Gaussian mechanism except when an entry left the range (at most
+    ``beta``, the sum of the rounds' ``dp_range_failure``), so the run is
+    ``(epsilon, delta + (1 + e^epsilon) beta)``-DP."""
+    beta = sum(float(record.get("dp_range_failure", 0.0)) for record in history)
+    if beta == 0:
+        return 0.0
+    return math.inf if epsilon > 700 else (1 + math.exp(epsilon)) * beta
 
 
 def split_summary(

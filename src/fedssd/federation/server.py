@@ -27,7 +27,7 @@ from fedssd.config import FaultConfig, PrivacyConfig, Sampling, ValidationConfig
 from fedssd.errors import TrainingDiverged
 from fedssd.federation.client import LocalResult
 from fedssd.federation.faults import Fault, draw_fault
-from fedssd.federation.privacy import PrivateAggregator, private_weight
+from fedssd.federation.privacy import PrivateAggregator, SecureSum, private_weight
 from fedssd.federation.sampling import sample_clients, shuffled_order
 from fedssd.federation.validate import check_update, learned_keys, norm_outliers, update_distance
 from fedssd.methods.protocol import ClientHooks, ClientUpdate, Method
@@ -207,6 +207,7 @@ class RoundTally:
         rejected: Client id -> why the server refused the update it sent.
         movements: Client id -> distance its weights moved per local step, for the norm check;
             None lets :func:`conclude_round` measure each update from the global state.
+        secure_sum: A distributed DP round's SecAgg+ sum (the server sees no update itself).
     """
 
     expected: Mapping[str, torch.Tensor]
@@ -217,6 +218,7 @@ class RoundTally:
     failed: dict[int, str] = dataclasses.field(default_factory=dict)
     rejected: dict[int, str] = dataclasses.field(default_factory=dict)
     movements: dict[int, float] | None = None
+    secure_sum: SecureSum | None = None
 
     def receive(
         self,
@@ -273,7 +275,8 @@ def conclude_round(
     """The server half of a round once the clients' checked updates are in (shared with the
     Flower strategies): drop norm outliers, stop on divergence, skip a round with too few
     updates, aggregate with the method (or, in a DP run, the DP mechanism, which releases a
-    noised mean every round, however many replied), check the result.
+    noised mean every round, however many replied; in a distributed DP round, the clients'
+    noised SecAgg+ sum), check the result.
 
     Args:
         plan: The round as it was opened.
@@ -305,7 +308,9 @@ def conclude_round(
     # Under DP the round is never skipped: whether it is would depend on who replied.
     skipped = guards.privacy is None and len(updates) < max(1, guards.faults.min_clients)
     new_state = None
-    if guards.privacy is not None:
+    if guards.privacy is not None and tally.secure_sum is not None:
+        new_state, privacy_record = guards.privacy.release_sum(global_state, tally.secure_sum)
+    elif guards.privacy is not None:
         new_state, privacy_record = guards.privacy.aggregate(
             global_state, updates, keys=list(plan.expected), round_index=round_index
         )

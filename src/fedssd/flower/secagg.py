@@ -42,6 +42,13 @@ callbacks and history:
   from the reply otherwise). It concludes the round like the simulator
   (:func:`~fedssd.federation.server.conclude_round`: the round record, callbacks, checkpoints).
 
+Distributed DP (``privacy.mode = "distributed"``): the task also carries the clip norm and the
+deviation of each client's noise share; the client sends its clipped, weighted update plus its
+own share (:func:`~fedssd.federation.privacy.noised_share`, drawn from a secret of its own) with
+weight 1 and nothing else in the clear; the reconstruction threshold is the fewest shares the
+noise is planned for, and the server releases the unmasked sum through
+:meth:`~fedssd.federation.privacy.PrivateAggregator.release_sum` (docs/privacy.md).
+
 Refused before the run (:func:`check_secure_aggregation`): methods whose server step reads each
 update (L-DAWA, FedU2, Orchestra, FedEMA: they implement ``aggregate``), the server's per-update
 norm check (``validation.max_norm_ratio``), simulated faults, Poisson sampling (the cohort must
@@ -83,6 +90,12 @@ from safetensors.torch import save as save_bytes
 from fedssd.config import Config
 from fedssd.errors import ConfigError, TrainingDiverged
 from fedssd.federation.client import LocalResult
+from fedssd.federation.privacy import (
+    PrivateAggregator,
+    SecureSum,
+    noised_share,
+    share_generator,
+)
 from fedssd.federation.sampling import clients_per_round
 from fedssd.federation.server import (
     RoundPlan,
@@ -101,6 +114,12 @@ _KEYS = "state-keys"
 _SENT = "sent-keys"
 _METHOD = "method-state"
 _CLIPPED = "secagg-clipped"
+# Distributed DP: what each client needs to clip its update and draw its noise share.
+_DP_CLIP = "dp-clip-norm"
+_DP_SHARE = "dp-share-std"
+_DP_CAP = "dp-weight-cap"
+_DP_SEED = "dp-noise-seed"
+_DP_KEYS = (_DP_CLIP, _DP_SHARE, _DP_CAP, _DP_SEED)
 # Where Flower's legacy FitRes keeps its metrics and example count in a reply.
 _FIT_METRICS = "fitres.metrics"
 _FIT_EXAMPLES = "fitres.num_examples"
@@ -143,10 +162,11 @@ def check_secure_aggregation(config: Config, method: Method) -> None:
             "simulated faults ([faults]) are not available with secure aggregation, where real "
             "dropouts are handled by the protocol; set faults.crash, straggle and drop to 0."
         )
-    if config.privacy.dp != "off":
+    if config.privacy.dp != "off" and config.privacy.mode != "distributed":
         raise ConfigError(
-            "central differential privacy (privacy.dp) clips each update on the server, which "
-            "secure aggregation hides; turn one of them off."
+            "central differential privacy clips and noises each update on the server, which "
+            "secure aggregation hides; set privacy.mode = 'distributed' (each client clips and "
+            "adds its share of the noise) or turn one of them off."
         )
     if fed.sampling == "poisson" and fed.fraction < 1:
         raise ConfigError(
@@ -216,6 +236,7 @@ class SecAggStrategy(LegacyStrategy):
             _KEYS: json.dumps(list(global_state)),
             _SENT: json.dumps(list(plan.expected)),
             _METHOD: save_bytes({k: v.cpu().contiguous() for k, v in method_state.items()}),
+            **_private_task(inner.guards.privacy),
         }
         return [
             (
@@ -247,10 +268,16 @@ class SecAggStrategy(LegacyStrategy):
             if client is not None:
                 replied[client] = fitres
         if any(bool(fitres.metrics.get(_CLIPPED)) for fitres in replied.values()):
+            how = (
+                "(set from the clip norm and the noise share: an event the run's dp_range_delta "
+                "bounds)"
+                if inner.guards.privacy is not None
+                else "; raise the run config's secagg-clipping-range"
+            )
             raise TrainingDiverged(
                 f"in round {server_round} a client's update left SecAgg+'s quantisation range "
-                "and would be aggregated clipped; raise the run config's secagg-clipping-range "
-                "(the last good checkpoint, if any, is kept)."
+                f"and would be aggregated clipped {how} (the last good checkpoint, if any, is "
+                "kept)."
             )
         tally = plan.tally()
         tally.failed.update(
@@ -263,7 +290,20 @@ class SecAggStrategy(LegacyStrategy):
         contributing = [
             c for c in plan.clients if c in replied and (told[c] is None or replied[c].num_examples)
         ]
-        if contributing:
+        privacy = inner.guards.privacy
+        if privacy is not None and replied:
+            # Distributed DP: every reply is in the sum with its noise share (a client with
+            # nothing to send sent its share alone); each counts 1, so the unmasked mean times
+            # the replies is the sum.
+            contributing = [c for c in plan.clients if c in replied]
+            mean = parameters_to_ndarrays(next(iter(replied.values())).parameters)
+            total = {
+                key: torch.from_numpy(np.asarray(delta) * len(replied)).float().reshape(base.shape)
+                for (key, base), delta in zip(plan.expected.items(), mean, strict=True)
+                if base.is_floating_point()
+            }
+            tally.secure_sum = SecureSum(total, len(replied))
+        elif contributing:
             mean = parameters_to_ndarrays(next(iter(replied.values())).parameters)
             state: dict[str, torch.Tensor] = {}
             for key, delta in zip(plan.expected, mean, strict=True):
@@ -297,9 +337,18 @@ class SecAggStrategy(LegacyStrategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Any]] | None:
         """After each round: the round callbacks (kNN monitor, metrics file, checkpoints)."""
-        if server_round == 0 or not self.inner.history:
+        history = self.inner.history
+        if server_round == 0 or not history:
             return None
-        run_callbacks(self.inner.callbacks, self.inner.history[-1], self.inner.global_model)
+        if history[-1]["round"] != server_round:
+            # SecAgg+ halted (fewer clients left than its threshold): nothing was unmasked,
+            # aggregated or released, and the round spent no privacy.
+            self.inner.log(
+                f"round {server_round}: secure aggregation halted with too few clients left; "
+                "the global model is unchanged and the round is not recorded"
+            )
+            return None
+        run_callbacks(self.inner.callbacks, history[-1], self.inner.global_model)
         return None
 
 
@@ -318,8 +367,15 @@ def run_secure(
     max_weight: int,
     clipping_range: float = CLIPPING_RANGE,
     timeout: float | None = None,
+    log: Callable[[str], None] = print,
 ) -> None:
     """Run every round of ``strategy`` with SecAgg+ (its history and callbacks fill as usual).
+
+    Under distributed DP every client counts 1 (``max_weight`` 1), the quantisation range comes
+    from the clip norm and the noise share (:meth:`~fedssd.federation.privacy.
+    PrivateAggregator.quantisation_range`, not ``clipping_range``), and the reconstruction
+    threshold is the fewest noise shares the accountant assumes
+    (:attr:`~fedssd.federation.privacy.PrivateAggregator.min_shares`).
 
     Args:
         grid: Flower's grid.
@@ -327,9 +383,23 @@ def run_secure(
         max_weight: The most local mini-batches any client can have in a round.
         clipping_range: ``c``: scaled update entries must lie in ``[-c, c]``.
         timeout: Seconds to wait for each stage's replies (None: no limit).
+        log: Where the settings of a distributed DP run are said.
     """
     schedule = strategy.schedule
     cohort = clients_per_round(num_clients=schedule.num_clients, fraction=schedule.fraction)
+    privacy = strategy.guards.privacy
+    # Half of the cohort (at least 2) recovers a dropout; SecAgg+ alone.
+    threshold: float | int = 0.5
+    if privacy is not None:
+        max_weight, clipping_range, threshold = 1, privacy.quantisation_range(), privacy.min_shares
+        log(
+            f"distributed DP: each of the {cohort} clients clips its update to "
+            f"{privacy.clip_norm:g} and adds noise of std {privacy.share_std():.4g} (z = "
+            f"{privacy.noise_multiplier:.4g} on the full sum); SecAgg+ unmasks a sum only with "
+            f"at least {threshold} clients in it, quantised over [-{clipping_range:.4g}, "
+            f"{clipping_range:.4g}] (from the clip norm and the noise; secagg-clipping-range is "
+            "not used)"
+        )
     context = LegacyContext(
         Context(
             run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config={}
@@ -340,7 +410,7 @@ def run_secure(
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=1.0,  # every sampled client holds a share of every other's keys
-            reconstruction_threshold=0.5,  # half of them (at least 2) recover a dropout
+            reconstruction_threshold=threshold,
             max_weight=float(max_weight),
             clipping_range=clipping_range,
             quantization_range=quantization_levels(cohort),
@@ -394,6 +464,7 @@ def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Me
         keys = json.loads(str(config.pop(_KEYS)))
         sent = json.loads(str(config.pop(_SENT)))
         method_state = load_bytes(cast(bytes, config.pop(_METHOD)))
+        private = {k: config.pop(k) for k in _DP_KEYS if k in config}
         arrays = parameters_to_ndarrays(fitins.parameters)
         global_state = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
         msg.content = RecordDict(
@@ -406,16 +477,23 @@ def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Me
         reply = call_next(msg, ctxt)
         content = reply.content
         metrics = dict(content.metric_records[records.RESULT])
-        # A client with nothing to send (diverged, no batches) sends zeros at weight 0: every
-        # client's masked vector must have the same shapes.
-        weight = 0
-        deltas = [np.zeros(tuple(global_state[k].shape), dtype=np.float64) for k in sent]
-        if records.STATE in content.array_records:
-            state = records.from_arrays(content.array_records[records.STATE])
-            result = records.metrics_to_result(content.metric_records[records.RESULT])
-            # FedAvg's weight (central DP, with its own weights, is refused with SecAgg+).
-            weight = int(client_weight(result.num_batches, None))
-            deltas = [(state[k].double() - global_state[k].double()).numpy() for k in sent]
+        if private:
+            # Distributed DP: the clipped update plus this client's noise share, counting 1.
+            # Nothing else leaves in the clear (not even with secagg-client-metrics): the
+            # server must learn nothing about one client's data beyond the noised sum.
+            weight, deltas = 1, _private_share(private, global_state, sent, content, config)
+            metrics = {}
+        else:
+            # A client with nothing to send (diverged, no batches) sends zeros at weight 0:
+            # every client's masked vector must have the same shapes.
+            weight = 0
+            deltas = [np.zeros(tuple(global_state[k].shape), dtype=np.float64) for k in sent]
+            if records.STATE in content.array_records:
+                state = records.from_arrays(content.array_records[records.STATE])
+                result = records.metrics_to_result(content.metric_records[records.RESULT])
+                # FedAvg's weight (central DP, with its own weights, is refused with SecAgg+).
+                weight = int(client_weight(result.num_batches, None))
+                deltas = [(state[k].double() - global_state[k].double()).numpy() for k in sent]
         # As 1-d at least: Flower's dequantisation shifts each array in place, which a 0-d array
         # (BatchNorm's batch counter) does not survive.
         deltas = [np.atleast_1d(d) for d in deltas]
@@ -429,6 +507,51 @@ def _translated(call_next: ClientAppCallable) -> Callable[[Message, Context], Me
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
 
     return handle
+
+
+def _private_task(privacy: PrivateAggregator | None) -> dict[str, Any]:
+    """What a distributed DP client needs in its task: the clip norm, its noise share's
+    deviation, the public weight cap (0: uniform weights) and, with ``reproducible_noise``
+    (tests only), the run seed its share is drawn from (-1: a secret of its own)."""
+    if privacy is None:
+        return {}
+    cfg = privacy.config
+    return {
+        _DP_CLIP: float(privacy.clip_norm),
+        _DP_SHARE: float(privacy.share_std()),
+        _DP_CAP: float(cfg.weight_cap if cfg.weighting == "batches" else 0.0),
+        _DP_SEED: -1 if privacy.randomness.seed is None else privacy.randomness.seed,
+    }
+
+
+def _private_share(
+    private: dict[str, Any],
+    global_state: dict[str, torch.Tensor],
+    sent: list[str],
+    content: RecordDict,
+    task: dict[str, Any],
+) -> list[np.ndarray]:
+    """A distributed DP client's vector: its clipped, weighted update plus its noise share
+    (:func:`~fedssd.federation.privacy.noised_share`); its share alone when it has no finite
+    update to send."""
+    state, weight = None, 0.0
+    if records.STATE in content.array_records:
+        result = records.metrics_to_result(content.metric_records[records.RESULT])
+        if result.finite and result.num_batches > 0:
+            state = records.from_arrays(content.array_records[records.STATE])
+            cap = float(private[_DP_CAP])
+            weight = 1.0 if cap <= 0 else min(float(result.num_batches), cap) / cap
+    seed = int(private[_DP_SEED])
+    share = noised_share(
+        global_state,
+        state,
+        keys=sent,
+        clip_norm=float(private[_DP_CLIP]),
+        weight=weight,
+        std=float(private[_DP_SHARE]),
+        rng=share_generator(None if seed < 0 else seed, int(task["round"]), int(task["client-id"])),
+    )
+    return [share[k].double().numpy() for k in sent]
 
 
 def _leaves_range(deltas: list[np.ndarray], weight: int, ctxt: Context) -> bool:

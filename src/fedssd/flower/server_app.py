@@ -339,7 +339,12 @@ def run_federation(
     else:
         cfg = load_config(settings.config, overrides=settings.overrides)
         check_run_dir(settings.out, overwrite=settings.overwrite)
-    check_setup(cfg, sites_on_nodes=True, history=point.checkpoint.history if point else ())
+    check_setup(
+        cfg,
+        sites_on_nodes=True,
+        history=point.checkpoint.history if point else (),
+        secure_aggregation=settings.secure_aggregation,
+    )
     # What every client receives: the resolved config (it holds no secret: a DP run's secret
     # generator lives in this process alone).
     text = config_module.dumps(cfg)
@@ -464,6 +469,7 @@ class FlowerRounds:
                 max_weight=secagg.max_batches(cfg, sizes),
                 clipping_range=settings.secagg_clipping_range,
                 timeout=settings.round_timeout,
+                log=self.log,
             )
         elif remaining > 0:
             strategy.start(

@@ -12,7 +12,16 @@ from functools import partial
 from torch import Tensor, nn
 
 from fedssd.errors import ConfigError
-from fedssd.models.backbones import RESNETS, BasicBlock, Bottleneck, ResNet, SmallCNN
+from fedssd.models.backbones import (
+    RESNETS,
+    BasicBlock,
+    Bottleneck,
+    ResNet,
+    ResNetCifarThin,
+    SmallCNN,
+    resnet8,
+    resnet20,
+)
 from fedssd.models.heads import mlp_projector
 
 __all__ = [
@@ -21,6 +30,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "ResNet",
+    "ResNetCifarThin",
     "SSLModel",
     "SmallCNN",
     "build_model",
@@ -28,9 +38,12 @@ __all__ = [
 ]
 
 # resnet18/34/50: the CIFAR stem (the SSD paper's ResNet-18 for 32x32 images);
-# resnet18/34/50_imagenet: the ImageNet stem, for larger images and ImageNet-pretrained weights.
+# resnet18/34/50_imagenet: the ImageNet stem, for larger images and ImageNet-pretrained weights;
+# resnet8/20: the thin three-stage CIFAR ResNets, cheaper than ResNet-18 at any width.
 ENCODERS: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": SmallCNN,
+    "resnet8": resnet8,
+    "resnet20": resnet20,
     **{
         name: partial(ResNet, block=block, depths=depths, stem="cifar")
         for name, (block, depths) in RESNETS.items()
@@ -91,10 +104,11 @@ def build_model(
     """Build an encoder by name with the SSD projector on top.
 
     Args:
-        encoder: A key of ``ENCODERS`` (``"resnet18"``, ``"resnet50_imagenet"``, ``"small_cnn"``).
+        encoder: A key of ``ENCODERS`` (``"resnet18"``, ``"resnet50_imagenet"``, ``"resnet8"``,
+            ``"small_cnn"``).
         in_channels: Image channels.
         width: First-stage width of the encoder; ``None`` keeps the encoder's default
-            (64 for the ResNets, 32 for the small CNN).
+            (64 for ResNet-18/34/50, 16 for ResNet-8 and ResNet-20, 32 for the small CNN).
         projector_hidden: Hidden width of the projector.
         projector_out: Embedding dimension; ``None`` means the encoder's feature dimension.
 

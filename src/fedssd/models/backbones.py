@@ -1,5 +1,6 @@
-"""Image encoders: ResNets (He et al., CVPR 2016) with a CIFAR or an ImageNet stem, and a small
-CNN that trains quickly on a CPU.
+"""Image encoders: ResNets (He et al., CVPR 2016) with a CIFAR or an ImageNet stem, the thin
+CIFAR ResNets of the same paper (ResNet-8 and ResNet-20), and a small CNN that trains quickly on
+a CPU.
 
 All map ``(batch, in_channels, height, width)`` images to ``(batch, feature_dim)`` features by
 global average pooling, have no classifier, and keep PyTorch's default initialisation (Kaiming
@@ -168,6 +169,54 @@ RESNETS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int
     "resnet34": (BasicBlock, (3, 4, 6, 3)),
     "resnet50": (Bottleneck, (3, 4, 6, 3)),
 }
+
+
+class ResNetCifarThin(nn.Module):
+    """The thin CIFAR ResNets of He et al. (CVPR 2016, section 4.2), depth ``6 n + 2``, without
+    the classifier.
+
+    A 3x3 stride-1 stem convolution, then three stages of ``n`` basic blocks with widths
+    ``w, 2w, 4w`` and strides ``1, 2, 2`` (``w = 16`` in the paper), and global average pooling:
+    ``feature_dim = 4 w``. ``n = 1`` is ResNet-8, ``n = 3`` ResNet-20 (about 0.27M parameters
+    at ``w = 16``). Where the width changes, the shortcut is a 1x1 convolution with BatchNorm
+    (the paper's option B), as in :class:`ResNet`, rather than option A's zero-padded identity.
+
+    Args:
+        in_channels: Image channels.
+        width: Channels of the first stage.
+        blocks: Basic blocks per stage (``n``).
+    """
+
+    def __init__(self, *, in_channels: int = 3, width: int = 16, blocks: int = 3) -> None:
+        super().__init__()
+        self.feature_dim = 4 * width
+        self.stem = nn.Sequential(
+            _conv3x3(in_channels, width), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        )
+        stages: list[nn.Module] = []
+        channels = width
+        for index, stride in enumerate((1, 2, 2)):
+            out_channels = width * 2**index
+            layers = [BasicBlock(channels, out_channels, stride=stride)]
+            layers += [BasicBlock(out_channels, out_channels) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*layers))
+            channels = out_channels
+        self.stages = nn.Sequential(*stages)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Map ``(batch, in_channels, h, w)`` images to ``(batch, feature_dim)`` features."""
+        maps: Tensor = self.stages(self.stem(x))
+        return maps.mean(dim=(2, 3))
+
+
+def resnet8(*, in_channels: int = 3, width: int = 16) -> ResNetCifarThin:
+    """ResNet-8: one basic block per stage (see :class:`ResNetCifarThin`)."""
+    return ResNetCifarThin(in_channels=in_channels, width=width, blocks=1)
+
+
+def resnet20(*, in_channels: int = 3, width: int = 16) -> ResNetCifarThin:
+    """ResNet-20: three basic blocks per stage (see :class:`ResNetCifarThin`)."""
+    return ResNetCifarThin(in_channels=in_channels, width=width, blocks=3)
 
 
 class SmallCNN(nn.Module):
