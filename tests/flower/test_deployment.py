@@ -20,8 +20,10 @@ the page's folder. The tests then share that SuperLink and those SuperNodes:
    with the in-process simulator's weights;
 5. SecAgg+ over two rounds, a site dropping out in the second: FedAvg of the three, then of the
    other two, to SecAgg+'s quantisation error;
-6. a SuperNode whose key was never registered is refused;
-7. last, a SuperLink started again without its database turns the SuperNodes away,
+6. distributed DP under SecAgg+, a site dropping out: the ledger counts the shares that
+   arrived, nothing per-site is released, and the model carries the shares' noise;
+7. a SuperNode whose key was never registered is refused;
+8. last, a SuperLink started again without its database turns the SuperNodes away,
    and they exit with status 0, which is why the page's units say ``Restart=always``.
 
 Nothing waits for time to pass: the hooks of :mod:`hooks_app` act at known rounds, and the
@@ -633,6 +635,52 @@ def test_secure_aggregation_survives_a_site_dropping_out(deployment: Deployment)
     assert not math.isclose(
         float(final["projector.0.weight"].sum()), float(with_all["projector.0.weight"].sum())
     )
+
+
+@pytest.mark.slow
+def test_distributed_dp_under_secagg_noises_every_share_on_the_sites(
+    deployment: Deployment,
+) -> None:
+    """Distributed DP over the deployment: each site clips its update and adds its secret share
+    of the noise before masking; a site drops out, the round is accounted with the shares that
+    arrived, and nothing per-site leaves in the clear."""
+    folder = deployment.folder
+    experiment = deployment.experiment("distributed-dp", "fedalignuniform", rounds=1)
+    clip, z_min, cohort, shares_in = 1.0, 1.0, 3, 2
+    sets = [
+        "validation.max_norm_ratio=0", "evaluation.every=0", "privacy.dp=fixed",
+        "privacy.mode=distributed", f"privacy.clip_norm={clip}",
+        f"privacy.noise_multiplier={z_min}", "privacy.min_replies=0.5",
+    ]  # fmt: skip
+    out = folder / "coordinator" / "runs" / "distributed-dp"
+    done = deployment.stream(
+        _hooks_app(deployment), config=str(experiment), out=str(out), overrides=" ".join(sets),
+        secure_aggregation=True, test_drop_client=2, test_drop_round=1,
+    )  # fmt: skip
+    assert (out / "summary.json").exists(), done.stdout[-3000:]
+    (record,) = _lines(out / "metrics.jsonl")
+    assert record["dp_mode"] == "distributed" and record["dp_noise_shares"] == shares_in
+    # Each share carries z_min sqrt(n / r_min) C / sqrt(n) (r_min = 2 of 3): two of them carry
+    # the planned z_min.
+    share_std = z_min * math.sqrt(cohort / 2) * clip / math.sqrt(cohort)
+    assert record["dp_share_std"] == pytest.approx(share_std)
+    assert record["dp_noise_multiplier"] == pytest.approx(z_min)
+    assert not {"clients", "loss", "samples", "failed"} & set(record), record
+    # The released model moved by the two shares' noise: (model - start) * n is the two
+    # clipped updates (norm at most 2C) plus noise of deviation sqrt(2) * share_std per entry.
+    cfg = config.load(experiment, [*sets, deployment.sites()])
+    start = build_experiment(cfg, log=lambda _m: None).global_model.state_dict()
+    final = load_file(str(out / "model.safetensors"))
+    moved = torch.cat(
+        [
+            ((final[k].double() - start[k].double()) * cohort).flatten()
+            for k, v in start.items()
+            if v.is_floating_point() and not k.endswith("running_var")  # clamped at 0
+        ]
+    )
+    noise = math.sqrt(shares_in) * share_std
+    rms = float(moved.pow(2).mean().sqrt())
+    assert 0.85 * noise <= rms <= 1.15 * noise + 2 * clip / math.sqrt(moved.numel()), (rms, noise)
 
 
 @pytest.mark.slow
