@@ -34,8 +34,13 @@ demo: data  ## train SSD and FedAlignUniform on Fashion-MNIST and compare them (
 smoke: $(STAMP)  ## a run that takes seconds
 	$(PY) -m fedssd.cli train --config smoke --out runs/smoke --overwrite
 
+# pytest-xdist workers for make test: one more than the 2 cores of the machines it is sized for,
+# as the two Flower deployments mostly wait on Flower while the others compute. Each test file
+# runs in one worker (its module-scoped fixtures built once), in the order tests/conftest.py gives.
+TEST_WORKERS ?= 3
+
 test: data  ## run the whole test suite
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test-fast: data  ## the suite without the tests marked slow (under 2 minutes on 2 CPU cores)
 	$(PY) -m pytest -q -m "not slow"

@@ -201,7 +201,7 @@ def test_threads_apply_during_the_run_and_are_restored(tmp_path: Path) -> None:
         session.round_callbacks = original  # type: ignore[assignment]
     assert seen == [2]
     assert torch.get_num_threads() == 1
-    assert any("(2 CPU threads)" in line for line in lines)
+    assert any("(2 CPU threads, " in line for line in lines)
     # The same thread count gives the same weights whether it is set by the config or not.
     one = fedssd.train(SMOKE, overrides=[*TINY, "threads=1"], out=None, log=None)
     default = fedssd.train(SMOKE, overrides=TINY, out=None, log=None)

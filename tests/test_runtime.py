@@ -105,33 +105,90 @@ def spin_seconds(env: dict[str, str]) -> float:
     return float(done.stdout)
 
 
-def test_the_wait_policy_is_set_unless_the_user_chose_one() -> None:
-    environ: dict[str, str] = {}
-    assert openmp.apply_defaults(environ) == {"OMP_WAIT_POLICY": "PASSIVE"}
-    assert environ == {"OMP_WAIT_POLICY": "PASSIVE"}
+def test_the_run_log_names_the_wait_setting() -> None:
+    assert openmp.wait_setting({"OMP_WAIT_POLICY": "PASSIVE"}) == "OMP_WAIT_POLICY=PASSIVE"
+    assert openmp.wait_setting({"GOMP_SPINCOUNT": " 1000 "}) == "GOMP_SPINCOUNT=1000"
+    assert openmp.wait_setting({"OMP_WAIT_POLICY": ""}) == "OpenMP's default wait"
+
+
+def _refuse() -> bool:
+    raise AssertionError("measured the machine although the user chose a wait setting")
+
+
+def test_the_wait_policy_follows_the_machine_unless_the_user_chose_one() -> None:
+    busy: dict[str, str] = {}
+    assert openmp.apply_defaults(busy, busy=lambda: True) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert busy == {"OMP_WAIT_POLICY": "PASSIVE"}
+    idle: dict[str, str] = {}
+    assert openmp.apply_defaults(idle, busy=lambda: False) == {} and idle == {}
+    unknown: dict[str, str] = {}  # not Linux: PASSIVE, never ruinous
+    assert openmp.apply_defaults(unknown, busy=lambda: None) == {"OMP_WAIT_POLICY": "PASSIVE"}
     for name, value in (("OMP_WAIT_POLICY", "ACTIVE"), ("GOMP_SPINCOUNT", "300000")):
         chosen = {name: value}
-        assert openmp.apply_defaults(chosen) == {} and chosen == {name: value}
+        assert openmp.apply_defaults(chosen, busy=_refuse) == {} and chosen == {name: value}
+
+
+STAT = """cpu  {all}
+cpu0 {a} 0 {b} {c} {d} 0 0 0 0 0
+cpu1 {e} 0 0 {f} 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def test_busy_cores_are_read_from_proc_stat() -> None:
+    before = openmp.parse_stat(STAT.format(all=0, a=100, b=50, c=800, d=50, e=0, f=1000), [0, 1])
+    # cpu0: 15 ticks of work, 5 idle; cpu1: 2 of work, 18 idle (of 40 ticks, 17 busy).
+    after = openmp.parse_stat(STAT.format(all=0, a=110, b=55, c=803, d=52, e=2, f=1018), [0, 1])
+    assert before == (2000, 1850) and after == (2040, 1873)
+    assert openmp.busy_cores(before, after, 2) == pytest.approx(2 * 17 / 40)
+    assert openmp.parse_stat(STAT.format(all=0, a=1, b=1, c=1, d=1, e=1, f=1), [1]) == (2, 1)
+    with pytest.raises(ValueError):
+        openmp.parse_stat(STAT.format(all=0, a=1, b=1, c=1, d=1, e=1, f=1), [0, 2])
+
+
+def _busy_process() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
+def test_a_busy_process_beside_is_seen() -> None:
+    """While another process runs without pause, no CPU this process may use is ever idle: the
+    measure sees at least the half core it counts as busy, whatever else runs."""
+    hog = _busy_process()
+    try:
+        assert openmp.machine_busy() is True
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 @pytest.mark.skipif(not GLIBC, reason="checked with the Linux wheels' GNU OpenMP")
-def test_threads_do_not_spin_after_a_parallel_operation() -> None:
-    """With fedssd's default the idle OpenMP thread sleeps at once; with libgomp's own default
-    (300,000 spins) it burns milliseconds of CPU after every parallel operation, which a busy
-    machine's other processes needed."""
-    assert spin_seconds({}) < 0.005  # five waits; about 0.1 ms each on the development machine
+def test_threads_do_not_spin_beside_a_busy_process() -> None:
+    """Beside a busy process, fedssd's default makes the idle OpenMP thread sleep at once; with
+    libgomp's own default (300,000 spins) it burns milliseconds of CPU after every parallel
+    operation, which the busy machine's other processes needed."""
+    hog = _busy_process()
+    try:
+        assert spin_seconds({}) < 0.005  # five waits; about 0.1 ms each on the development machine
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 @pytest.mark.slow
 def test_the_wait_policy_leaves_results_bit_identical(tmp_path: Path) -> None:
-    """The same run on 2 threads with fedssd's wait policy and with libgomp's default."""
+    """The same run on 2 threads with the wait policy fedssd sets on a busy machine and with
+    libgomp's default, which it keeps on an idle one."""
     smoke = Path(__file__).resolve().parents[1] / "src" / "fedssd" / "configs" / "smoke.toml"
     tiny = ["data.train_subset=200", "data.test_subset=100", "model.width=4"]
     tiny += ["model.projector_hidden=16", "federation.rounds=1", "federation.batch_size=32"]
     tiny += ["evaluation.every=0", "evaluation.linear_epochs=0", "evaluation.metrics_samples=100"]
     tiny += ["evaluation.metrics_per_client=20"]
     models = []
-    for name, env in (("passive", {}), ("spinning", {"GOMP_SPINCOUNT": "300000"})):
+    for name, env in (
+        ("passive", {"OMP_WAIT_POLICY": "PASSIVE"}),
+        ("spinning", {"GOMP_SPINCOUNT": "300000"}),
+    ):
         clean = {k: v for k, v in os.environ.items() if k not in openmp.USER_SETTINGS}
         command = [sys.executable, "-m", "fedssd.cli", "train", "--config", str(smoke)]
         command += [arg for item in tiny for arg in ("--set", item)]

@@ -10,6 +10,7 @@ simulator (:func:`simulate`) and the Flower ServerApp, which each bring their ow
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -61,6 +62,7 @@ from fedssd.methods import MethodContext, build_method
 from fedssd.methods.protocol import ExtendsModel, Method
 from fedssd.methods.server import server_state
 from fedssd.models import SSLModel
+from fedssd.openmp import wait_setting
 from fedssd.runs.checkpoint import Checkpoint, remove_unreferenced_states, states_folder
 from fedssd.runs.model import make_model, model_of
 from fedssd.runs.outputs import SERVER_ONLY_SUMMARY, save_model, write_json, write_text_atomic
@@ -378,7 +380,8 @@ def simulate(
             f"(smallest {min(sizes)}, largest {max(sizes)}), {len(data.test_indices)} test images"
         )
         say(
-            f"training {cfg.method.name} on {experiment.device.type} ({threads} CPU threads): "
+            f"training {cfg.method.name} on {experiment.device.type} ({threads} CPU threads, "
+            f"{wait_setting(os.environ)}): "
             f"{fed.rounds} rounds, {fed.local_epochs} local epochs, {fed.num_clients} clients at "
             f"fraction {fed.fraction}"
         )

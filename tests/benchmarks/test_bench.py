@@ -47,12 +47,34 @@ TINY = bench.BenchConfig(
 )
 
 
+def _tracked_state(root: Path) -> str:
+    """``git status`` of the tracked files (untracked and ignored ones left out)."""
+    return subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+
 @pytest.mark.slow
-def test_quick_mode_writes_every_figure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_mode_writes_every_figure_and_leaves_tracked_files_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One quick run, as `make bench-quick` makes it (its JSON under ./runs/bench): every figure
+    is there and right, and no file git tracks changed, the committed record included."""
+    root = Path(__file__).resolve().parents[2]
+    in_git = (root / ".git").exists()  # not in an unpacked sdist: nothing is tracked there
     monkeypatch.setattr(bench, "QUICK", TINY)
-    out = tmp_path / "latest.json"
-    assert bench.main(["--quick", "--out", str(out)]) == 0
-    results = json.loads(out.read_text())
+    reference = bench.REFERENCE.read_bytes()
+    before = _tracked_state(root) if in_git else ""
+    monkeypatch.chdir(tmp_path)
+    assert bench.main(["--quick"]) == 0
+    assert bench.REFERENCE.read_bytes() == reference
+    if in_git:
+        assert _tracked_state(root) == before
+    results = json.loads((tmp_path / "runs" / "bench" / "latest.json").read_text())
     for key in (
         "train_efficiency",
         "round_overhead",
@@ -88,34 +110,6 @@ def test_quick_mode_writes_every_figure(tmp_path: Path, monkeypatch: pytest.Monk
         assert "no CUDA" in gpu["reason"]
         assert gpu["cpu_smoke"]["image_pairs_per_s"] > 0
     assert gpu["protocol_image_pairs"] == 50_000 * 100 * 5
-
-
-def _tracked_state(root: Path) -> str:
-    """``git status`` of the tracked files (untracked and ignored ones left out)."""
-    return subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-
-
-@pytest.mark.slow
-def test_quick_bench_leaves_tracked_files_unchanged(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    root = Path(__file__).resolve().parents[2]
-    if not (root / ".git").exists():
-        pytest.skip("not a git checkout")  # e.g. an unpacked sdist: nothing is tracked
-    monkeypatch.setattr(bench, "QUICK", TINY)
-    reference = bench.REFERENCE.read_bytes()
-    before = _tracked_state(root)
-    monkeypatch.chdir(tmp_path)
-    assert bench.main(["--quick"]) == 0
-    assert (tmp_path / "runs" / "bench" / "latest.json").is_file()
-    assert bench.REFERENCE.read_bytes() == reference
-    assert _tracked_state(root) == before
 
 
 @pytest.mark.slow

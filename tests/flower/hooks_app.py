@@ -1,5 +1,5 @@
 """Test hooks around fedssd's ServerApp and ClientApp, shipped inside a test copy of the Flower
-App (tests/flower/test_deployment.py), each off unless its run config key is set:
+App (tests/deployment_testing.py), each off unless its run config key is set:
 
 - ``test-kill-client`` / ``test-kill-round``: when that client's node receives the task of that
   round (fedssd's numbering, from 1), its SuperNode, the SuperNode's SuperExec and the ClientApp

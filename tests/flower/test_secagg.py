@@ -1,7 +1,7 @@
 """Secure aggregation (Flower's SecAgg+): what it cannot run is refused before a round starts.
 
 SecAgg+ in a real TLS deployment, matching the in-process FedAvg to its quantisation error and
-surviving a dropout: tests/flower/test_deployment.py.
+surviving a dropout: tests/flower/test_deployment_recovery.py.
 """
 
 from __future__ import annotations
