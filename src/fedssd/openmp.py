@@ -48,7 +48,7 @@ BUSY_CORES = 0.5
 """Cores' worth of other processes' work from which the machine counts as busy."""
 
 WINDOW = 0.1
-"""Seconds over which :func:`busy_cores` measures."""
+"""Seconds over which :func:`machine_busy` measures."""
 
 
 def parse_stat(text: str, cpus: Sequence[int]) -> tuple[int, int]:
