@@ -3,10 +3,12 @@ fedssd sets (fedssd.openmp)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -146,20 +148,23 @@ def test_busy_cores_are_read_from_proc_stat() -> None:
         openmp.parse_stat(STAT.format(all=0, a=1, b=1, c=1, d=1, e=1, f=1), [0, 2])
 
 
-def _busy_process() -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-c", "while True: pass"])
+@contextlib.contextmanager
+def _busy_process() -> Iterator[None]:
+    """Another process running without pause for the length of the block."""
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        hog.kill()
+        hog.wait()
 
 
 @pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads Linux's /proc/stat")
 def test_a_busy_process_beside_is_seen() -> None:
     """While another process runs without pause, no CPU this process may use is ever idle: the
     measure sees at least the half core it counts as busy, whatever else runs."""
-    hog = _busy_process()
-    try:
+    with _busy_process():
         assert openmp.machine_busy() is True
-    finally:
-        hog.kill()
-        hog.wait()
 
 
 @pytest.mark.skipif(not GLIBC, reason="checked with the Linux wheels' GNU OpenMP")
@@ -167,12 +172,8 @@ def test_threads_do_not_spin_beside_a_busy_process() -> None:
     """Beside a busy process, fedssd's default makes the idle OpenMP thread sleep at once; with
     libgomp's own default (300,000 spins) it burns milliseconds of CPU after every parallel
     operation, which the busy machine's other processes needed."""
-    hog = _busy_process()
-    try:
+    with _busy_process():
         assert spin_seconds({}) < 0.005  # five waits; about 0.1 ms each on the development machine
-    finally:
-        hog.kill()
-        hog.wait()
 
 
 @pytest.mark.slow
