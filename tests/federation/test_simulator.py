@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,7 +16,7 @@ import torch
 from fedssd.aggregate import fedavg
 from fedssd.data.augment import SSL_AUGMENT
 from fedssd.federation import client as client_module
-from fedssd.federation.client import LocalSettings, local_train
+from fedssd.federation.client import LocalSettings, LocalSGD, local_train
 from fedssd.federation.sampling import clients_per_round, sample_clients
 from fedssd.federation.simulator import Schedule, round_lr, run_rounds
 from fedssd.methods import ClientUpdate, Method, MethodContext, build_method
@@ -121,21 +125,66 @@ def test_fused_sgd_trains_like_the_per_tensor_loop(monkeypatch: pytest.MonkeyPat
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g)
     indices = torch.arange(48)
-    made: list[torch.optim.SGD] = []
-    real_sgd = torch.optim.SGD
+    made: list[LocalSGD] = []
 
-    def recording_sgd(*args: Any, **kwargs: Any) -> torch.optim.SGD:
-        made.append(real_sgd(*args, **kwargs))
+    def recording_sgd(*args: Any, **kwargs: Any) -> LocalSGD:
+        made.append(LocalSGD(*args, **kwargs))
         return made[-1]
 
-    monkeypatch.setattr(torch.optim, "SGD", recording_sgd)
+    monkeypatch.setattr(client_module, "LocalSGD", recording_sgd)
     fused, fused_loss, _ = _local(3, indices, images)
     monkeypatch.setattr(client_module, "fused_sgd", lambda params: False)
     plain, plain_loss, _ = _local(3, indices, images)
-    assert [opt.param_groups[0]["fused"] for opt in made] == [True, False]
+    assert [opt.fused for opt in made] == [True, False]
     assert fused_loss == pytest.approx(plain_loss, rel=1e-4)
     for key, value in plain.items():
         torch.testing.assert_close(fused[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("fused", [True, None])
+def test_local_sgd_steps_exactly_like_torch_optim_sgd(
+    fused: bool | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bit-identical weights after steps with momentum and weight decay, a frozen parameter,
+    and a step in which part of the model has no gradient (its momentum waits)."""
+    monkeypatch.setattr(client_module, "fused_sgd", lambda params: fused)
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(
+        torch.nn.Linear(7, 5), torch.nn.BatchNorm1d(5), torch.nn.ReLU(), torch.nn.Linear(5, 3)
+    )
+    theirs = copy.deepcopy(ours)
+    for model in (ours, theirs):
+        model[3].bias.requires_grad_(False)
+    trained = [[p for p in m.parameters() if p.requires_grad] for m in (ours, theirs)]
+    settings = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    local = LocalSGD(trained[0], **settings)
+    reference = torch.optim.SGD(trained[1], **settings, fused=fused)
+    for step in range(5):
+        x = torch.randn(16, 7)
+        for model, zero, update in (
+            (ours, local.zero_grad, local.step),
+            (theirs, lambda: reference.zero_grad(set_to_none=True), reference.step),
+        ):
+            zero()
+            out = model[0](x) if step == 2 else model(x)  # step 2: the first layer alone
+            out.pow(2).mean().backward()
+            update()
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_a_process_that_trains_does_not_import_torch_dynamo(tmp_path: Path) -> None:
+    """torch.optim's optimizer classes import torch._dynamo on first use, about 2 CPU-seconds
+    at the start of every process that trains (a Flower ClientApp is one per message)."""
+    code = (
+        "import sys; from fedssd.api import train; "
+        "train('smoke', overrides=['federation.rounds=1', 'threads=1', "
+        f"'evaluation.linear_epochs=1'], out={str(tmp_path / 'run')!r}, log=None); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "False", done.stdout[-3000:]
 
 
 def _settings(*, epochs: int = 1, batch_size: int = 8) -> LocalSettings:

@@ -10,6 +10,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd as sgd_update
 
 from fedssd.data.augment import AugmentConfig, two_views
 from fedssd.methods.protocol import Method
@@ -89,6 +90,62 @@ def fused_sgd(params: Sequence[torch.Tensor]) -> bool | None:
     return True if fusable else None
 
 
+class LocalSGD:
+    """SGD with momentum and weight decay through PyTorch's functional update
+    (``torch.optim.sgd.sgd``, the function ``torch.optim.SGD.step`` calls with the same
+    arguments), so the same kernels and the same numbers, without the optimizer class: its
+    first ``step`` imports ``torch._dynamo``, about 2 CPU-seconds at the start of every process
+    that trains, and a Flower ClientApp is a fresh process for every message.
+
+    Args:
+        params: The parameters to train.
+        lr: Learning rate.
+        momentum: Momentum (0 for none).
+        weight_decay: L2 weight decay added to the gradient.
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], *, lr: float, momentum: float, weight_decay: float
+    ) -> None:
+        self.params = list(params)
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.fused = fused_sgd(self.params)
+        self.momentum_buffers: dict[int, torch.Tensor] = {}  # position in params -> buffer
+
+    def zero_grad(self) -> None:
+        """Drop every gradient (``zero_grad(set_to_none=True)``)."""
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        """One update of the parameters that have a gradient."""
+        held = [(k, p, p.grad) for k, p in enumerate(self.params) if p.grad is not None]
+        params = [p for _, p, _ in held]
+        grads = [g for _, _, g in held if g is not None]
+        buffers = [self.momentum_buffers.get(k) for k, _, _ in held]
+        with torch.no_grad():
+            sgd_update(
+                params,
+                grads,
+                buffers,
+                has_sparse_grad=any(g.is_sparse for g in grads),
+                foreach=None,
+                fused=self.fused,
+                weight_decay=self.weight_decay,
+                momentum=self.momentum,
+                lr=self.lr,
+                dampening=0.0,
+                nesterov=False,
+                maximize=False,
+            )
+        if self.momentum != 0:
+            for (k, _, _), buffer in zip(held, buffers, strict=True):
+                if buffer is not None:
+                    self.momentum_buffers[k] = buffer
+
+
 def local_train(
     model: nn.Module,
     method: Method,
@@ -121,12 +178,8 @@ def local_train(
     model.train()
     # Parameters a method freezes (target networks, centroids) are not the optimizer's.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(
-        params,
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-        fused=fused_sgd(params),
+    optimizer = LocalSGD(
+        params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     device_type = images.device.type
     autocast: AbstractContextManager[object] = (
@@ -134,7 +187,19 @@ def local_train(
         if settings.autocast_dtype is not None
         else nullcontext()
     )
-    scaler = torch.amp.GradScaler(device_type) if settings.autocast_dtype == torch.float16 else None
+    # float16 trains through a gradient scaler, which steps a torch.optim optimizer (the same
+    # update as the optimizer above).
+    scaler: torch.amp.GradScaler | None = None
+    scaled: torch.optim.SGD | None = None
+    if settings.autocast_dtype == torch.float16:
+        scaler = torch.amp.GradScaler(device_type)
+        scaled = torch.optim.SGD(
+            params,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
+            fused=fused_sgd(params),
+        )
     total = torch.zeros((), device=images.device)
     sums: dict[str, torch.Tensor] = {}
     steps = 0
@@ -151,13 +216,13 @@ def local_train(
                 loss, parts = method.local_loss(
                     model, view1, view2, client_id=client_id, position=position
                 )
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is None:
+            optimizer.zero_grad()
+            if scaler is None or scaled is None:
                 loss.backward()
                 optimizer.step()
             else:
                 scaler.scale(loss).backward()
-                scaler.step(optimizer)  # skipped when the scaled gradients are not finite
+                scaler.step(scaled)  # skipped when the scaled gradients are not finite
                 scaler.update()
             if after_step is not None:
                 after_step(model)
