@@ -31,8 +31,9 @@ from fedssd.config import EvaluationConfig, FederationConfig
 from fedssd.data.augment import SSL_AUGMENT, to_float
 from fedssd.evaluation.features import extract_features
 from fedssd.evaluation.linear_probe import linear_probe
+from fedssd.federation import client as client_module
 from fedssd.federation import evaluate as evaluate_module
-from fedssd.federation.client import LocalSettings, local_train
+from fedssd.federation.client import LocalSettings, LocalSGD, local_train
 from fedssd.methods import MethodContext, build_method
 from fedssd.models import build_model
 from helpers import method_context
@@ -123,7 +124,7 @@ def test_ssd_pd_gradient_matches_the_formula_by_hand() -> None:
         )
 
 
-class _RecordingSGD(torch.optim.SGD):
+class _RecordingSGD(LocalSGD):
     made: ClassVar[list[_RecordingSGD]] = []
     steps: ClassVar[int] = 0
 
@@ -131,16 +132,16 @@ class _RecordingSGD(torch.optim.SGD):
         super().__init__(*args, **kwargs)
         _RecordingSGD.made.append(self)
 
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self) -> None:
         _RecordingSGD.steps += 1
-        return super().step(closure)
+        super().step()
 
 
 @pytest.fixture
 def recording_sgd(monkeypatch: pytest.MonkeyPatch) -> type[_RecordingSGD]:
     _RecordingSGD.made = []
     _RecordingSGD.steps = 0
-    monkeypatch.setattr(torch.optim, "SGD", _RecordingSGD)
+    monkeypatch.setattr(client_module, "LocalSGD", _RecordingSGD)
     return _RecordingSGD
 
 
@@ -213,9 +214,9 @@ def test_local_sgd_update_has_momentum_and_weight_decay(
     assert steps == 3
     assert not mismatches, mismatches[:5]
     (optimizer,) = recording_sgd.made
-    (group,) = optimizer.param_groups
-    assert (group["momentum"], group["weight_decay"], group["lr"]) == (momentum, weight_decay, lr)
-    state = [optimizer.state[p]["momentum_buffer"] for p in group["params"]]
+    settings = (optimizer.momentum, optimizer.weight_decay, optimizer.lr)
+    assert settings == (momentum, weight_decay, lr)
+    state = [optimizer.momentum_buffers[k] for k in range(len(optimizer.params))]
     for got, want in zip(state, track["buffers"], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
