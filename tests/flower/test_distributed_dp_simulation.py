@@ -83,7 +83,7 @@ _SIMULATION = textwrap.dedent(
         for name, extra in (("reproducible", ("privacy.reproducible_noise=true",)), ("secret", ())):
             settings = RunSettings(
                 config=Path(config), overrides=(*dp, *extra), out=Path(out) / name,
-                connect_timeout=300.0, round_timeout=300.0, secure_aggregation=True,
+                connect_timeout=900.0, round_timeout=900.0, secure_aggregation=True,
             )
             run_federation(grid, settings, log=print)
 
@@ -148,7 +148,7 @@ def test_distributed_dp_under_secagg_survives_a_dropout_and_keeps_its_noise_secr
         env=flower_env(FLWR_HOME=str(tmp_path / "flwr-home")),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # a hang guard only, as are the run's own timeouts
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "distributed DP: each of the 3 clients" in done.stdout

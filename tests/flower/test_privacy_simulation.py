@@ -72,7 +72,7 @@ _SIMULATION = textwrap.dedent(
             secrets.randbits = draw
             settings = RunSettings(
                 config=Path(config), overrides=(*dp, *extra), out=Path(out) / name,
-                connect_timeout=300.0, round_timeout=300.0,
+                connect_timeout=900.0, round_timeout=900.0,
             )
             run_federation(grid, settings, log=print)
         secrets.randbits = real
@@ -100,7 +100,7 @@ def test_dp_on_flower_has_secret_fresh_noise_and_records_the_ledger(tmp_path: Pa
         env=flower_env(FLWR_HOME=str(tmp_path / "flwr-home")),
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1800,  # a hang guard only, as are the run's own timeouts
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 

@@ -94,6 +94,8 @@ metrics_per_client = 30
 # changes the environment). One simulation runs every experiment one after the other over the
 # same 3 virtual SuperNodes (Ray starts once); each run has its own run key, so client state
 # kept in a node's Context.state by one run is never seen by another.
+# The run's timeouts are hang guards only: on a loaded machine Ray's virtual nodes have taken
+# more than 120 s to answer the first query.
 _SIMULATION = textwrap.dedent(
     """
     import json, sys
@@ -110,7 +112,7 @@ _SIMULATION = textwrap.dedent(
     def main(grid, context):
         for config, out, overrides in runs:
             settings = RunSettings(config=Path(config), overrides=tuple(overrides), out=Path(out),
-                                   connect_timeout=120.0, round_timeout=300.0)
+                                   connect_timeout=900.0, round_timeout=900.0)
             run_federation(grid, settings, log=print)
 
     run_simulation(
