@@ -79,3 +79,42 @@ def test_the_main_table_on_photos_plans_every_method_in_both_settings(
             row.paper_value("device", "linear_probe_acc"),
         )
         assert cells == published.get(name, (None, None)), name
+
+
+# The photo sweeps whose finished runs are committed (summary, config, metrics, partition of
+# each), by grid name.
+COMMITTED = {"photos-ssd-vs-base": "photos_ssd_vs_base"}
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "results.md"
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_the_committed_photo_results_are_the_sweeps_own_tables(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The committed table.md and results.csv are what the sweep makes of the committed runs,
+    and every row of the tables is in docs/results.md as it stands there."""
+    from fedssd.cli import main
+
+    committed = RESULTS / COMMITTED[name]
+    copy = tmp_path / "sweep"
+    for source in committed.rglob("*"):
+        if source.is_file():
+            target = copy / source.relative_to(committed)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    (copy / "table.md").unlink()
+    (copy / "results.csv").unlink()
+    monkeypatch.chdir(RESULTS.parents[1])  # sweep.json names the grid from the repository
+    assert main(["sweep", name, "--tables-only", "--quiet", "--out", str(copy)]) == 0
+    for written in ("table.md", "results.csv"):
+        assert (copy / written).read_text() == (committed / written).read_text(), written
+    docs = DOCS.read_text(encoding="utf-8")
+    rows = [
+        line
+        for line in (committed / "table.md").read_text().splitlines()
+        if line.startswith("| ") and not line.startswith(("| row ", "| setting ", "| --- "))
+    ]
+    assert rows
+    missing = [row for row in rows if row not in docs]
+    assert not missing, f"docs/results.md lacks {len(missing)} rows of {name}'s table: {missing}"
