@@ -28,7 +28,7 @@ from fedssd.experiment import (
 )
 from fedssd.runs.outputs import check_run_dir, prepare_run_dir
 from fedssd.runs.resolve import load_config
-from fedssd.runs.resume import restore_checkpoint, resume_point
+from fedssd.runs.resume import ResumePoint, restore_checkpoint, resume_point
 
 Log = Callable[[str], None]
 
@@ -110,8 +110,27 @@ def resume(
     """
     started = time.perf_counter()
     say: Log = log or (lambda _message: None)
+    point = resume_point(Path(run_dir), rounds=rounds, threads=threads, say=say)
+    return resume_at(point, Path(run_dir), log=log, verbose=verbose, started=started)
+
+
+def resume_at(
+    point: ResumePoint,
+    run_dir: str | Path,
+    *,
+    log: Log | None = stderr_log,
+    verbose: bool = False,
+    started: float | None = None,
+) -> RunResult:
+    """:func:`resume` from a resume point already found
+    (:func:`fedssd.runs.resume.resume_point` of ``run_dir``).
+
+    Args:
+        started: When the work began (``time.perf_counter()``; None: now), for the run's times.
+    """
+    started = time.perf_counter() if started is None else started
+    say: Log = log or (lambda _message: None)
     out_dir = Path(run_dir)
-    point = resume_point(out_dir, rounds=rounds, threads=threads, say=say)
     check_setup(point.config, history=point.checkpoint.history)
     experiment = build_experiment(point.config, log=say)
     saved = restore_checkpoint(
@@ -122,4 +141,4 @@ def resume(
     )
 
 
-__all__ = ["resume", "stderr_log", "train"]
+__all__ = ["resume", "resume_at", "stderr_log", "train"]

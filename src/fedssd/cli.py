@@ -636,9 +636,10 @@ def add_sweep_parser(commands: Any) -> argparse.ArgumentParser:
         help="run a grid of settings x methods x seeds and tabulate it",
         description=(
             "Run every (setting, row, seed) of a grid file one after another into "
-            "DIR/<setting>/<row>/seed-<s>/, skipping finished runs and restarting interrupted "
-            "ones, then write DIR/results.csv (one line per run) and DIR/table.md (mean ± std "
-            "over seeds, best per column in bold, paired differences versus the baseline row). "
+            "DIR/<setting>/<row>/seed-<s>/, skipping finished runs and resuming interrupted "
+            "ones from their newest checkpoint, then write DIR/results.csv (one line per run) "
+            "and DIR/table.md (mean ± std over seeds, best per column in bold, paired "
+            "differences versus the baseline row). "
             "Every config is checked before the first run starts. Format: docs/sweeps.md."
         ),
     )
@@ -770,8 +771,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         write_outputs(grid, out, runs)
     else:
         with resumable(
-            f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; the "
-            "interrupted run starts again)"
+            f"continue with: fedssd sweep {args.grid} --out {out} (finished runs are kept; an "
+            "interrupted run goes on from its newest checkpoint)"
         ):
             run_log = None if args.quiet else stderr_log
             executor = _executor(args, out, runs, run_log)

@@ -8,6 +8,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -449,6 +450,39 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
         planning.plan(changed, out)
 
 
+def test_an_interrupted_run_with_a_checkpoint_of_its_config_is_resumed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = FakeTrain(finish=False)  # interrupted: config.toml, no summary.json
+    monkeypatch.setattr(fedssd.api, "train", fake)
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1,)))
+    out = tmp_path / "sweep"
+    runs = planning.plan(grid, out)
+    execution.execute(grid, out, runs, log=None, run_log=None)
+    assert [planning.run_status(r, grid.columns) for r in runs] == ["restart", "restart"]
+    # A checkpoint folder makes it resumable, if its config.toml is the one the grid gives now.
+    for run in runs:
+        (run.run_dir / "checkpoints" / "round-000001").mkdir(parents=True)
+    assert [planning.run_status(r, grid.columns) for r in runs] == ["resume", "resume"]
+    edited = runs[1].run_dir / "config.toml"
+    edited.write_text(edited.read_text().replace("seed = 1", "seed = 5"), encoding="utf-8")
+    assert [planning.run_status(r, grid.columns) for r in runs] == ["resume", "restart"]
+    edited.write_text("not toml [", encoding="utf-8")
+    assert planning.run_status(runs[1], grid.columns) == "restart"
+    # The checkpoint cannot be read (an empty folder): said, and the run trained from scratch.
+    # Said on the sweep's own lines too, which --quiet keeps.
+    fake.calls.clear()
+    lines: list[str] = []
+    execution.execute(grid, out, runs, log=lines.append, run_log=None)
+    text = "\n".join(lines)
+    assert "run 1/2 silo/base/seed-1: resuming from its newest checkpoint" in text, text
+    assert "run 2/2 silo/+PD/seed-1: restarting" in text, text
+    said = "run 1/2 silo/base/seed-1: could not be resumed (checkpoint "
+    assert said in text and "it was trained again from the start" in text, text
+    assert "+PD/seed-1: could not be resumed" not in text, text
+    assert fake.calls == [(runs[0].run_dir, True), (runs[1].run_dir, True)]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
@@ -501,20 +535,57 @@ def test_real_tiny_sweep_end_to_end(
     assert expected in _cells(table, "+PD")[3]
     assert json.loads((out / "sweep.json").read_text())["baseline"] == "base"
 
-    # Interrupt one run (summary gone, a partial metrics file left): only it is trained again.
+    # Interrupt one run (summary gone, a line too many in its metrics): only it runs again,
+    # from its checkpoint of the last round (the final evaluation had not finished).
     victim = out / "silo" / "base" / "seed-2"
     before = (victim / "metrics.jsonl").read_text()
     (victim / "summary.json").unlink()
     (victim / "metrics.jsonl").write_text(before + '{"round": 99}\n')
     calls.clear()
+    capsys.readouterr()
     assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
-    assert calls == [victim]
-    # Restarted cleanly: the metrics file holds one fresh line per round, and the same seed
-    # gives the same results as the first time.
+    assert (
+        "run 2/4 silo/base/seed-2: resuming from its newest checkpoint" in capsys.readouterr().err
+    )
+    assert calls == []
+    # Resumed cleanly: the metrics file holds one line per round, and the results are the
+    # same as the first time.
     assert _untimed((victim / "metrics.jsonl").read_text()) == _untimed(before)
     again = json.loads((victim / "summary.json").read_text())
     for key in ("knn_acc", "linear_probe_acc", "uniformity_global"):
         assert again[key] == pytest.approx(summaries[("base", 2)][key], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_sweep_resumes_an_interrupted_run_to_the_same_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An interrupted run goes on from its newest checkpoint and ends bit for bit as it would
+    have (CPU, same thread count)."""
+    rows = '[[rows]]\nname = "base"\nmethod = "fedalignuniform"\n'
+    tiny = [*TINY, "federation.rounds=3", "checkpoint.every=1", "checkpoint.keep=3", "threads=1"]
+    grid_path = write_grid(tmp_path, seeds=(1,), rows=rows, overrides=tiny)
+    out = tmp_path / "sweep"
+    assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out), "--quiet"])) == 0
+    run = out / "silo" / "base" / "seed-1"
+    model = (run / "model.safetensors").read_bytes()
+    summary = json.loads((run / "summary.json").read_text())
+    metrics = (run / "metrics.jsonl").read_text()
+    # Interrupted during round 3: its checkpoint and the run's final files are not there yet.
+    shutil.rmtree(run / "checkpoints" / "round-000003")
+    (run / "summary.json").unlink()
+    (run / "model.safetensors").unlink()
+    capsys.readouterr()
+    assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out)])) == 0
+    err = capsys.readouterr().err
+    assert "run 1/1 silo/base/seed-1: resuming from its newest checkpoint" in err, err
+    assert "resuming after round 2 (its newest checkpoint)" in err, err
+    assert "round 1/3" not in err and "round 3/3" in err, err
+    assert (run / "model.safetensors").read_bytes() == model
+    assert _untimed((run / "metrics.jsonl").read_text()) == _untimed(metrics)
+    again = json.loads((run / "summary.json").read_text())
+    for key in ("knn_acc", "linear_probe_acc", "uniformity_global", "rounds"):
+        assert again[key] == summary[key], key
 
 
 def _untimed(jsonl: str) -> list[dict[str, Any]]:

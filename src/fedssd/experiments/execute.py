@@ -68,13 +68,19 @@ def execute(
                 label=label,
                 config=configs[index - 1],
                 run_dir=run.run_dir,
-                train=status in ("restart", "new"),
+                train=status in ("resume", "restart", "new"),
+                resume=status == "resume",
                 columns=tuple(grid.columns),
                 verbose=run_log is not None,
             )
         )
     executor = executor or SerialExecutor(run_log)
-    words = {"evaluate": "extra evaluations", "restart": "restarting", "new": "starting"}
+    words = {
+        "evaluate": "extra evaluations",
+        "resume": "resuming from its newest checkpoint",
+        "restart": "restarting",
+        "new": "starting",
+    }
 
     def on_start(task: RunTask, queued: bool) -> None:
         what = words[statuses[task.index]]
@@ -94,6 +100,11 @@ def execute(
         elapsed = time.perf_counter() - started
         progress = f"{finished}/{len(tasks)} of this sweep done"
         left = _duration(elapsed / finished * (len(tasks) - finished))
+        if outcome.not_resumed is not None:
+            say(
+                f"[sweep] run {outcome.index}/{total} {label}: could not be resumed "
+                f"({outcome.not_resumed}); it was trained again from the start"
+            )
         if outcome.error is not None:
             failures[outcome.index] = outcome.error
             say(

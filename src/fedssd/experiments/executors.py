@@ -24,11 +24,12 @@ from typing import Any, Protocol
 
 from fedssd import api
 from fedssd.config import Config
-from fedssd.errors import ConfigError
+from fedssd.errors import ConfigError, FedSSDError
 from fedssd.experiments.evaluate import evaluate_run
 from fedssd.experiments.grid import COLUMNS_FILE, Column
 from fedssd.experiments.plan import read_columns
 from fedssd.runs.outputs import write_json
+from fedssd.runs.resume import resume_point
 
 Log = Callable[[str], None]
 EXECUTORS = ("local", "submitit", "ray")
@@ -45,6 +46,7 @@ class RunTask:
         config: The run's resolved config.
         run_dir: Its folder.
         train: Train it (False: it is trained, only extra evaluations are missing).
+        resume: Train on from its newest checkpoint (an interrupted run of this config).
         columns: The grid's columns (:class:`fedssd.experiments.grid.Column`); extra
             evaluations run.
         threads: Torch CPU threads for the run (None: leave the process's setting).
@@ -57,17 +59,20 @@ class RunTask:
     run_dir: Path
     train: bool
     columns: tuple[Column, ...]
+    resume: bool = False
     threads: int | None = None
     verbose: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskOutcome:
-    """What came back from one task: its index, its duration, and its error (None: success)."""
+    """What came back from one task: its index, its duration, its error (None: success) and
+    why an interrupted run could not be resumed (None: it was, or there was none)."""
 
     index: int
     seconds: float
     error: str | None = None
+    not_resumed: str | None = None
 
 
 OnStart = Callable[["RunTask", bool], None]
@@ -103,12 +108,16 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
         log = _prefixed(api.stderr_log, f"[{task.index} {task.label}] ")
     begun = time.perf_counter()
     error_file = task.run_dir / ERROR_FILE
+    not_resumed = None
     try:
         if task.train:
-            # An interrupted run is redone from scratch: its files are replaced, and extra
-            # evaluations of an earlier model must not survive.
+            # Extra evaluations of an earlier model must not survive.
             (task.run_dir / COLUMNS_FILE).unlink(missing_ok=True)
-            api.train(task.config, out=task.run_dir, overwrite=True, log=log)
+            if task.resume:
+                not_resumed = _resume(task, log)
+            if not task.resume or not_resumed is not None:
+                # A new run, or an interrupted one that cannot go on: its files are replaced.
+                api.train(task.config, out=task.run_dir, overwrite=True, log=log)
         evaluate_columns(task.run_dir, task.columns, log=log)
     except Exception as error:  # a failed run is recorded, the grid goes on
         message = f"{type(error).__name__}: {' '.join(str(error).split())}"
@@ -118,9 +127,31 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
             error_file.write_text(text, encoding="utf-8")
         except OSError:
             pass  # the outcome still carries the message
-        return TaskOutcome(task.index, time.perf_counter() - begun, message)
+        return TaskOutcome(task.index, time.perf_counter() - begun, message, not_resumed)
     error_file.unlink(missing_ok=True)
-    return TaskOutcome(task.index, time.perf_counter() - begun)
+    return TaskOutcome(task.index, time.perf_counter() - begun, not_resumed=not_resumed)
+
+
+def _resume(task: RunTask, log: Log | None) -> str | None:
+    """Train an interrupted run on from its newest checkpoint, as ``fedssd train --resume``
+    does (on the CPU it then ends as the run would have without the interruption, at the same
+    thread count). Returns None, or why it cannot be resumed (no readable checkpoint, one of
+    another config), in which case nothing was trained and the caller starts it again."""
+    try:
+        point = resume_point(task.run_dir, threads=task.config.threads, say=log or _silent)
+    except FedSSDError as error:
+        reason = " ".join(str(error).split())
+        if log is not None:
+            log(f"cannot resume it ({reason}); training it again from the start")
+        return reason
+    if log is not None:
+        log(f"resuming after round {point.checkpoint.rounds_done} (its newest checkpoint)")
+    api.resume_at(point, task.run_dir, log=log)
+    return None
+
+
+def _silent(_message: str) -> None:
+    """No progress lines."""
 
 
 def evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | None) -> None:

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     pass
 
 Log = Callable[[str], None]
-Status = Literal["done", "evaluate", "restart", "new"]
+Status = Literal["done", "evaluate", "resume", "restart", "new"]
 
 GRID_KEYS = ("base", "title", "seeds", "overrides", "settings", "rows", "columns", "baseline")
 SETTING_KEYS = ("name", "overrides")

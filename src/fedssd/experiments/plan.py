@@ -16,6 +16,7 @@ from fedssd.experiment import check_setup
 from fedssd.experiments.evaluate import LABEL_FRACTIONS
 from fedssd.experiments.grid import COLUMNS_FILE, Column, Grid, Status
 from fedssd.methods import option_dict, shared_options
+from fedssd.runs.checkpoint import list_checkpoints
 from fedssd.runs.resolve import load_config
 
 
@@ -107,40 +108,49 @@ def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
 
 def _check_same_config(run: PlannedRun) -> None:
     """A finished run is reused only if it was made from the config the grid asks for now."""
-    saved = run.run_dir / "config.toml"
-    if not (run.run_dir / "summary.json").is_file() or not saved.is_file():
-        return
-    try:
-        previous: Config | None = config_module.load(saved)
-        assert previous is not None
-        # A run made before a method option existed ran with that option's default.
-        method = MethodConfig(
-            name=previous.method.name,
-            options=option_dict(previous.method.name, previous.method.options),
-        )
-    except ConfigError:
-        previous = None
-    if previous is not None:
-        # The thread count says how to run, not what (--threads 1 may finish a sweep begun with
-        # more), and where a run was logged to is not part of what it computed.
-        previous = dataclasses.replace(
-            previous, threads=run.config.threads, tracking=run.config.tracking, method=method
-        )
-    if previous is None or previous != run.config:
+    if (run.run_dir / "summary.json").is_file() and not _made_as_planned(run):
         raise ConfigError(
             f"finished run {run.run_dir} was made with a different config than the grid now "
             "gives; choose another --out or delete that folder."
         )
 
 
+def _made_as_planned(run: PlannedRun) -> bool:
+    """Whether the run folder's ``config.toml`` is the config the grid gives the run now (False
+    when there is none or it cannot be read)."""
+    saved = run.run_dir / "config.toml"
+    if not saved.is_file():
+        return False
+    try:
+        previous = config_module.load(saved)
+        # A run made before a method option existed ran with that option's default.
+        method = MethodConfig(
+            name=previous.method.name,
+            options=option_dict(previous.method.name, previous.method.options),
+        )
+    except (ConfigError, OSError):
+        return False
+    # The thread count says how to run, not what (--threads 1 may finish a sweep begun with
+    # more), and where a run was logged to is not part of what it computed.
+    previous = dataclasses.replace(
+        previous, threads=run.config.threads, tracking=run.config.tracking, method=method
+    )
+    return previous == run.config
+
+
 def run_status(run: PlannedRun, columns: Sequence[Column]) -> Status:
     """``done`` (summary and every extra evaluation present), ``evaluate`` (trained, extra
-    evaluations missing), ``restart`` (a folder without summary.json: interrupted) or ``new``."""
+    evaluations missing), ``resume`` (interrupted: no summary.json, but a checkpoint of the
+    config the grid gives now), ``restart`` (interrupted, nothing to go on from) or ``new``."""
     if (run.run_dir / "summary.json").is_file():
         have = read_columns(run.run_dir)
         missing = [c for c in columns if c.protocol is not None and c.evaluation not in have]
         return "evaluate" if missing else "done"
-    return "restart" if run.run_dir.exists() else "new"
+    if not run.run_dir.exists():
+        return "new"
+    if list_checkpoints(run.run_dir) and _made_as_planned(run):
+        return "resume"
+    return "restart"
 
 
 def read_columns(run_dir: Path) -> dict[str, Any]:
