@@ -579,7 +579,7 @@ def test_a_sweep_resumes_an_interrupted_run_to_the_same_model(
     assert cli.run_sweep(_parse(["sweep", str(grid_path), "--out", str(out)])) == 0
     err = capsys.readouterr().err
     assert "run 1/1 silo/base/seed-1: resuming from its newest checkpoint" in err, err
-    assert "resuming after round 2 (its newest checkpoint)" in err, err
+    assert f"resuming {run} after round 2 of 3" in err, err
     assert "round 1/3" not in err and "round 3/3" in err, err
     assert (run / "model.safetensors").read_bytes() == model
     assert _untimed((run / "metrics.jsonl").read_text()) == _untimed(metrics)

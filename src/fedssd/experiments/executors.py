@@ -144,8 +144,6 @@ def _resume(task: RunTask, log: Log | None) -> str | None:
         if log is not None:
             log(f"cannot resume it ({reason}); training it again from the start")
         return reason
-    if log is not None:
-        log(f"resuming after round {point.checkpoint.rounds_done} (its newest checkpoint)")
     api.resume_at(point, task.run_dir, log=log)
     return None
 
