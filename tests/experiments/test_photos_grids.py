@@ -83,7 +83,7 @@ def test_the_main_table_on_photos_plans_every_method_in_both_settings(
 
 # The photo sweeps whose finished runs are committed (summary, config, metrics, partition of
 # each), by grid name.
-COMMITTED = {"photos-ssd-vs-base": "photos_ssd_vs_base"}
+COMMITTED = {"photos-main": "photos_main", "photos-ssd-vs-base": "photos_ssd_vs_base"}
 RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "results.md"
 
