@@ -138,7 +138,8 @@ def _resume(task: RunTask, log: Log | None) -> str | None:
     thread count). Returns None, or why it cannot be resumed (no readable checkpoint, one of
     another config), in which case nothing was trained and the caller starts it again."""
     try:
-        point = resume_point(task.run_dir, threads=task.config.threads, say=log or _silent)
+        say: Log = log or (lambda _message: None)
+        point = resume_point(task.run_dir, threads=task.config.threads, say=say)
     except FedSSDError as error:
         reason = " ".join(str(error).split())
         if log is not None:
@@ -146,10 +147,6 @@ def _resume(task: RunTask, log: Log | None) -> str | None:
         return reason
     api.resume_at(point, task.run_dir, log=log)
     return None
-
-
-def _silent(_message: str) -> None:
-    """No progress lines."""
 
 
 def evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | None) -> None:
