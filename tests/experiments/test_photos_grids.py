@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -98,12 +99,7 @@ def test_the_committed_photo_results_are_the_sweeps_own_tables(
     from fedssd.cli import main
 
     committed = RESULTS / COMMITTED[name]
-    copy = tmp_path / "sweep"
-    for source in committed.rglob("*"):
-        if source.is_file():
-            target = copy / source.relative_to(committed)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(source.read_bytes())
+    copy = shutil.copytree(committed, tmp_path / "sweep")
     (copy / "table.md").unlink()
     (copy / "results.csv").unlink()
     monkeypatch.chdir(RESULTS.parents[1])  # sweep.json names the grid from the repository
