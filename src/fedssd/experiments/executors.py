@@ -120,7 +120,7 @@ def run_task(task: RunTask, log: Log | None = None) -> TaskOutcome:
                 api.train(task.config, out=task.run_dir, overwrite=True, log=log)
         evaluate_columns(task.run_dir, task.columns, log=log)
     except Exception as error:  # a failed run is recorded, the grid goes on
-        message = f"{type(error).__name__}: {' '.join(str(error).split())}"
+        message = f"{type(error).__name__}: {_one_line(error)}"
         try:
             task.run_dir.mkdir(parents=True, exist_ok=True)
             text = message + "\n\n" + "".join(traceback.format_exception(error))
@@ -137,16 +137,21 @@ def _resume(task: RunTask, log: Log | None) -> str | None:
     does (on the CPU it then ends as the run would have without the interruption, at the same
     thread count). Returns None, or why it cannot be resumed (no readable checkpoint, one of
     another config), in which case nothing was trained and the caller starts it again."""
+    say: Log = log or (lambda _message: None)
     try:
-        say: Log = log or (lambda _message: None)
         point = resume_point(task.run_dir, threads=task.config.threads, say=say)
     except FedSSDError as error:
-        reason = " ".join(str(error).split())
+        reason = _one_line(error)
         if log is not None:
             log(f"cannot resume it ({reason}); training it again from the start")
         return reason
     api.resume_at(point, task.run_dir, log=log)
     return None
+
+
+def _one_line(error: BaseException) -> str:
+    """An error's message on one line (its whitespace runs made single spaces)."""
+    return " ".join(str(error).split())
 
 
 def evaluate_columns(run_dir: Path, columns: Sequence[Column], *, log: Log | None) -> None:
@@ -347,7 +352,7 @@ class SubmititExecutor:
                 try:
                     yield job.result()
                 except Exception as error:  # the job itself failed; record it
-                    first = " ".join(str(error).split())[:300]
+                    first = _one_line(error)[:300]
                     yield TaskOutcome(
                         task.index, 0.0, f"{type(error).__name__}: job failed ({first})"
                     )
@@ -382,7 +387,7 @@ class RayExecutor:
                 try:
                     yield ray.get(ref)
                 except Exception as error:  # the Ray task itself failed
-                    first = " ".join(str(error).split())[:300]
+                    first = _one_line(error)[:300]
                     yield TaskOutcome(
                         task.index, 0.0, f"{type(error).__name__}: task failed ({first})"
                     )
