@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -448,6 +449,40 @@ def test_resume_skips_finished_runs_and_restarts_interrupted_ones(
     changed = grids.load_grid(grid.path, ["federation.lr=0.01"])
     with pytest.raises(ConfigError, match="different config"):
         planning.plan(changed, out)
+
+
+def test_a_finished_sweep_made_where_the_data_lay_elsewhere_is_still_the_grids(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sweep folder copied from another machine names that machine's paths in its runs'
+    config.toml: they are the grid's runs still when only the folders differ, and not when the
+    file differs."""
+    monkeypatch.setattr(fedssd.api, "train", FakeTrain())
+    data = tmp_path / "here" / "photos.tar.gz"
+    data.parent.mkdir()
+    data.write_bytes(b"")
+    extra = [f"data.path={data}", f"data.root={tmp_path / 'cache'}"]
+    grid = grids.load_grid(write_grid(tmp_path, seeds=(1,)), extra)
+    out = tmp_path / "sweep"
+    execution.execute(grid, out, planning.plan(grid, out), log=None, run_log=None)
+
+    def made_elsewhere(name: str) -> None:
+        for saved in out.rglob("config.toml"):
+            config = config_module.load(saved)
+            config = dataclasses.replace(
+                config,
+                data=dataclasses.replace(
+                    config.data, path=f"/elsewhere/data/{name}", root="/elsewhere/cache"
+                ),
+            )
+            saved.write_text(config_module.dumps(config), encoding="utf-8")
+
+    made_elsewhere("photos.tar.gz")
+    runs = planning.plan(grid, out)
+    assert [planning.run_status(r, grid.columns) for r in runs] == ["done", "done"]
+    made_elsewhere("other-photos.tar.gz")
+    with pytest.raises(ConfigError, match="different config"):
+        planning.plan(grid, out)
 
 
 def test_an_interrupted_run_with_a_checkpoint_of_its_config_is_resumed(

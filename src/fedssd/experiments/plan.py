@@ -107,17 +107,21 @@ def check_partitions(runs: Sequence[PlannedRun], where: str) -> None:
 
 
 def _check_same_config(run: PlannedRun) -> None:
-    """A finished run is reused only if it was made from the config the grid asks for now."""
-    if (run.run_dir / "summary.json").is_file() and not _made_as_planned(run):
+    """A finished run is reused only if it was made from the config the grid asks for now,
+    wherever its data lay then (a sweep folder copied from another machine is still the grid's).
+    """
+    if (run.run_dir / "summary.json").is_file() and not _made_as_planned(run, anywhere=True):
         raise ConfigError(
             f"finished run {run.run_dir} was made with a different config than the grid now "
             "gives; choose another --out or delete that folder."
         )
 
 
-def _made_as_planned(run: PlannedRun) -> bool:
+def _made_as_planned(run: PlannedRun, *, anywhere: bool = False) -> bool:
     """Whether the run folder's ``config.toml`` is the config the grid gives the run now (False
-    when there is none or it cannot be read)."""
+    when there is none or it cannot be read). With ``anywhere``, a file or folder the config
+    names (the data, a split file, a warm start) counts as the same when only the folder it lay
+    in differs: the run may have been made on another machine."""
     saved = run.run_dir / "config.toml"
     if not saved.is_file():
         return False
@@ -135,7 +139,41 @@ def _made_as_planned(run: PlannedRun) -> bool:
     previous = dataclasses.replace(
         previous, threads=run.config.threads, tracking=run.config.tracking, method=method
     )
+    if anywhere:
+        previous = _located_as(previous, run.config)
     return previous == run.config
+
+
+def _located_as(previous: Config, now: Config) -> Config:
+    """``previous`` with each path it names taken from ``now`` where both name the same file
+    or folder (the same last part), and with ``now``'s data root (where datasets are looked
+    for, not which)."""
+
+    def place(old: str | None, new: str | None) -> str | None:
+        if old is None or new is None:
+            return old
+        return new if Path(old).name == Path(new).name else old
+
+    data, then = now.data, previous.data
+    clients = then.clients
+    if len(clients) == len(data.clients):
+        clients = tuple(str(place(a, b)) for a, b in zip(clients, data.clients, strict=True))
+    return dataclasses.replace(
+        previous,
+        data=dataclasses.replace(
+            then,
+            path=place(then.path, data.path),
+            root=data.root,
+            split_file=place(then.split_file, data.split_file),
+            clients=clients,
+        ),
+        evaluation=dataclasses.replace(
+            previous.evaluation, data=place(previous.evaluation.data, now.evaluation.data)
+        ),
+        model=dataclasses.replace(
+            previous.model, init_from=place(previous.model.init_from, now.model.init_from)
+        ),
+    )
 
 
 def run_status(run: PlannedRun, columns: Sequence[Column]) -> Status:
