@@ -35,8 +35,9 @@ smoke: $(STAMP)  ## a run that takes seconds
 	$(PY) -m fedssd.cli train --config smoke --out runs/smoke --overwrite
 
 # pytest-xdist workers for make test: one more than the 2 cores of the machines it is sized for,
-# as the two Flower deployments mostly wait on Flower while the others compute. Each test file
-# runs in one worker (its module-scoped fixtures built once), in the order tests/conftest.py gives.
+# as each Flower deployment, run alone, leaves about a third of the cores idle while it waits on
+# Flower's polls. Each test file runs in one worker (its module-scoped fixtures built once), in
+# the order tests/conftest.py gives.
 TEST_WORKERS ?= 3
 
 test: data  ## run the whole test suite

@@ -14,9 +14,9 @@ torch.set_num_threads(1)
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Longest first, so that under pytest-xdist (``make test``) no long test starts last: the
-    Flower deployments (minutes of waiting on Flower, little CPU) on workers of their own from the
-    start, then the modules with a test marked slow, then the rest. A module's tests stay
-    together and in their order, so that its module-scoped fixtures are built once."""
+    Flower deployments (the longest modules, about 6 minutes each alone) on workers of their
+    own from the start, then the modules with a test marked slow, then the rest. A module's
+    tests stay together and in their order, so that its module-scoped fixtures are built once."""
 
     def rank(item: pytest.Item) -> int:
         if item.nodeid.startswith("tests/flower/test_deployment"):
